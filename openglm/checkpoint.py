@@ -1,0 +1,190 @@
+"""Checkpoints: a directory per save, written atomically, verified on load.
+
+Layout of a run directory::
+
+    run/latest                  name of the newest complete checkpoint
+    run/checkpoint-0000200/
+        config.json             GLMConfig
+        model.safetensors       fp32 weights by parameter name
+        tokenizer.json
+        trainer_state.json      step, data position, train config, sha256 of every file
+        optimizer.pt            optimizer, loss scaler and RNG states (training only)
+
+A checkpoint directory is built under a temporary name and renamed into place, and `latest` is
+replaced atomically, so an interrupted save never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from openglm.config import ConfigError, GLMConfig
+
+if TYPE_CHECKING:
+    from openglm.model import GLM
+    from openglm.tokenizer import GLMTokenizer
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+LATEST_FILE = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, damaged or does not fit the model; the message names the file."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    config: GLMConfig,
+    weights: dict[str, torch.Tensor],
+    tokenizer: GLMTokenizer,
+    trainer_state: dict[str, Any],
+    optimizer_state: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` into `run_dir`, point `latest` at it, and keep the newest `keep`."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / f"checkpoint-{step:07d}"
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{final.name}."))
+    try:
+        config.save(tmp / CONFIG_FILE)
+        save_file({name: t.detach().float().contiguous() for name, t in weights.items()}, tmp / WEIGHTS_FILE)
+        tokenizer.save(tmp / TOKENIZER_FILE)
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        files = sorted(p.name for p in tmp.iterdir())
+        state = dict(trainer_state, step=step, files={name: _sha256(tmp / name) for name in files})
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_text_atomic(run_dir / LATEST_FILE, final.name + "\n")
+    checkpoints = sorted(p for p in run_dir.glob("checkpoint-*") if p.is_dir())
+    for old in checkpoints[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory whose `latest` names one."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or run directory")
+    latest = path / LATEST_FILE
+    if latest.is_file():
+        target = path / latest.read_text().strip()
+        if not (target / CONFIG_FILE).is_file():
+            raise CheckpointError(f"{latest}: names {target.name}, which is not a complete checkpoint")
+        return target
+    if (path / CONFIG_FILE).is_file():
+        return path
+    raise CheckpointError(f"{path}: neither a checkpoint (no {CONFIG_FILE}) nor a run directory (no {LATEST_FILE})")
+
+
+def verify_files(checkpoint: Path) -> dict[str, Any]:
+    """Read trainer_state.json and check every file's sha256 against it."""
+    state_path = checkpoint / STATE_FILE
+    try:
+        state = json.loads(state_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{state_path}: missing; {checkpoint} holds no training state to resume from") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{state_path}: damaged ({err})") from None
+    for name, expected in state.get("files", {}).items():
+        file = checkpoint / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing from the checkpoint")
+        if _sha256(file) != expected:
+            raise CheckpointError(f"{file}: damaged (sha256 differs from the one recorded at save time)")
+    return state
+
+
+def load_weights(checkpoint: Path, params: dict[str, torch.Tensor]) -> None:
+    """Copy model.safetensors into `params` (name -> tensor), naming any missing, unexpected or
+    mis-shaped tensor."""
+    path = checkpoint / WEIGHTS_FILE
+    try:
+        weights = load_file(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: damaged or not a safetensors file ({err})") from None
+    missing = sorted(set(params) - set(weights))
+    unexpected = sorted(set(weights) - set(params))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: does not match the model config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    for name, param in params.items():
+        if weights[name].shape != param.shape:
+            raise CheckpointError(
+                f"{path}: tensor {name} has shape {tuple(weights[name].shape)}, the config expects {tuple(param.shape)}"
+            )
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(weights[name])
+
+
+def load_config(checkpoint: Path) -> GLMConfig:
+    try:
+        return GLMConfig.load(checkpoint / CONFIG_FILE)
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GLM, GLMTokenizer]:
+    """The model (in eval mode) and tokenizer of a checkpoint or run directory."""
+    from openglm.model import GLM
+    from openglm.tokenizer import GLMTokenizer
+
+    checkpoint = resolve_checkpoint(path)
+    config = load_config(checkpoint)
+    with torch.device("meta"):
+        model = GLM(config)
+    model.to_empty(device="cpu")
+    load_weights(checkpoint, dict(model.named_parameters()))
+    tokenizer_path = checkpoint / TOKENIZER_FILE
+    try:
+        tokenizer = GLMTokenizer.from_file(tokenizer_path)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{tokenizer_path}: cannot be loaded ({err})") from None
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"{tokenizer_path}: {tokenizer.vocab_size} tokens but the model has {config.vocab_size}")
+    log.info("loaded %s (%.1fM parameters)", checkpoint, model.num_parameters() / 1e6)
+    return model.to(dtype).eval(), tokenizer

@@ -1,0 +1,246 @@
+"""Configuration dataclasses and named presets.
+
+A model config is everything needed to rebuild the network (it is saved as `config.json` next to
+the weights); a train config is everything needed to rebuild a run. Presets are plain instances so
+`dataclasses.replace` makes variants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Objective = Literal["glm", "causal"]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Ids of GLM's special tokens in a vocabulary (the default tokenizer puts them first)."""
+
+    pad: int = 0
+    eos: int = 1
+    mask: int = 2
+    smask: int = 3
+    gmask: int = 4
+    sop: int = 5
+    eop: int = 6
+
+    @property
+    def mask_ids(self) -> tuple[int, int, int]:
+        return (self.mask, self.smask, self.gmask)
+
+
+SPECIAL_TOKEN_TEXT = {
+    "pad": "<pad>",
+    "eos": "<eos>",
+    "mask": "[MASK]",
+    "smask": "[sMASK]",
+    "gmask": "[gMASK]",
+    "sop": "<sop>",
+    "eop": "<eop>",
+}
+
+
+@dataclass
+class GLMConfig:
+    """The GLM architecture. Defaults follow GLM-130B; see the presets for concrete sizes."""
+
+    vocab_size: int = 16384
+    hidden_size: int = 256
+    num_layers: int = 6
+    num_heads: int = 8
+    ffn_hidden_size: int | None = None  # None: 8/3 * hidden, rounded up to a multiple of 64
+    max_seq_len: int = 256
+    layernorm_eps: float = 1e-5
+    deepnorm_alpha: float | None = None  # None: (2N)^0.5 as DeepNorm prescribes
+    ffn_type: Literal["geglu", "gelu"] = "geglu"
+    gelu_approximate: Literal["none", "tanh"] = "none"
+    position_encoding: Literal["rope1d", "rope2d"] = "rope1d"
+    rope_base: float = 10000.0
+    rope_fp16_inv_freq: bool = False  # ChatGLM-6B rounds its inverse frequencies to fp16
+    tie_word_embeddings: bool = True
+    qkv_bias: bool = True
+    dense_bias: bool = True
+    embedding_init_std: float = 0.02
+    objective: Objective = "glm"
+    special_tokens: SpecialTokens = field(default_factory=SpecialTokens)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.special_tokens, dict):
+            self.special_tokens = SpecialTokens(**self.special_tokens)
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = 64 * math.ceil(8 * self.hidden_size / 3 / 64)
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def alpha(self) -> float:
+        return self.deepnorm_alpha if self.deepnorm_alpha is not None else math.sqrt(2 * self.num_layers)
+
+    def validate(self) -> None:
+        positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "max_seq_len")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"GLMConfig.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"GLMConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        rotary_parts = 4 if self.position_encoding == "rope2d" else 2
+        if self.head_dim % rotary_parts:
+            raise ConfigError(
+                f"GLMConfig head_dim ({self.head_dim}) must be divisible by {rotary_parts} for {self.position_encoding}"
+            )
+        choices = {
+            "ffn_type": ("geglu", "gelu"),
+            "gelu_approximate": ("none", "tanh"),
+            "position_encoding": ("rope1d", "rope2d"),
+            "objective": ("glm", "causal"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"GLMConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        ids = dataclasses.astuple(self.special_tokens)
+        if any(not 0 <= i < self.vocab_size for i in ids):
+            raise ConfigError(f"GLMConfig.special_tokens {self.special_tokens} must lie inside vocab_size {self.vocab_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GLMConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown GLMConfig fields: {', '.join(unknown)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> GLMConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: model config not found") from None
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        try:
+            return cls.from_dict(data)
+        except (ConfigError, TypeError) as err:
+            raise ConfigError(f"{path}: {err}") from None
+
+
+MODEL_PRESETS: dict[str, GLMConfig] = {
+    # Tests and CI: builds and trains in seconds.
+    "micro": GLMConfig(hidden_size=64, num_layers=2, num_heads=4, max_seq_len=128),
+    # The CPU default: trains on the bundled corpus in minutes on 2 cores.
+    "tiny": GLMConfig(hidden_size=256, num_layers=6, num_heads=8, max_seq_len=256),
+    # ~1B parameters, for a single GPU.
+    "1b": GLMConfig(hidden_size=2048, num_layers=20, num_heads=16, max_seq_len=2048),
+    # The paper's model (GLM-130B, Table/Appendix: 70 x 12288, 96 heads, GeGLU 32768, vocab 150528).
+    "glm-130b": GLMConfig(
+        vocab_size=150528,
+        hidden_size=12288,
+        num_layers=70,
+        num_heads=96,
+        ffn_hidden_size=32768,
+        max_seq_len=2048,
+        embedding_init_std=0.0052,
+        special_tokens=SpecialTokens(pad=20000, eos=150005, mask=150000, smask=150002, gmask=150001, sop=150004, eop=150005),
+    ),
+    # ChatGLM-6B: 2-D RoPE, plain tanh-GeLU MLP, untied head, alpha fixed at sqrt(2*28).
+    "chatglm-6b": GLMConfig(
+        vocab_size=130528,
+        hidden_size=4096,
+        num_layers=28,
+        num_heads=32,
+        ffn_hidden_size=16384,
+        max_seq_len=2048,
+        ffn_type="gelu",
+        gelu_approximate="tanh",
+        position_encoding="rope2d",
+        rope_fp16_inv_freq=True,
+        tie_word_embeddings=False,
+        special_tokens=SpecialTokens(pad=3, eos=130005, mask=130000, smask=130000, gmask=130001, sop=130004, eop=130005),
+    ),
+}
+
+
+def model_preset(name: str, **overrides: Any) -> GLMConfig:
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(MODEL_PRESETS)}")
+    return dataclasses.replace(MODEL_PRESETS[name], **overrides)
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Defaults are the paper's optimiser settings scaled to a CPU run."""
+
+    out_dir: str = "runs/tiny"
+    data: list[str] = field(default_factory=list)  # empty: the bundled corpus
+    mip_data: str | None = None
+    mip_share: float = 0.05
+    seed: int = 1234
+    precision: Precision = "bf16"
+    batch_size: int = 16  # sequences per optimiser step, after ramp-up
+    micro_batch_size: int = 16
+    batch_rampup_start: int | None = None  # sequences per step at the start; None: no ramp-up
+    batch_rampup_steps: int = 0
+    max_steps: int = 600
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    egs_alpha: float = 0.1  # Embedding Gradient Shrink; 1.0 turns it off
+    loss_scale_init: float = 2.0**16
+    loss_scale_window: int = 1000
+    loss_scale_min: float = 1.0
+    loss_scale_hysteresis: int = 2
+    spike_factor: float = 5.0  # a grad norm above this times its running median is a spike
+    # blank infilling (GLM-130B flags)
+    gmask_prob: float = 0.7
+    mask_ratio: float = 0.15
+    mean_span: float = 3.0
+    min_gmask_ratio: float = 0.2
+    val_fraction: float = 0.02
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 200
+    log_every: int = 10
+    compile: bool = False
+    num_threads: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown TrainConfig fields: {', '.join(unknown)}")
+        data = dict(data)
+        if "adam_betas" in data:
+            data["adam_betas"] = tuple(data["adam_betas"])
+        return cls(**data)

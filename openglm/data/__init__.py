@@ -1,0 +1,1 @@
+"""Data pipeline: corpus reading and token shards (`corpus`), and the GLM training objectives."""

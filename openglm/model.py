@@ -1,0 +1,323 @@
+"""The GLM transformer as GLM-130B describes it, in plain PyTorch.
+
+Reading order follows the paper: token embedding (with Embedding Gradient Shrink), N DeepNorm
+blocks of RoPE self-attention and a GeGLU feed-forward network, a final LayerNorm, and an output
+layer tied to the embedding. Parameter names follow GLM-130B / ChatGLM-6B so their checkpoints map
+one to one. Nothing here knows about parallelism, precision policies or files.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openglm.config import GLMConfig
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values of every layer, filled left to right during generation."""
+
+    keys: torch.Tensor  # [layers, batch, heads, max_len, head_dim]
+    values: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def empty(cls, config: GLMConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> KVCache:
+        shape = (config.num_layers, batch, config.num_heads, max_len, config.head_dim)
+        return cls(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+
+def glm_attention_mask(prefix_len: torch.Tensor, query_start: int, query_len: int, key_len: int) -> torch.Tensor:
+    """GLM's mask, True where attention is allowed: key j is visible to query i if j is in Part A
+    (j < prefix_len) or j is not after i. Shape [batch, 1, query_len, key_len]."""
+    device = prefix_len.device
+    q = torch.arange(query_start, query_start + query_len, device=device)[:, None]
+    k = torch.arange(key_len, device=device)[None, :]
+    causal = k <= q
+    part_a = k[None] < prefix_len.view(-1, 1, 1)
+    return (causal[None] | part_a).unsqueeze(1)
+
+
+def derive_prefix_len(input_ids: torch.Tensor, config: GLMConfig) -> torch.Tensor:
+    """Part A ends at the first <sop>; a row without one is all Part A. Causal models have none."""
+    batch, seq = input_ids.shape
+    if config.objective == "causal":
+        return torch.zeros(batch, dtype=torch.long, device=input_ids.device)
+    is_sop = input_ids == config.special_tokens.sop
+    first = torch.where(is_sop.any(1), is_sop.int().argmax(1), torch.full((batch,), seq, device=input_ids.device))
+    return first.long()
+
+
+def derive_positions(input_ids: torch.Tensor, prefix_len: torch.Tensor, config: GLMConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions as GLM-130B (1-D) and ChatGLM-6B (2-D) inference code derives them from the tokens.
+
+    1-D: 0, 1, 2, ...; except that with a [MASK]/[sMASK] blank every token from <sop> on takes the
+    first such mask token's position (GLM-130B fills those before a [gMASK]). 2-D: from <sop> on the
+    position is the mask token's ([gMASK] first, else [MASK]/[sMASK], as ChatGLM-6B) and the block
+    position counts 1, 2, ...
+    """
+    batch, seq = input_ids.shape
+    device = input_ids.device
+    arange = torch.arange(seq, device=device).expand(batch, seq)
+    position_ids = arange.clone()
+    block_position_ids = torch.zeros_like(position_ids)
+    if config.objective == "causal":
+        return position_ids, block_position_ids
+    tokens = config.special_tokens
+    is_gmask = input_ids == tokens.gmask
+    is_mask = (input_ids == tokens.mask) | (input_ids == tokens.smask)
+    has_gmask, has_mask = is_gmask.any(1), is_mask.any(1)
+    in_part_b = arange >= prefix_len[:, None]
+    if config.position_encoding == "rope2d":  # ChatGLM-6B: [gMASK] first
+        mask_pos = torch.where(has_gmask, is_gmask.int().argmax(1), is_mask.int().argmax(1))
+        use_mask_pos = in_part_b & (has_gmask | has_mask)[:, None]
+        block_position_ids = torch.where(in_part_b, arange - prefix_len[:, None] + 1, 0)
+    else:  # GLM-130B: a [MASK]/[sMASK] blank is filled before any [gMASK]
+        mask_pos = is_mask.int().argmax(1)
+        use_mask_pos = in_part_b & has_mask[:, None]
+    position_ids = torch.where(use_mask_pos, mask_pos[:, None].expand(batch, seq), position_ids)
+    return position_ids, block_position_ids
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding in the rotate-half layout used by GLM-130B and ChatGLM-6B.
+
+    The frequencies are recomputed in fp32 on each call (a few dozen numbers) rather than kept as a
+    buffer, so casting the model to bf16/fp16 never degrades them.
+    """
+
+    def __init__(self, dim: int, base: float, fp16_inv_freq: bool) -> None:
+        super().__init__()
+        self.dim, self.base, self.fp16_inv_freq = dim, base, fp16_inv_freq
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for positions [batch, seq] -> each [batch, 1, seq, dim], in `dtype` (at least fp32)."""
+        exponents = torch.arange(0, self.dim, 2, dtype=dtype, device=positions.device) / self.dim
+        inv_freq = 1.0 / (self.base**exponents)
+        if self.fp16_inv_freq:
+            inv_freq = inv_freq.half().to(dtype)
+        freqs = positions.to(dtype)[..., None] * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention with one fused QKV projection laid out per head as [q | k | v]."""
+
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.rope_2d = config.position_encoding == "rope2d"
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.dense_bias)
+
+    def _rotate(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if not self.rope_2d:
+            return apply_rotary(x, rope[0], rope[1])
+        # 2-D: the first half of each head turns with the position, the second with the block position.
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((apply_rotary(x1, rope[0], rope[1]), apply_rotary(x2, rope[2], rope[3])), dim=-1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, ...],
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        batch, seq, hidden = x.shape
+        qkv = self.query_key_value(x).view(batch, seq, self.num_heads, 3 * self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split(self.head_dim, dim=-1)
+        q, k = self._rotate(q, rope), self._rotate(k, rope)
+        if cache is not None:
+            start, end = cache.length, cache.length + seq
+            cache.keys[layer, :, :, start:end] = k
+            cache.values[layer, :, :, start:end] = v
+            k, v = cache.keys[layer, :, :, :end], cache.values[layer, :, :, :end]
+        # SDPA's CPU and GPU kernels accumulate the softmax in fp32 for bf16/fp16 inputs.
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.dense(out.transpose(1, 2).reshape(batch, seq, hidden))
+
+
+class FeedForward(nn.Module):
+    """GeGLU (x1 * GeLU(x2), GLM-130B) or a plain GeLU MLP (ChatGLM-6B)."""
+
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        assert config.ffn_hidden_size is not None
+        self.geglu = config.ffn_type == "geglu"
+        self.approximate = config.gelu_approximate
+        inner = config.ffn_hidden_size * (2 if self.geglu else 1)
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, inner, bias=config.dense_bias)
+        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.dense_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.dense_h_to_4h(x)
+        if self.geglu:
+            h1, h2 = h.chunk(2, dim=-1)
+            h = h1 * F.gelu(h2, approximate=self.approximate)
+        else:
+            h = F.gelu(h, approximate=self.approximate)
+        return self.dense_4h_to_h(h)
+
+
+class GLMBlock(nn.Module):
+    """DeepNorm: the residual branch carries alpha times the normalised input."""
+
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        self.alpha = config.alpha
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps)
+        self.attention = SelfAttention(config)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps)
+        self.mlp = FeedForward(config)
+
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, ...], mask: torch.Tensor | None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        y = self.input_layernorm(h)
+        h = self.alpha * y + self.attention(y, rope, mask, cache, layer)
+        z = self.post_attention_layernorm(h)
+        return self.alpha * z + self.mlp(z)
+
+
+class GLM(nn.Module):
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        # Embedding Gradient Shrink factor; 1.0 (off) unless a trainer sets the paper's 0.1.
+        self.embedding_grad_scale = 1.0
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(GLMBlock(config) for _ in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        rotary_dim = config.head_dim // 2 if config.position_encoding == "rope2d" else config.head_dim
+        self.rotary = RotaryEmbedding(rotary_dim, config.rope_base, config.rope_fp16_inv_freq)
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """DeepNorm init: Xavier normal with gain (2N)^-0.5 on value, output and FFN weights;
+        gain 1 on query and key; zero biases."""
+        config = self.config
+        beta = (2 * config.num_layers) ** -0.5
+        hidden, heads, head_dim = config.hidden_size, config.num_heads, config.head_dim
+        nn.init.normal_(self.word_embeddings.weight, std=config.embedding_init_std)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=config.embedding_init_std)
+        for block in self.layers:
+            qkv = block.attention.query_key_value.weight.view(heads, 3, head_dim, hidden)
+            qk_std = math.sqrt(2.0 / (hidden + hidden))
+            qkv[:, :2].normal_(std=qk_std)
+            qkv[:, 2].normal_(std=beta * qk_std)
+            nn.init.xavier_normal_(block.attention.dense.weight, gain=beta)
+            ffn = block.mlp
+            assert config.ffn_hidden_size is not None
+            ffn_std = beta * math.sqrt(2.0 / (hidden + config.ffn_hidden_size))
+            ffn.dense_h_to_4h.weight.normal_(std=ffn_std)  # each GeGLU half is one hidden->ffn matrix
+            ffn.dense_4h_to_h.weight.normal_(std=ffn_std)
+            for module in (block.attention.query_key_value, block.attention.dense, ffn.dense_h_to_4h, ffn.dense_4h_to_h):
+                if module.bias is not None:
+                    module.bias.zero_()
+            for norm in (block.input_layernorm, block.post_attention_layernorm):
+                norm.reset_parameters()
+        self.final_layernorm.reset_parameters()
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        e = self.word_embeddings(input_ids)
+        scale = self.embedding_grad_scale
+        if self.training and scale != 1.0:
+            # Forward value unchanged; the gradient into the embedding is scaled by `scale`.
+            e = e * scale + e.detach() * (1.0 - scale)
+        return e
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        block_position_ids: torch.Tensor | None = None,
+        prefix_len: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """Logits [batch, seq, vocab] (or the final hidden states when `return_hidden`).
+
+        Without explicit positions and prefix lengths they are derived from the special tokens.
+        With a cache, `input_ids` are the next tokens after the `cache.length` cached ones and
+        positions must cover only them.
+        """
+        seq = input_ids.shape[1]
+        offset = cache.length if cache is not None else 0
+        if cache is not None and offset + seq > cache.capacity:
+            raise ValueError(f"KV cache holds {cache.capacity} positions; {offset + seq} requested")
+        if prefix_len is None:
+            if cache is not None and offset > 0:
+                raise ValueError("prefix_len is required when continuing from a KV cache")
+            prefix_len = derive_prefix_len(input_ids, self.config)
+        if position_ids is None:
+            if cache is not None and offset > 0:
+                raise ValueError("position_ids are required when continuing from a KV cache")
+            position_ids, derived_blocks = derive_positions(input_ids, prefix_len, self.config)
+            block_position_ids = derived_blocks if block_position_ids is None else block_position_ids
+        rope_dtype = torch.promote_types(torch.float32, self.word_embeddings.weight.dtype)
+        rope = self.rotary(position_ids, rope_dtype)
+        if self.config.position_encoding == "rope2d":
+            if block_position_ids is None:
+                block_position_ids = torch.zeros_like(position_ids)
+            rope = rope + self.rotary(block_position_ids, rope_dtype)
+        mask = self._mask(prefix_len, offset, seq)
+        h = self.embed(input_ids)
+        for index, layer in enumerate(self.layers):
+            h = layer(h, rope, mask, cache, index)
+        if cache is not None:
+            cache.length = offset + seq
+        h = self.final_layernorm(h)
+        return h if return_hidden else self.logits(h)
+
+    def _mask(self, prefix_len: torch.Tensor, offset: int, seq: int) -> torch.Tensor | None:
+        """None where SDPA's causal (or no-mask) fast path is exact."""
+        if seq == 1 and offset > 0:
+            return None  # one new token sees everything before it
+        if offset == 0 and not bool((prefix_len > 0).any()):
+            return None  # purely causal
+        return glm_attention_mask(prefix_len, offset, seq, offset + seq)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.word_embeddings.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def flops_per_token(config: GLMConfig, seq_len: int, logits_fraction: float = 1.0) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), matmuls only, as in the
+    PaLM/Megatron MFU accounting; `logits_fraction` is the share of positions that need logits."""
+    assert config.ffn_hidden_size is not None
+    h, ffn = config.hidden_size, config.ffn_hidden_size
+    ffn_matrices = 3 if config.ffn_type == "geglu" else 2
+    per_layer = 2 * (4 * h * h + ffn_matrices * h * ffn) + 2 * 2 * seq_len * h  # projections + QK^T and AV
+    forward = config.num_layers * per_layer + 2 * h * config.vocab_size * logits_fraction
+    return 3.0 * forward

@@ -1,0 +1,96 @@
+"""Training telemetry: metrics to JSONL and TensorBoard, grad-norm spike events, and the matmul
+rate that MFU is measured against."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class MetricsWriter:
+    """Appends one JSON object per record to `metrics.jsonl` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool = True) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / "metrics.jsonl"
+        self._file = self.path.open("a")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def write(self, kind: str, step: int, **values: Any) -> None:
+        record = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: Path, kind: str | None = None) -> list[dict[str, Any]]:
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if kind is None or r["kind"] == kind]
+
+
+class SpikeDetector:
+    """Flags a gradient norm far above the recent median (GLM-130B watched these to catch the
+    loss spikes that preceded divergence)."""
+
+    def __init__(self, factor: float, window: int = 50, warmup: int = 10) -> None:
+        self.factor = factor
+        self.warmup = warmup
+        self.history: deque[float] = deque(maxlen=window)
+
+    def observe(self, grad_norm: float) -> float | None:
+        """Returns the running median if `grad_norm` is a spike, else None."""
+        median = statistics.median(self.history) if len(self.history) >= self.warmup else None
+        finite = math.isfinite(grad_norm)
+        spike = median is not None and (not finite or grad_norm > self.factor * median)
+        if finite:
+            self.history.append(grad_norm)
+        return median if spike else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history.clear()
+        self.history.extend(state["history"])
+
+
+def measure_matmul_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 10) -> float:
+    """Achievable dense matmul FLOP/s on this machine and thread count: the MFU denominator."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    for _ in range(3):
+        torch.mm(a, b)
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        timings.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(timings)

@@ -1,0 +1,42 @@
+"""Optimiser, learning-rate schedule and batch-size ramp-up with GLM-130B's settings."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from openglm.config import TrainConfig
+
+
+def build_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the (master) parameters; biases and LayerNorm weights get no weight decay."""
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps, fused=True)
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """Linear warm-up to the peak, then cosine decay to `min_lr_ratio` of the peak at `max_steps`."""
+    if config.warmup_steps > 0 and step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.max_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    floor = config.lr * config.min_lr_ratio
+    return floor + 0.5 * (config.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def batch_size_at(step: int, config: TrainConfig) -> int:
+    """Sequences in step `step`: a linear ramp from `batch_rampup_start` (GLM-130B: 192 -> 4224)."""
+    start = config.batch_rampup_start
+    if start is None or config.batch_rampup_steps <= 0 or step >= config.batch_rampup_steps:
+        return config.batch_size
+    return max(1, round(start + (config.batch_size - start) * step / config.batch_rampup_steps))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

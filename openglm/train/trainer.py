@@ -1,0 +1,269 @@
+"""The pre-training loop: blank-infilling batches in, DeepNorm GLM with GLM-130B's stability tools
+(mixed precision with fp32 master weights, dynamic loss scaling, Embedding Gradient Shrink,
+clipping, grad-norm spike events), resumable checkpoints out."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from openglm import checkpoint as ckpt
+from openglm.config import ConfigError, GLMConfig, TrainConfig
+from openglm.data.blank_infill import BlankInfillingDataset, collate
+from openglm.data.corpus import TokenStream, bundled_corpus_paths, document_language, prepare_corpus
+from openglm.data.mip import MIPDataset, MixedDataset
+from openglm.eval.lm import LMScore, score_tokens
+from openglm.model import GLM, flops_per_token
+from openglm.tokenizer import GLMTokenizer
+from openglm.train.metrics import MetricsWriter, SpikeDetector, measure_matmul_flops
+from openglm.train.optim import batch_size_at, build_optimizer, learning_rate, set_learning_rate
+from openglm.train.precision import DynamicLossScaler, MixedPrecision
+
+log = logging.getLogger(__name__)
+
+
+class SampleSource(Protocol):
+    def sample(self, index: int) -> dict[str, Any]: ...
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("OPENGLM_CACHE", Path.home() / ".cache" / "openglm"))
+
+
+def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], normalizer: int) -> tuple[torch.Tensor, int]:
+    """Cross-entropy summed over Part B targets, divided by `normalizer` (the target count of the
+    whole optimiser step, so gradient accumulation equals one big batch). Logits are computed only
+    where there is a target: for GLM that skips the output layer on all of Part A."""
+    hidden = model(
+        batch["input_ids"],
+        position_ids=batch["position_ids"],
+        block_position_ids=batch["block_position_ids"],
+        prefix_len=batch["prefix_len"],
+        return_hidden=True,
+    )
+    targets = batch["labels"]
+    selected = targets != -100
+    core = model._orig_mod if hasattr(model, "_orig_mod") else model
+    logits = core.logits(hidden[selected]).float()
+    loss = F.cross_entropy(logits, targets[selected], reduction="sum") / normalizer
+    return loss, int(selected.sum())
+
+
+class Trainer:
+    def __init__(self, model_config: GLMConfig, config: TrainConfig, tokenizer: GLMTokenizer | None = None, resume: bool = False) -> None:
+        self.config = config
+        self.out_dir = Path(config.out_dir)
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        resume_from = self._resume_checkpoint() if resume else None
+        if resume_from is not None:
+            model_config = ckpt.load_config(resume_from)
+            tokenizer = GLMTokenizer.from_file(resume_from / ckpt.TOKENIZER_FILE)
+        self.tokenizer = tokenizer or GLMTokenizer.default()
+        if self.tokenizer.vocab_size > model_config.vocab_size:
+            raise ConfigError(
+                f"the tokenizer has {self.tokenizer.vocab_size} tokens but GLMConfig.vocab_size is {model_config.vocab_size}"
+            )
+        if model_config.special_tokens != self.tokenizer.special_tokens:
+            model_config = dataclasses.replace(model_config, special_tokens=self.tokenizer.special_tokens)
+        self.model_config = model_config
+        torch.manual_seed(config.seed)
+        self.model = GLM(model_config)
+        self.model.embedding_grad_scale = config.egs_alpha
+        scaler = DynamicLossScaler(config.loss_scale_init, config.loss_scale_window, config.loss_scale_min, config.loss_scale_hysteresis)
+        self.precision = MixedPrecision(self.model, config.precision, scaler)
+        self.optimizer = build_optimizer(self.precision.master_params, config)
+        self.spikes = SpikeDetector(config.spike_factor)
+        self.step = 0
+        self.data_position = 0
+        self.tokens_seen = 0
+        self.train_data, self.val_data = self._build_data()
+        if resume_from is not None:
+            self._load_training_state(resume_from)
+        self.forward_model: torch.nn.Module = torch.compile(self.model) if config.compile else self.model
+
+    # ----------------------------------------------------------------------------------- data
+    def _build_data(self) -> tuple[SampleSource, SampleSource]:
+        config, model_config = self.config, self.model_config
+        paths = [Path(p) for p in config.data] or bundled_corpus_paths()
+        shards = prepare_corpus(paths, self.tokenizer, default_cache_dir() / "shards", val_fraction=config.val_fraction, seed=config.seed)
+
+        train: SampleSource = BlankInfillingDataset.from_config(TokenStream(shards, "train"), model_config, config)
+        if config.mip_data:
+            mip = MIPDataset.from_jsonl(
+                config.mip_data, self.tokenizer, model_config.max_seq_len, model_config.special_tokens, model_config.position_encoding
+            )
+            train = MixedDataset(train, mip, share=config.mip_share, seed=config.seed)
+        self.val_stream = TokenStream(shards, "val")
+        val = BlankInfillingDataset.from_config(self.val_stream, model_config, dataclasses.replace(config, seed=config.seed + 1))
+        return train, val
+
+    def _batch(self, source: SampleSource, start: int, count: int) -> dict[str, torch.Tensor]:
+        return collate([source.sample(i) for i in range(start, start + count)])
+
+    # ----------------------------------------------------------------------------- training
+    def train_step(self) -> dict[str, Any]:
+        """One optimiser step over `batch_size_at(step)` sequences in micro-batches."""
+        config = self.config
+        sequences = batch_size_at(self.step, config)
+        lr = learning_rate(self.step, config)
+        set_learning_rate(self.optimizer, lr)
+        self.model.train()
+        starts = range(self.data_position, self.data_position + sequences, config.micro_batch_size)
+        batches = [self._batch(self.train_data, s, min(config.micro_batch_size, self.data_position + sequences - s)) for s in starts]
+        targets = sum(int((b["labels"] != -100).sum()) for b in batches)
+        total_loss = 0.0
+        for batch in batches:
+            loss, _ = compute_loss(self.forward_model, batch, max(targets, 1))
+            self.precision.backward(loss)
+            total_loss += loss.item()
+        report = self.precision.step(self.optimizer, config.grad_clip)
+        self.data_position += sequences
+        self.step += 1
+        tokens = sequences * self.model_config.max_seq_len
+        self.tokens_seen += tokens
+        return {
+            "loss": total_loss,
+            "lr": lr,
+            "grad_norm": report.grad_norm,
+            "embedding_grad_norm": report.embedding_grad_norm,
+            "loss_scale": report.loss_scale,
+            "skipped": report.skipped,
+            "batch_size": sequences,
+            "tokens": tokens,
+            "target_fraction": targets / tokens,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean Part-B cross-entropy (nats per target token) on a fixed set of held-out samples."""
+        self.model.eval()
+        count = self.config.eval_batches * self.config.micro_batch_size
+        total, targets = 0.0, 0
+        for start in range(0, count, self.config.micro_batch_size):
+            batch = self._batch(self.val_data, start, self.config.micro_batch_size)
+            loss, n = compute_loss(self.forward_model, batch, 1)
+            total += loss.item()
+            targets += n
+        return total / max(targets, 1)
+
+    def heldout_bits_per_byte(self, max_tokens_per_language: int = 50_000) -> dict[str, float]:
+        """Bits per UTF-8 byte of the held-out documents, by language (tokenizer-independent)."""
+        scores: dict[str, LMScore] = {}
+        for i in range(self.val_stream.num_documents):
+            tokens = self.val_stream.document(i)[:-1].tolist()  # without its <eos>
+            text = self.tokenizer.decode(tokens)
+            language = document_language(text)
+            if not tokens or (language in scores and scores[language].tokens >= max_tokens_per_language):
+                continue
+            score = score_tokens(self.model, tokens, len(text.encode("utf-8")))
+            scores[language] = scores[language] + score if language in scores else score
+        return {language: score.bits_per_byte for language, score in sorted(scores.items())}
+
+    def fit(self) -> dict[str, Any]:
+        config = self.config
+        writer = MetricsWriter(self.out_dir)
+        peak = measure_matmul_flops(self.precision.dtype)
+        log.info(
+            "model %.2fM parameters, precision %s, matmul peak %.0f GFLOP/s, %d steps",
+            self.model.num_parameters() / 1e6, config.precision, peak / 1e9, config.max_steps,
+        )
+        writer.write("run", self.step, parameters=self.model.num_parameters(), peak_flops=peak, resumed=self.step > 0)
+        summary: dict[str, Any] = {}
+        progress = tqdm(total=config.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        try:
+            while self.step < config.max_steps:
+                started = time.perf_counter()
+                metrics = self.train_step()
+                elapsed = time.perf_counter() - started
+                metrics["tokens_per_s"] = metrics["tokens"] / elapsed
+                fpt = flops_per_token(self.model_config, self.model_config.max_seq_len, metrics["target_fraction"])
+                metrics["mfu"] = fpt * metrics["tokens_per_s"] / peak
+                step = self.step - 1
+                writer.write("train", step, **metrics)
+                median = self.spikes.observe(metrics["grad_norm"])
+                if median is not None:
+                    log.warning("grad-norm spike at step %d: %.3g vs running median %.3g", step, metrics["grad_norm"], median)
+                    writer.write("event", step, event="grad_norm_spike", grad_norm=metrics["grad_norm"], median=median)
+                if metrics["skipped"]:
+                    writer.write("event", step, event="skipped_step", loss_scale=metrics["loss_scale"])
+                if not math.isfinite(metrics["loss"]) and config.precision != "fp16":
+                    raise FloatingPointError(f"loss became {metrics['loss']} at step {step}")
+                progress.update(1)
+                progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                if self.step % config.eval_every == 0 or self.step == config.max_steps:
+                    summary["val_loss"] = self.evaluate()
+                    writer.write("eval", step, val_loss=summary["val_loss"])
+                    log.info("step %d: held-out loss %.4f", self.step, summary["val_loss"])
+                if self.step % config.save_every == 0 or self.step == config.max_steps:
+                    self.save()
+        except KeyboardInterrupt:
+            log.warning("interrupted at step %d; saving a checkpoint to resume from", self.step)
+            self.save()
+            raise
+        finally:
+            progress.close()
+            writer.close()
+        summary["bits_per_byte"] = self.heldout_bits_per_byte()
+        with MetricsWriter(self.out_dir, tensorboard=False) as final:
+            final.write("eval", self.step - 1, **{f"bits_per_byte_{k}": v for k, v in summary["bits_per_byte"].items()})
+        log.info("held-out bits per byte: %s", ", ".join(f"{k} {v:.4f}" for k, v in summary["bits_per_byte"].items()))
+        summary.update(step=self.step, tokens_seen=self.tokens_seen)
+        return summary
+
+    # --------------------------------------------------------------------------- checkpoints
+    def save(self) -> Path:
+        state = {
+            "data_position": self.data_position,
+            "tokens_seen": self.tokens_seen,
+            "train_config": self.config.to_dict(),
+            "spikes": self.spikes.state_dict(),
+        }
+        optimizer_state = {
+            "optimizer": self.optimizer.state_dict(),
+            "loss_scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
+            "torch_rng": torch.get_rng_state(),
+        }
+        path = ckpt.save_checkpoint(
+            self.out_dir, self.step, self.model_config, self.precision.master_state_dict(), self.tokenizer, state, optimizer_state
+        )
+        log.info("saved %s", path)
+        return path
+
+    def _resume_checkpoint(self) -> Path | None:
+        if not (self.out_dir / ckpt.LATEST_FILE).exists():
+            log.warning("--resume: no checkpoint in %s yet; starting from scratch", self.out_dir)
+            return None
+        return ckpt.resolve_checkpoint(self.out_dir)
+
+    def _load_training_state(self, checkpoint: Path) -> None:
+        state = ckpt.verify_files(checkpoint)
+        saved_precision = state["train_config"]["precision"]
+        if saved_precision != self.config.precision:
+            log.warning("resuming a %s run in %s", saved_precision, self.config.precision)
+        master = dict(zip(self.precision.names, self.precision.master_params, strict=True))
+        ckpt.load_weights(checkpoint, master)
+        self.precision.load_master_state_dict(master)
+        optimizer_path = checkpoint / ckpt.OPTIMIZER_FILE
+        try:
+            payload = torch.load(optimizer_path, weights_only=True)
+            self.optimizer.load_state_dict(payload["optimizer"])
+        except (OSError, RuntimeError, KeyError, ValueError) as err:
+            raise ckpt.CheckpointError(f"{optimizer_path}: cannot restore the optimizer ({err})") from None
+        if payload["loss_scaler"] is not None and self.precision.scaler is not None:
+            self.precision.scaler.load_state_dict(payload["loss_scaler"])
+        torch.set_rng_state(payload["torch_rng"])
+        self.step = int(state["step"])
+        self.data_position = int(state["data_position"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.spikes.load_state_dict(state["spikes"])
+        log.info("resumed from %s at step %d", checkpoint, self.step)
