@@ -299,7 +299,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per repeat (default 8)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported (default 3)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing (default 2)")
-    parser.add_argument("--compile-warmup", type=int, default=2, help="extra untimed steps for torch.compile (default 2)")
+    parser.add_argument("--compile-warmup", type=int, default=1, help="extra untimed steps for torch.compile (default 1)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 steps, 1 repeat, 1 warm-up, no torch.compile")
     parser.add_argument("--only", choices=("fp32", "bf16"), help="run one precision")
     parser.add_argument("--objective", choices=("glm", "causal"), help="run one openglm objective (default both)")

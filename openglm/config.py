@@ -224,6 +224,7 @@ class TrainConfig:
     mean_span: float = 3.0
     min_gmask_ratio: float = 0.2
     val_fraction: float = 0.02
+    final_eval_tokens: int = 50_000  # held-out tokens per language scored for bits per byte at the end
     eval_every: int = 100
     eval_batches: int = 8
     save_every: int = 200

@@ -236,11 +236,20 @@ DERIVATION_CASES = {
     "gmask": ([10, 11, 12, GMASK, SOP, 20, 21], 4, [0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 3, 3, 3], [0, 0, 0, 0, 1, 2, 3]),
     "mask": ([10, MASK, 11, 12, SOP, 20, 21], 4, [0, 1, 2, 3, 1, 1, 1], [0, 1, 2, 3, 1, 1, 1], [0, 0, 0, 0, 1, 2, 3]),
     "smask": ([10, 11, SMASK, 12, SOP, 20, 21], 4, [0, 1, 2, 3, 2, 2, 2], [0, 1, 2, 3, 2, 2, 2], [0, 0, 0, 0, 1, 2, 3]),
+    # With both kinds of blank, 1-D fills the [MASK] blank first (GLM-130B's generate.py sets
+    # use_gmask only when the text has no [MASK]/[sMASK]); 2-D takes the [gMASK] (ChatGLM-6B).
     "mask_and_gmask": (
         [MASK, 10, GMASK, 11, SOP, 20, 21],
         4,
-        [0, 1, 2, 3, 4, 5, 6],
+        [0, 1, 2, 3, 0, 0, 0],
         [0, 1, 2, 3, 2, 2, 2],
+        [0, 0, 0, 0, 1, 2, 3],
+    ),
+    "gmask_and_mask": (
+        [10, GMASK, 11, MASK, SOP, 20, 21],
+        4,
+        [0, 1, 2, 3, 3, 3, 3],
+        [0, 1, 2, 3, 1, 1, 1],
         [0, 0, 0, 0, 1, 2, 3],
     ),
     "no_sop": ([10, 11, GMASK, 12, 13, 14, 15], 7, [0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 0, 0, 0]),
@@ -285,7 +294,7 @@ def test_derive_positions_batched_and_causal():
 @pytest.mark.parametrize("encoding", ["rope1d", "rope2d"])
 def test_reference_positions_derived_from_tokens(encoding):
     """`model(input_ids)` alone must equal the reference fed hand-derived positions and prefixes."""
-    names = ("gmask", "mask", "smask", "mask_and_gmask", "no_sop", "first_sop")
+    names = ("gmask", "mask", "smask", "mask_and_gmask", "gmask_and_mask", "no_sop", "first_sop")
     cases = [DERIVATION_CASES[name] for name in names]
     ids = torch.tensor([c[0] for c in cases])
     prefix = torch.tensor([c[1] for c in cases])
@@ -586,7 +595,8 @@ def test_chatglm_6b_preset_structure():
     cfg = model.config
     assert count_matches(model, cfg)
     # Excluding the output layer it is the familiar 6.17e9 ("6.2B").
-    assert model.num_parameters() - model.lm_head.weight.numel() == 6_173_286_400
+    head = 0 if model.lm_head is None else model.lm_head.weight.numel()
+    assert model.num_parameters() - head == 6_173_286_400
 
 
 def count_matches(model: GLM, cfg: GLMConfig) -> bool:
@@ -665,7 +675,7 @@ def test_config_unknown_fields_are_rejected(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("position_offset", [0, 1900])  # far positions test the rope tables' precision
+@pytest.mark.parametrize("position_offset", [0, 1900])  # near and far positions
 @pytest.mark.parametrize("encoding", ["rope1d", "rope2d"])
 def test_bf16_close_to_fp32(position_offset, encoding):
     cfg = small_config(position_encoding=encoding, max_seq_len=64)
@@ -684,3 +694,20 @@ def test_bf16_close_to_fp32(position_offset, encoding):
     assert logits.dtype == torch.bfloat16
     error = (logits.float() - reference).norm() / reference.norm()
     assert error < 5e-2, error.item()
+
+
+@pytest.mark.parametrize("encoding", ["rope1d", "rope2d"])
+def test_bf16_cast_keeps_rope_tables_accurate(encoding):
+    """Casting the model must not round RoPE's frequencies to bf16 (angles at position ~2000 would
+    be off by up to ~1 radian). The logits test above cannot see this: it moves logits by ~1e-4."""
+    cfg = small_config(position_encoding=encoding)
+    model = GLM(cfg).to(torch.bfloat16)
+    positions = torch.arange(0, 2048, 7)[None]
+    cos, sin = model.rotary(positions)
+    dim = cfg.head_dim // 2 if encoding == "rope2d" else cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_base ** (torch.arange(0, dim, 2, dtype=F64) / dim)
+    angles = positions.to(F64)[0, :, None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    assert cos.dtype in (torch.float32, F64)
+    torch.testing.assert_close(cos[0, 0].to(F64), angles.cos(), atol=1e-3, rtol=0)
+    torch.testing.assert_close(sin[0, 0].to(F64), angles.sin(), atol=1e-3, rtol=0)

@@ -49,22 +49,29 @@ def _chunk_inputs(model: GLM, tokens: list[int], start: int, end: int, context: 
 
 
 @torch.inference_mode()
-def score_tokens(model: GLM, tokens: list[int], num_bytes: int, chunk: int | None = None, context: int | None = None) -> LMScore:
+def score_tokens(
+    model: GLM, tokens: list[int], num_bytes: int, chunk: int | None = None, context: int | None = None, batch_size: int = 16
+) -> LMScore:
     """NLL of every token of a text, predicted in chunks of `chunk` tokens that each see up to
-    `context` earlier tokens (a sliding window: long documents never exceed the model's length)."""
+    `context` earlier tokens (a sliding window: long documents never exceed the model's length).
+    Chunks are scored `batch_size` at a time, right-padded (padding after Part B is never seen)."""
     seq_len = model.config.max_seq_len
     chunk = chunk or seq_len // 2
     context = seq_len - chunk - 2 if context is None else context
     if chunk < 1 or context < 0 or chunk + context + 2 > seq_len:
         raise ValueError(f"chunk {chunk} + context {context} + 2 special tokens must fit max_seq_len {seq_len}")
+    pad = model.config.special_tokens.pad
+    windows = [(start, min(start + chunk, len(tokens))) for start in range(0, len(tokens), chunk)]
     was_training = model.training
     model.eval()
     nll = 0.0
-    for start in range(0, len(tokens), chunk):
-        end = min(start + chunk, len(tokens))
-        ids, first = _chunk_inputs(model, tokens, start, end, context)
-        logits = model(torch.tensor([ids]))[0, first : first + end - start].float()
-        nll += F.cross_entropy(logits, torch.tensor(tokens[start:end]), reduction="sum").item()
+    for group in range(0, len(windows), batch_size):
+        rows = [(*_chunk_inputs(model, tokens, start, end, context), start, end) for start, end in windows[group : group + batch_size]]
+        width = max(len(ids) for ids, *_ in rows)
+        hidden = model(torch.tensor([ids + [pad] * (width - len(ids)) for ids, *_ in rows]), return_hidden=True)
+        predicting = torch.cat([hidden[row, first : first + end - start] for row, (_, first, start, end) in enumerate(rows)])
+        targets = torch.tensor([t for *_, start, end in rows for t in tokens[start:end]])
+        nll += F.cross_entropy(model.logits(predicting).float(), targets, reduction="sum").item()
     model.train(was_training)
     return LMScore(nll, len(tokens), num_bytes)
 

@@ -156,7 +156,7 @@ class Trainer:
             targets += n
         return total / max(targets, 1)
 
-    def heldout_bits_per_byte(self, max_tokens_per_language: int = 50_000) -> dict[str, float]:
+    def heldout_bits_per_byte(self, max_tokens_per_language: int) -> dict[str, float]:
         """Bits per UTF-8 byte of the held-out documents, by language (tokenizer-independent)."""
         scores: dict[str, LMScore] = {}
         for i in range(self.val_stream.num_documents):
@@ -213,7 +213,7 @@ class Trainer:
         finally:
             progress.close()
             writer.close()
-        summary["bits_per_byte"] = self.heldout_bits_per_byte()
+        summary["bits_per_byte"] = self.heldout_bits_per_byte(config.final_eval_tokens)
         with MetricsWriter(self.out_dir, tensorboard=False) as final:
             final.write("eval", self.step - 1, **{f"bits_per_byte_{k}": v for k, v in summary["bits_per_byte"].items()})
         log.info("held-out bits per byte: %s", ", ".join(f"{k} {v:.4f}" for k, v in summary["bits_per_byte"].items()))
