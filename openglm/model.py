@@ -249,8 +249,9 @@ class GLM(nn.Module):
         e = self.word_embeddings(input_ids)
         scale = self.embedding_grad_scale
         if self.training and scale != 1.0:
-            # Forward value unchanged; the gradient into the embedding is scaled by `scale`.
-            e = e * scale + e.detach() * (1.0 - scale)
+            # The paper's e*a + e.detach()*(1-a), arranged so the forward value is bit-identical
+            # while the gradient into the embedding is scaled by `scale`.
+            e = e.detach() + (e - e.detach()) * scale
         return e
 
     def forward(
