@@ -9,8 +9,8 @@ One process runs every configuration, interleaved, so the ratios share the machi
   random tokens with labels = inputs, fused AdamW and clipping at 1.0 (what HF's Trainer does);
   bf16 is `torch.autocast` around the forward over fp32 weights.
 
-Each configuration is warmed up (compilation excluded), then timed `--repeats` times over `--steps`
-steps; the median step time gives tokens/s. MFU = model matmul FLOP/s over the best matmul rate
+Each configuration is warmed up (compilation excluded), then all are timed interleaved step by step,
+`--repeats` times `--steps` steps; the median over repeats of the mean step time gives tokens/s. MFU = model matmul FLOP/s over the best matmul rate
 `measure_matmul_flops` finds for that dtype in this run.
 
     python bench/train.py                 # full run
@@ -82,7 +82,8 @@ class Runner:
     mode: str
     step: Callable[[], float]
     flops: Callable[[float], float]  # logits fraction -> FLOPs per token
-    step_times: list[float] = field(default_factory=list)  # median-able per-repeat means
+    step_times: list[float] = field(default_factory=list)  # mean step time of each repeat
+    samples: list[float] = field(default_factory=list)  # every timed step
     fractions: list[float] = field(default_factory=list)
     warmup_s: float = 0.0
 
@@ -190,13 +191,25 @@ def warm_up(runner: Runner, steps: int) -> None:
     runner.warmup_s = time.perf_counter() - started
 
 
-def time_once(runner: Runner, steps: int) -> None:
-    fractions = []
-    started = time.perf_counter()
-    for _ in range(steps):
-        fractions.append(runner.step())
-    runner.step_times.append((time.perf_counter() - started) / steps)
-    runner.fractions.extend(fractions)
+def measure(runners: list[Runner], steps: int, repeats: int, precision: str) -> None:
+    """Time `steps` steps of every runner per repeat, interleaved step by step (in an order that
+    rotates every round) so that the machine's load swings hit every configuration alike."""
+    for repeat in range(repeats):
+        spent = [0.0] * len(runners)
+        for step in range(steps):
+            shift = (repeat * steps + step) % len(runners)
+            for index in [*range(shift, len(runners)), *range(shift)]:
+                runner = runners[index]
+                started = time.perf_counter()
+                runner.fractions.append(runner.step())
+                elapsed = time.perf_counter() - started
+                runner.samples.append(elapsed)
+                spent[index] += elapsed
+        for runner, total in zip(runners, spent, strict=True):
+            runner.step_times.append(total / steps)
+            log(
+                f"repeat {repeat + 1}/{repeats} {runner.name:15s} {precision} {runner.mode:7s} {runner.step_times[-1]:.3f} s/step"
+            )
 
 
 def run_precision(shape: Shape, precision: str, args: argparse.Namespace, out_dir: str) -> tuple[list[Runner], float]:
@@ -214,15 +227,7 @@ def run_precision(shape: Shape, precision: str, args: argparse.Namespace, out_di
         log(f"warm-up  {runner.name:15s} {precision} {runner.mode:7s} ({steps} steps)")
         warm_up(runner, steps)
         log(f"         {runner.warmup_s:.1f} s")
-    for repeat in range(args.repeats):
-        # Rotate the order each repeat so slow drifts of the machine spread over every configuration.
-        shift = repeat % len(runners)
-        for runner in runners[shift:] + runners[:shift]:
-            time_once(runner, args.steps)
-            log(
-                f"repeat {repeat + 1}/{args.repeats} {runner.name:15s} {precision} {runner.mode:7s} "
-                f"{runner.step_times[-1]:.3f} s/step"
-            )
+    measure(runners, args.steps, args.repeats, precision)
     peak = max(peak, best_matmul_rate(dtype))
     return runners, peak
 
@@ -244,6 +249,8 @@ def summarise(runners: list[Runner], peaks: dict[str, float], shape: Shape) -> l
                 "mode": r.mode,
                 "step_s": r.step_time,
                 "step_s_repeats": r.step_times,
+                "step_s_min": min(r.samples),
+                "step_s_samples": r.samples,
                 "tokens_per_s": tokens_per_s,
                 "logits_fraction": r.logits_fraction,
                 "flops_per_token": r.flops(r.logits_fraction),

@@ -1,7 +1,8 @@
 """openglm: pre-train, run and study GLM language models, from one CPU to a cluster.
 
 The public API is small: `load` a checkpoint and `generate` from it. Both import lazily so that
-`import openglm` stays cheap.
+`import openglm` stays cheap. (The generation code lives in `openglm.generation`, not
+`openglm.generate`, so that importing it never shadows the `generate` function here.)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def load(path: str | Path, dtype: Any = None) -> tuple[GLM, GLMTokenizer]:
 
 def generate(model: GLM, tokenizer: GLMTokenizer, text: str, **options: Any) -> str:
     """Fill the blanks of `text` (or continue it); options are `GenerationConfig` fields."""
-    from openglm.generate import GenerationConfig
-    from openglm.generate import generate as _generate
+    from openglm.generation import GenerationConfig
+    from openglm.generation import generate as _generate
 
     return _generate(model, tokenizer, text, GenerationConfig(**options))

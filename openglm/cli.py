@@ -102,8 +102,8 @@ def generate(
 ) -> None:
     """Fill the blanks of PROMPT (a prompt without one is continued via \\[gMASK])."""
     from openglm.checkpoint import CheckpointError, load_model
-    from openglm.generate import GenerationConfig
-    from openglm.generate import generate as run_generation
+    from openglm.generation import GenerationConfig
+    from openglm.generation import generate as run_generation
 
     try:
         glm, tokenizer = load_model(model)

@@ -1,4 +1,4 @@
-"""Tests for openglm.generate: cached decoding against full recompute, sampling filters, blank
+"""Tests for openglm.generation: cached decoding against full recompute, sampling filters, blank
 infilling, stop tokens and config validation. Models are random `micro` networks over a tiny
 character-level vocabulary, so outputs are gibberish but every property is exact."""
 
@@ -13,9 +13,9 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-import openglm.generate as gen
+import openglm.generation as gen
 from openglm.config import SPECIAL_TOKEN_TEXT, SpecialTokens, model_preset
-from openglm.generate import (
+from openglm.generation import (
     GenerationConfig,
     filter_logits,
     find_blank,
@@ -309,7 +309,7 @@ def test_max_new_tokens_respected(max_new_tokens: int) -> None:
 def test_past_max_seq_len_warns_and_generates(caplog: pytest.LogCaptureFixture) -> None:
     model = make_model(max_seq_len=16)
     context = TOK.encode("abcdefghij[gMASK]")  # 11 tokens + <sop> + 9 fed tokens > 16
-    with caplog.at_level(logging.WARNING, logger="openglm.generate"):
+    with caplog.at_level(logging.WARNING, logger="openglm.generation"):
         new = list(generate_tokens(model, context, GenerationConfig(max_new_tokens=10, seed=0, stop_token_ids=())))
     assert len(new) == 10
     assert "max_seq_len 16" in caplog.text
