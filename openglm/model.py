@@ -267,7 +267,8 @@ class GLM(nn.Module):
 
         Without explicit positions and prefix lengths they are derived from the special tokens.
         With a cache, `input_ids` are the next tokens after the `cache.length` cached ones and
-        positions must cover only them.
+        positions must cover only them. A model trained with `objective="causal"` always attends
+        causally (its `prefix_len` is 0).
         """
         seq = input_ids.shape[1]
         offset = cache.length if cache is not None else 0
@@ -301,8 +302,8 @@ class GLM(nn.Module):
         """None where SDPA's causal (or no-mask) fast path is exact."""
         if seq == 1 and offset > 0:
             return None  # one new token sees everything before it
-        if offset == 0 and not bool((prefix_len > 0).any()):
-            return None  # purely causal
+        if offset == 0 and self.config.objective == "causal":
+            return None  # purely causal (decided from the config, not the data, so torch.compile sees no branch)
         return glm_attention_mask(prefix_len, offset, seq, offset + seq)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
