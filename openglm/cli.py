@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from openglm.config import MODEL_PRESETS, ConfigError, TrainConfig, model_preset
+from openglm.config import MODEL_PRESETS, ConfigError, model_preset, train_preset
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pre-train, run and inspect GLM language models.")
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Train or inspect tokenizers.")
@@ -60,17 +59,14 @@ def train(
     try:
         overrides = {"objective": objective} | ({"max_seq_len": seq_len} if seq_len else {})
         model_config = model_preset(preset, **overrides)
-        defaults = TrainConfig()
-        preset_defaults = {"micro": {"max_steps": 20, "batch_size": 4, "micro_batch_size": 4, "eval_every": 10, "save_every": 10, "warmup_steps": 2, "eval_batches": 2}}
-        values = dict(preset_defaults.get(preset, {}))
         chosen = {
-            "out_dir": str(out or Path("runs") / preset),
-            "data": [str(p) for p in data or []],
+            "out_dir": str(out) if out else None,
+            "data": [str(p) for p in data] if data else None,
             "precision": precision or default_precision(),
             "seed": seed,
             "max_steps": max_steps,
             "batch_size": batch_size,
-            "micro_batch_size": micro_batch_size,
+            "micro_batch_size": micro_batch_size or (batch_size and min(batch_size, train_preset(preset).micro_batch_size)),
             "lr": lr,
             "mip_data": str(mip_data) if mip_data else None,
             "mip_share": mip_share,
@@ -80,10 +76,7 @@ def train(
             "compile": compile,
             "num_threads": threads,
         }
-        values.update({k: v for k, v in chosen.items() if v is not None})
-        if batch_size and not micro_batch_size:
-            values["micro_batch_size"] = min(batch_size, values.get("micro_batch_size", defaults.micro_batch_size))
-        config = dataclasses.replace(defaults, **values)
+        config = train_preset(preset, **{k: v for k, v in chosen.items() if v is not None})
         summary = Trainer(model_config, config, resume=resume).fit()
     except (ConfigError, ValueError, FileNotFoundError) as err:
         raise _fail(str(err)) from None

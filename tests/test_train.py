@@ -235,3 +235,14 @@ def test_missing_checkpoint_and_truncated_optimizer(saved_run, tmp_path):
     optimizer.write_bytes(optimizer.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"optimizer\.pt: damaged"):
         Trainer(micro_config(), micro_train_config(saved_run), resume=True)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("lr", 0.0), ("egs_alpha", 1.5), ("batch_size", 0), ("precision", "fp8"), ("mip_share", 1.0), ("grad_clip", -1.0)],
+)
+def test_train_config_rejects_bad_values_naming_the_field(field, value):
+    from openglm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=field):
+        TrainConfig(**{field: value})
