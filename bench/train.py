@@ -10,8 +10,10 @@ One process runs every configuration, interleaved, so the ratios share the machi
   bf16 is `torch.autocast` around the forward over fp32 weights.
 
 Each configuration is warmed up (compilation excluded), then all are timed interleaved step by step,
-`--repeats` times `--steps` steps; the median over repeats of the mean step time gives tokens/s. MFU = model matmul FLOP/s over the best matmul rate
-`measure_matmul_flops` finds for that dtype in this run.
+`--repeats` times `--steps` steps; the median over repeats of the mean step time gives tokens/s.
+MFU = model matmul FLOP/s (openglm's `flops_per_token`, PaLM-style, logits only where computed) over
+the median of the matmul rates `measure_matmul_flops` samples once per round of steps, so it sees
+the same load as the steps. On a shared machine MFU swings with that rate; the ratios are steadier.
 
     python bench/train.py                 # full run
     python bench/train.py --quick         # smoke test: few steps, no torch.compile
@@ -40,6 +42,7 @@ from openglm.config import GLMConfig, TrainConfig
 from openglm.model import flops_per_token
 from openglm.train.metrics import measure_matmul_flops
 from openglm.train.precision import compute_dtype
+from openglm.train.trainer import Trainer
 
 BENCH_DIR = Path(__file__).resolve().parent
 HF = "HF GPT-2"
@@ -98,8 +101,6 @@ class Runner:
 
 # ------------------------------------------------------------------------------- builders
 def openglm_runner(shape: Shape, objective: str, precision: str, compile_: bool, out_dir: str) -> Runner:
-    from openglm.train.trainer import Trainer
-
     model_config = GLMConfig(
         vocab_size=shape.vocab,
         hidden_size=shape.hidden,
@@ -179,11 +180,6 @@ def hf_runner(shape: Shape, precision: str, compile_: bool, seed: int = 0) -> Ru
 
 
 # ------------------------------------------------------------------------------- measuring
-def best_matmul_rate(dtype: torch.dtype, tries: int = 3) -> float:
-    """The best of a few `measure_matmul_flops` calls: the achievable rate on a noisy machine."""
-    return max(measure_matmul_flops(dtype) for _ in range(tries))
-
-
 def warm_up(runner: Runner, steps: int) -> None:
     started = time.perf_counter()
     for _ in range(steps):
@@ -191,12 +187,16 @@ def warm_up(runner: Runner, steps: int) -> None:
     runner.warmup_s = time.perf_counter() - started
 
 
-def measure(runners: list[Runner], steps: int, repeats: int, precision: str) -> None:
+def measure(runners: list[Runner], steps: int, repeats: int, precision: str) -> list[float]:
     """Time `steps` steps of every runner per repeat, interleaved step by step (in an order that
-    rotates every round) so that the machine's load swings hit every configuration alike."""
+    rotates every round) so that the machine's load swings hit every configuration alike. Each
+    round also samples the matmul rate, the MFU denominator, which swings with the load too."""
+    dtype = compute_dtype(precision)
+    rates = []
     for repeat in range(repeats):
         spent = [0.0] * len(runners)
         for step in range(steps):
+            rates.append(measure_matmul_flops(dtype))
             shift = (repeat * steps + step) % len(runners)
             for index in [*range(shift, len(runners)), *range(shift)]:
                 runner = runners[index]
@@ -210,11 +210,10 @@ def measure(runners: list[Runner], steps: int, repeats: int, precision: str) -> 
             log(
                 f"repeat {repeat + 1}/{repeats} {runner.name:15s} {precision} {runner.mode:7s} {runner.step_times[-1]:.3f} s/step"
             )
+    return rates
 
 
-def run_precision(shape: Shape, precision: str, args: argparse.Namespace, out_dir: str) -> tuple[list[Runner], float]:
-    dtype = compute_dtype(precision)
-    peak = best_matmul_rate(dtype)
+def run_precision(shape: Shape, precision: str, args: argparse.Namespace, out_dir: str) -> tuple[list[Runner], list[float]]:
     modes = [False] if args.quick else [False, True]
     runners: list[Runner] = []
     for compile_ in modes:
@@ -227,9 +226,8 @@ def run_precision(shape: Shape, precision: str, args: argparse.Namespace, out_di
         log(f"warm-up  {runner.name:15s} {precision} {runner.mode:7s} ({steps} steps)")
         warm_up(runner, steps)
         log(f"         {runner.warmup_s:.1f} s")
-    measure(runners, args.steps, args.repeats, precision)
-    peak = max(peak, best_matmul_rate(dtype))
-    return runners, peak
+    rates = measure(runners, args.steps, args.repeats, precision)
+    return runners, rates
 
 
 # ------------------------------------------------------------------------------- reporting
@@ -333,9 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     runners: list[Runner] = []
     peaks: dict[str, float] = {}
+    rates: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="openglm-bench-") as out_dir:
         for precision in precisions:
-            found, peaks[precision] = run_precision(shape, precision, args, out_dir)
+            found, rates[precision] = run_precision(shape, precision, args, out_dir)
+            peaks[precision] = statistics.median(rates[precision])
             runners += found
     rows = summarise(runners, peaks, shape)
     results = verdicts(rows, args.objectives)
@@ -346,7 +346,10 @@ def main(argv: list[str] | None = None) -> int:
         f"seq {shape.seq}, batch {shape.batch}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"{args.steps} steps x {args.repeats} repeats (median)"
     )
-    print("matmul peak: " + ", ".join(f"{p} {peaks[p] / 1e9:.0f} GFLOP/s" for p in precisions))
+    print(
+        "matmul rate (MFU denominator, median over rounds): "
+        + ", ".join(f"{p} {peaks[p] / 1e9:.0f} GFLOP/s ({min(rates[p]) / 1e9:.0f}-{max(rates[p]) / 1e9:.0f})" for p in precisions)
+    )
     print()
     print(table(rows))
     print()
@@ -363,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": args.steps,
             "repeats": args.repeats,
             "matmul_peak_flops": peaks,
+            "matmul_flops_samples": rates,
             "rows": rows,
             "targets": results,
             "seconds": elapsed,

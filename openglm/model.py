@@ -116,7 +116,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+    return x * cos + rotate_half(x) * sin
 
 
 class SelfAttention(nn.Module):
@@ -283,12 +283,16 @@ class GLM(nn.Module):
                 raise ValueError("position_ids are required when continuing from a KV cache")
             position_ids, derived_blocks = derive_positions(input_ids, prefix_len, self.config)
             block_position_ids = derived_blocks if block_position_ids is None else block_position_ids
-        rope_dtype = torch.promote_types(torch.float32, self.word_embeddings.weight.dtype)
+        # Angles in (at least) fp32; the cos/sin tables then take the activations' dtype, so the
+        # rotation itself runs in bf16/fp16 like every other elementwise op of the block.
+        dtype = self.word_embeddings.weight.dtype
+        rope_dtype = torch.promote_types(torch.float32, dtype)
         rope = self.rotary(position_ids, rope_dtype)
         if self.config.position_encoding == "rope2d":
             if block_position_ids is None:
                 block_position_ids = torch.zeros_like(position_ids)
             rope = rope + self.rotary(block_position_ids, rope_dtype)
+        rope = tuple(table.to(dtype) for table in rope)
         mask = self._mask(prefix_len, offset, seq)
         h = self.embed(input_ids)
         for index, layer in enumerate(self.layers):
@@ -306,9 +310,13 @@ class GLM(nn.Module):
             return None  # purely causal (decided from the config, not the data, so torch.compile sees no branch)
         return glm_attention_mask(prefix_len, offset, seq, offset + seq)
 
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The output layer's [vocab, hidden] weight: the embedding when tied (GLM-130B)."""
+        return self.word_embeddings.weight if self.lm_head is None else self.lm_head.weight
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.word_embeddings.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return F.linear(hidden, self.output_weight)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,7 +40,15 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("OPENGLM_CACHE", Path.home() / ".cache" / "openglm"))
 
 
-def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], normalizer: int) -> tuple[torch.Tensor, int]:
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, normalizer: int) -> torch.Tensor:
+    """Output layer and summed fp32 cross-entropy in one function, so torch.compile can fuse the
+    upcast, log-softmax and their backward instead of materialising fp32 logits twice."""
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum") / normalizer
+
+
+def compute_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], normalizer: int, loss_fn: Callable[..., torch.Tensor] = linear_cross_entropy
+) -> tuple[torch.Tensor, int]:
     """Cross-entropy summed over Part B targets, divided by `normalizer` (the target count of the
     whole optimiser step, so gradient accumulation equals one big batch). Logits are computed only
     where there is a target: for GLM that skips the output layer on all of Part A."""
@@ -53,9 +62,7 @@ def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], normali
     targets = batch["labels"]
     selected = targets != -100
     core = model._orig_mod if hasattr(model, "_orig_mod") else model
-    logits = core.logits(hidden[selected]).float()
-    loss = F.cross_entropy(logits, targets[selected], reduction="sum") / normalizer
-    return loss, int(selected.sum())
+    return loss_fn(hidden[selected], core.output_weight, targets[selected], normalizer), int(selected.sum())
 
 
 class Trainer:
@@ -90,6 +97,8 @@ class Trainer:
         if resume_from is not None:
             self._load_training_state(resume_from)
         self.forward_model: torch.nn.Module = torch.compile(self.model) if config.compile else self.model
+        # The number of Part B targets changes every batch, hence dynamic shapes for the loss.
+        self.loss_fn = torch.compile(linear_cross_entropy, dynamic=True) if config.compile else linear_cross_entropy
 
     # ----------------------------------------------------------------------------------- data
     def _build_data(self) -> tuple[SampleSource, SampleSource]:
@@ -123,7 +132,7 @@ class Trainer:
         targets = sum(int((b["labels"] != -100).sum()) for b in batches)
         total_loss = 0.0
         for batch in batches:
-            loss, _ = compute_loss(self.forward_model, batch, max(targets, 1))
+            loss, _ = compute_loss(self.forward_model, batch, max(targets, 1), self.loss_fn)
             self.precision.backward(loss)
             total_loss += loss.item()
         report = self.precision.step(self.optimizer, config.grad_clip)
@@ -151,7 +160,7 @@ class Trainer:
         total, targets = 0.0, 0
         for start in range(0, count, self.config.micro_batch_size):
             batch = self._batch(self.val_data, start, self.config.micro_batch_size)
-            loss, n = compute_loss(self.forward_model, batch, 1)
+            loss, n = compute_loss(self.forward_model, batch, 1, self.loss_fn)
             total += loss.item()
             targets += n
         return total / max(targets, 1)
