@@ -277,7 +277,7 @@ def train_preset(name: str, **overrides: Any) -> TrainConfig:
     presets = {
         "micro": TrainConfig(out_dir="runs/micro", max_steps=20, batch_size=4, micro_batch_size=4, warmup_steps=2,
                              eval_every=10, save_every=10, eval_batches=2, final_eval_tokens=2000),
-        "tiny": TrainConfig(out_dir="runs/tiny", max_steps=900, lr=1.5e-3, warmup_steps=50, eval_every=100, save_every=300),
+        "tiny": TrainConfig(out_dir="runs/tiny", max_steps=800, lr=1.5e-3, warmup_steps=50, eval_every=100, save_every=300),
     }
     base = presets.get(name, TrainConfig(out_dir=f"runs/{name}"))
     return dataclasses.replace(base, **overrides)

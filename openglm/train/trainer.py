@@ -40,9 +40,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("OPENGLM_CACHE", Path.home() / ".cache" / "openglm"))
 
 
+LOGIT_ROW_BUCKET = 256
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, normalizer: int) -> torch.Tensor:
-    """Output layer and summed fp32 cross-entropy in one function, so torch.compile can fuse the
-    upcast, log-softmax and their backward instead of materialising fp32 logits twice."""
+    """Output layer and summed fp32 cross-entropy (targets of -100 ignored) in one function, so
+    torch.compile can fuse the upcast, log-softmax and their backward."""
     return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum") / normalizer
 
 
@@ -59,10 +62,16 @@ def compute_loss(
         prefix_len=batch["prefix_len"],
         return_hidden=True,
     )
-    targets = batch["labels"]
-    selected = targets != -100
+    targets = batch["labels"].flatten()
+    rows = (targets != -100).nonzero().squeeze(1)
+    count = len(rows)
+    # Round the row count up to a bucket: every new matmul shape costs oneDNN a freshly JIT-compiled
+    # kernel that it also caches, so unbounded shapes made training slower and bigger step by step.
+    padding = -count % LOGIT_ROW_BUCKET
+    rows = torch.cat([rows, rows.new_zeros(padding)])
+    padded_targets = torch.cat([targets[rows[:count]], targets.new_full((padding,), -100)])
     core = model._orig_mod if hasattr(model, "_orig_mod") else model
-    return loss_fn(hidden[selected], core.output_weight, targets[selected], normalizer), int(selected.sum())
+    return loss_fn(hidden.flatten(0, 1)[rows], core.output_weight, padded_targets, normalizer), count
 
 
 class Trainer:
