@@ -1,6 +1,21 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+from openglm.data.corpus import bundled_corpus_paths
+from openglm.tokenizer import GLMTokenizer
+
+
+@pytest.fixture(scope="module")
+def tok() -> GLMTokenizer:
+    return GLMTokenizer.default()
+
+
+@pytest.fixture(scope="module")
+def bundled() -> dict[str, Path]:
+    return {p.name: p for p in bundled_corpus_paths()}
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from helpers import ArrayStream
 
 from openglm.config import GLMConfig, SpecialTokens, TrainConfig
 from openglm.data.blank_infill import (
@@ -25,19 +26,6 @@ from openglm.data.blank_infill import (
 
 SP = SpecialTokens()
 M, G, SOP, EOP = SP.mask, SP.gmask, SP.sop, SP.eop
-
-
-class ArrayStream:
-    """In-memory stand-in for `TokenStream`: the same two methods over a numpy array."""
-
-    def __init__(self, tokens: np.ndarray) -> None:
-        self.tokens = np.asarray(tokens, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def slice(self, start: int, end: int) -> np.ndarray:
-        return self.tokens[start:end].copy()
 
 
 def glm_samples(seq_len: int, n: int, encoding: str = "rope1d", seed: int = 0) -> list[tuple[np.ndarray, Sample]]:

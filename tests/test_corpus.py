@@ -36,16 +36,6 @@ BUNDLED = {
 }
 
 
-@pytest.fixture(scope="module")
-def tok() -> GLMTokenizer:
-    return GLMTokenizer.default()
-
-
-@pytest.fixture(scope="module")
-def bundled() -> dict[str, Path]:
-    return {p.name: p for p in bundled_corpus_paths()}
-
-
 def write_jsonl(path: Path, texts: list[str]) -> Path:
     path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
     return path

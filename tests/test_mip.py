@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ArrayStream
 
 from openglm.config import SpecialTokens
 from openglm.data.blank_infill import IGNORE_INDEX, BlankInfillingDataset, real_tokens, restore_original
@@ -26,17 +27,6 @@ class CharTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return [7 + ord(c) % 500 for c in text]
-
-
-class ArrayStream:
-    def __init__(self, tokens: np.ndarray) -> None:
-        self.tokens = np.asarray(tokens, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def slice(self, start: int, end: int) -> np.ndarray:
-        return self.tokens[start:end].copy()
 
 
 def ids(text: str) -> list[int]:

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import openglm.tokenizer as tokenizer_module
 from openglm.config import SPECIAL_TOKEN_TEXT, SpecialTokens
-from openglm.data.corpus import CorpusError, bundled_corpus_paths, iter_documents
+from openglm.data.corpus import CorpusError, iter_documents
 from openglm.tokenizer import BYTE_SYMBOLS, MIN_VOCAB_SIZE, GLMTokenizer, train_tokenizer
 
 TRICKY = [
@@ -36,16 +36,6 @@ TRICKY = [
     "ＧＬＭ全角１２３",
 ]
 SPECIAL_FRAGMENTS = [*SPECIAL_TOKEN_TEXT.values(), "[", "]", "<", ">", "MASK", " ", "\r\n", "中文", "😀", "\u0301"]
-
-
-@pytest.fixture(scope="module")
-def tok() -> GLMTokenizer:
-    return GLMTokenizer.default()
-
-
-@pytest.fixture(scope="module")
-def bundled() -> dict[str, Path]:
-    return {p.name: p for p in bundled_corpus_paths()}
 
 
 def test_default_tokenizer_layout(tok: GLMTokenizer) -> None:

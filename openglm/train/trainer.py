@@ -106,7 +106,7 @@ class Trainer:
         if resume_from is not None:
             self._load_training_state(resume_from)
         self.forward_model: torch.nn.Module = torch.compile(self.model) if config.compile else self.model
-        # The number of Part B targets changes every batch, hence dynamic shapes for the loss.
+        # The number of Part B targets (rounded up to LOGIT_ROW_BUCKET) changes from batch to batch.
         self.loss_fn = torch.compile(linear_cross_entropy, dynamic=True) if config.compile else linear_cross_entropy
 
     # ----------------------------------------------------------------------------------- data
