@@ -244,19 +244,20 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"TrainConfig.precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        ranges = {
-            "lr": (0.0, math.inf, False),
-            "egs_alpha": (0.0, 1.0, True),
-            "mip_share": (0.0, 1.0, False),
-            "gmask_prob": (0.0, 1.0, True),
-            "mask_ratio": (0.0, 1.0, False),
-            "min_gmask_ratio": (0.0, 1.0, False),
-            "val_fraction": (0.0, 1.0, False),
-            "min_lr_ratio": (0.0, 1.0, True),
+        # field: (low, high, low itself allowed, high itself allowed)
+        bounds = {
+            "lr": (0.0, math.inf, False, False),
+            "egs_alpha": (0.0, 1.0, False, True),
+            "gmask_prob": (0.0, 1.0, True, True),
+            "min_lr_ratio": (0.0, 1.0, True, True),
+            "mip_share": (0.0, 1.0, True, False),
+            "mask_ratio": (0.0, 1.0, True, False),
+            "min_gmask_ratio": (0.0, 1.0, True, False),
+            "val_fraction": (0.0, 1.0, True, False),
         }
-        for name, (low, high, high_inclusive) in ranges.items():
+        for name, (low, high, low_ok, high_ok) in bounds.items():
             value = getattr(self, name)
-            if not (low <= value and (value <= high if high_inclusive else value < high)) or (name in ("lr", "egs_alpha") and value == 0):
+            if not (low <= value <= high) or (value == low and not low_ok) or (value == high and not high_ok):
                 raise ConfigError(f"TrainConfig.{name} is out of range: {value!r}")
         if self.grad_clip < 0 or self.warmup_steps < 0:
             raise ConfigError("TrainConfig.grad_clip and warmup_steps must not be negative")
