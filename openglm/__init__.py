@@ -1,22 +1,25 @@
 """openglm: pre-train, run and study GLM language models, from one CPU to a cluster.
 
-The public API is small: `load` a checkpoint and `generate` from it. Both import lazily so that
-`import openglm` stays cheap. (The generation code lives in `openglm.generation`, not
-`openglm.generate`, so that importing it never shadows the `generate` function here.)
+The public API is small: `load` a checkpoint, `generate` from it (or `stream` the text as it is
+made). All import lazily so that `import openglm` stays cheap. (The generation code lives in
+`openglm.generation`, not `openglm.generate`, so that importing it never shadows the `generate`
+function here.)
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
     from pathlib import Path
 
+    from openglm.generation import GenerationConfig, TextPiece, Tokenizer
     from openglm.model import GLM
     from openglm.tokenizer import GLMTokenizer
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "generate", "load"]
+__all__ = ["__version__", "generate", "load", "stream"]
 
 
 def load(path: str | Path, dtype: Any = None) -> tuple[GLM, GLMTokenizer]:
@@ -28,9 +31,31 @@ def load(path: str | Path, dtype: Any = None) -> tuple[GLM, GLMTokenizer]:
     return load_model(path, dtype or torch.float32)
 
 
-def generate(model: GLM, tokenizer: GLMTokenizer, text: str, **options: Any) -> str:
-    """Fill the blanks of `text` (or continue it); options are `GenerationConfig` fields."""
+@overload
+def generate(model: GLM, tokenizer: Tokenizer, text: str, config: GenerationConfig | None = None, **options: Any) -> str: ...
+
+
+@overload
+def generate(model: GLM, tokenizer: Tokenizer, text: Sequence[str], config: GenerationConfig | None = None, **options: Any) -> list[str]: ...
+
+
+def generate(model: GLM, tokenizer: Tokenizer, text: str | Sequence[str], config: GenerationConfig | None = None, **options: Any) -> str | list[str]:
+    """Fill the blanks of `text` (or continue it); a list of prompts gives a list of texts.
+
+    `options` are `GenerationConfig` fields (max_new_tokens, temperature, top_k, top_p, seed,
+    num_beams, length_penalty, no_repeat_ngram_size, min_new_tokens, stop_strings, ...), applied
+    over `config`; an unknown name raises ConfigError listing the valid ones.
+    """
     from openglm.generation import GenerationConfig
     from openglm.generation import generate as _generate
 
-    return _generate(model, tokenizer, text, GenerationConfig(**options))
+    return _generate(model, tokenizer, text, GenerationConfig.from_options(config, **options))
+
+
+def stream(model: GLM, tokenizer: Tokenizer, text: str | Sequence[str], config: GenerationConfig | None = None, **options: Any) -> Iterator[TextPiece]:
+    """`generate`, handing out each prompt's completed text in pieces as soon as they are final
+    (see `openglm.generation.stream`)."""
+    from openglm.generation import GenerationConfig
+    from openglm.generation import stream as _stream
+
+    return _stream(model, tokenizer, text, GenerationConfig.from_options(config, **options))

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from openglm.config import MODEL_PRESETS, ConfigError, model_preset, train_preset
+
+if TYPE_CHECKING:
+    from openglm.generation import GenerationConfig
+    from openglm.model import GLM
+    from openglm.tokenizer import GLMTokenizer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pre-train, run and inspect GLM language models.")
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Train or inspect tokenizers.")
@@ -83,27 +90,169 @@ def train(
     typer.echo(f"done: step {summary['step']}, held-out loss {summary.get('val_loss', float('nan')):.4f}, run in {config.out_dir}")
 
 
+def _option_error(err: Exception) -> str:
+    """A GenerationConfig message in the CLI's words: "GenerationConfig.top_p" -> "--top-p"."""
+    names = {"stop_strings": "stop"}
+    return re.sub(r"GenerationConfig\.(\w+)", lambda m: "--" + names.get(m[1], m[1]).replace("_", "-"), str(err))
+
+
 @app.command()
 def generate(
-    prompt: Annotated[str, typer.Argument(help='text with blanks, e.g. "Emma was \\[MASK] happy." or "It is a truth \\[gMASK]"')],
+    prompt: Annotated[
+        str | None,
+        typer.Argument(help='text with blanks, e.g. "Emma was \\[MASK] happy." or "It is a truth \\[gMASK]"; none: read prompts from stdin, one per line'),
+    ] = None,
     model: Annotated[Path, typer.Option(help="checkpoint or run directory")] = Path("runs/tiny"),
-    max_new_tokens: int = 64,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens per blank at most")] = 64,
+    min_new_tokens: Annotated[int, typer.Option(help="no <eop>/<eos> or stop string before this many tokens")] = 0,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int | None = None,
+    top_k: Annotated[int, typer.Option(help="sample among the k most likely tokens (0: all)")] = 0,
+    top_p: Annotated[float, typer.Option(help="sample within this probability mass (1: all)")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="sampling seed (the i-th valid prompt of a file, from 0, uses seed + i)")] = None,
+    num_beams: Annotated[int, typer.Option(help="beam search with this many beams (1: greedy or sampling)")] = 1,
+    length_penalty: Annotated[float, typer.Option(help="beam score = sum log p / length^this (> 0 favours longer text)")] = 1.0,
+    no_repeat_ngram_size: Annotated[int, typer.Option(help="never repeat an n-gram of this size in a filling (0: off)")] = 0,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="stop string (repeatable): the text ends before it")] = None,
+    input_file: Annotated[Path | None, typer.Option(help="prompts, one per line (UTF-8)")] = None,
+    output_file: Annotated[Path | None, typer.Option(help="with --input-file: where the JSON lines go (default: stdout)")] = None,
+    batch_size: Annotated[int, typer.Option(help="prompts of --input-file decoded together")] = 8,
+    stream: Annotated[bool, typer.Option("--stream", help="print the text as it is generated")] = False,
 ) -> None:
-    """Fill the blanks of PROMPT (a prompt without one is continued via \\[gMASK])."""
+    """Fill the blanks of PROMPT (a prompt without one is continued via \\[gMASK]).
+
+    Without PROMPT, prompts are read from stdin one per line until EOF (blank lines are skipped) and each result is printed as soon as it is done.
+
+    With --input-file, results are written as JSON lines in input order as they complete, one per input line: {"line", "prompt", "text"}, or {"line", "prompt", "error"} for a prompt that cannot be completed (an empty line, one longer than the model's context).
+
+    A prompt that fails in those two modes makes the exit status 1 at the end.
+    """
     from openglm.checkpoint import CheckpointError, load_model
     from openglm.generation import GenerationConfig
-    from openglm.generation import generate as run_generation
 
     try:
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+            stop_strings=tuple(stop or ()),
+            batch_size=batch_size,
+        )
+    except ConfigError as err:
+        raise _fail(_option_error(err)) from None
+    if prompt is not None and input_file is not None:
+        raise _fail("give a PROMPT or --input-file, not both")
+    if output_file is not None and input_file is None:
+        raise _fail("--output-file needs --input-file")
+    if stream and input_file is not None:
+        raise _fail("--stream prints one prompt's text as it is made; --input-file writes whole results")
+    if prompt is not None and not prompt.strip():
+        raise _fail('the prompt is empty; give text to continue or to fill, e.g. "It is a truth [MASK]."')
+    try:
         glm, tokenizer = load_model(model)
-        config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        typer.echo(run_generation(glm, tokenizer, prompt, config))
-    except (CheckpointError, ValueError) as err:
+    except CheckpointError as err:
         raise _fail(str(err)) from None
+    if prompt is not None:
+        try:
+            _print_result(glm, tokenizer, prompt, config, stream)
+        except ValueError as err:
+            raise _fail(str(err)) from None
+    elif input_file is not None:
+        _generate_file(glm, tokenizer, input_file, output_file, config)
+    else:
+        _generate_interactive(glm, tokenizer, config, stream)
+
+
+def _print_result(model: GLM, tokenizer: GLMTokenizer, prompt: str, config: GenerationConfig, stream: bool) -> None:
+    from openglm.generation import generate
+    from openglm.generation import stream as stream_pieces
+
+    if not stream:
+        typer.echo(generate(model, tokenizer, prompt, config))
+        return
+    for piece in stream_pieces(model, tokenizer, prompt, config):
+        sys.stdout.write(piece.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def _generate_interactive(model: GLM, tokenizer: GLMTokenizer, config: GenerationConfig, stream: bool) -> None:
+    interactive = sys.stdin.isatty()
+    failed, number = 0, 0
+    while True:
+        if interactive:
+            typer.echo("> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        number += 1
+        text = line.rstrip("\r\n")
+        if not text.strip():
+            continue
+        try:
+            _print_result(model, tokenizer, text, config, stream)
+        except ValueError as err:
+            typer.secho(f"error: line {number}: {err}", fg=typer.colors.RED, err=True)
+            failed += 1
+    if failed:
+        raise typer.Exit(code=1)
+
+
+def _generate_file(model: GLM, tokenizer: GLMTokenizer, input_file: Path, output_file: Path | None, config: GenerationConfig) -> None:
+    """Results in input order as soon as they (and all before them) are done, flushed each time,
+    so an interrupted run keeps everything finished so far."""
+    from openglm.generation import check_prompt, stream
+
+    try:
+        lines = input_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise _fail(f"{input_file}: cannot be read ({err})") from None
+    records: dict[int, dict[str, Any]] = {}
+    valid: list[int] = []  # line indices of the prompts to generate
+    for index, text in enumerate(lines):
+        try:
+            if not text.strip():
+                raise ValueError("the prompt is empty")
+            check_prompt(model, tokenizer, text)
+            valid.append(index)
+        except ValueError as err:
+            records[index] = {"line": index + 1, "prompt": text, "error": str(err)}
+    try:
+        out = output_file.open("w", encoding="utf-8") if output_file is not None else sys.stdout
+    except OSError as err:
+        raise _fail(f"{output_file}: cannot be written ({err})") from None
+    written = 0
+
+    def flush() -> None:
+        nonlocal written
+        while written < len(lines) and written in records:
+            out.write(json.dumps(records.pop(written), ensure_ascii=False) + "\n")
+            written += 1
+        out.flush()
+
+    try:
+        flush()
+        texts: dict[int, list[str]] = {}
+        for piece in stream(model, tokenizer, [lines[i] for i in valid], config):
+            texts.setdefault(piece.index, []).append(piece.text)
+            if piece.done:
+                index = valid[piece.index]
+                records[index] = {"line": index + 1, "prompt": lines[index], "text": "".join(texts.pop(piece.index))}
+                flush()
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    failed = len(lines) - len(valid)
+    where = f" to {output_file}" if output_file is not None else ""
+    typer.echo(f"{len(lines)} prompts: {len(valid)} completed, {failed} failed; results written{where}", err=True)
+    if failed:
+        raise typer.Exit(code=1)
 
 
 @app.command()

@@ -262,6 +262,7 @@ class GLM(nn.Module):
         prefix_len: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [batch, seq, vocab] (or the final hidden states when `return_hidden`).
 
@@ -269,6 +270,10 @@ class GLM(nn.Module):
         With a cache, `input_ids` are the next tokens after the `cache.length` cached ones and
         positions must cover only them. A model trained with `objective="causal"` always attends
         causally (its `prefix_len` is 0).
+
+        `padding_mask` [batch, cache.length + seq] (True: a real token) lets rows of different
+        lengths share a batch: no query attends to a padding key. Batched generation left-pads, so
+        `prefix_len` then counts the padding and positions must be given without it.
         """
         seq = input_ids.shape[1]
         offset = cache.length if cache is not None else 0
@@ -293,7 +298,9 @@ class GLM(nn.Module):
                 block_position_ids = torch.zeros_like(position_ids)
             rope = rope + self.rotary(block_position_ids, rope_dtype)
         rope = tuple(table.to(dtype) for table in rope)
-        mask = self._mask(prefix_len, offset, seq)
+        if padding_mask is not None and padding_mask.shape != (input_ids.shape[0], offset + seq):
+            raise ValueError(f"padding_mask has shape {tuple(padding_mask.shape)}, expected {(input_ids.shape[0], offset + seq)}")
+        mask = self._mask(prefix_len, offset, seq, padding_mask)
         h = self.embed(input_ids)
         for index, layer in enumerate(self.layers):
             h = layer(h, rope, mask, cache, index)
@@ -302,8 +309,16 @@ class GLM(nn.Module):
         h = self.final_layernorm(h)
         return h if return_hidden else self.logits(h)
 
-    def _mask(self, prefix_len: torch.Tensor, offset: int, seq: int) -> torch.Tensor | None:
+    def _mask(self, prefix_len: torch.Tensor, offset: int, seq: int, padding_mask: torch.Tensor | None = None) -> torch.Tensor | None:
         """None where SDPA's causal (or no-mask) fast path is exact."""
+        if padding_mask is not None:
+            if self.config.objective == "causal":
+                prefix_len = torch.zeros_like(prefix_len)
+            allowed = glm_attention_mask(prefix_len, offset, seq, offset + seq) & padding_mask[:, None, None, :].bool()
+            # A padding query may see no key at all, and a softmax over nothing is NaN, which then
+            # poisons the cached values; letting every query see itself keeps padding finite.
+            query = torch.arange(offset, offset + seq, device=prefix_len.device)[:, None]
+            return allowed | (query == torch.arange(offset + seq, device=prefix_len.device))
         if seq == 1 and offset > 0:
             return None  # one new token sees everything before it
         if offset == 0 and self.config.objective == "causal":

@@ -6,8 +6,16 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import Result
+from typer.testing import CliRunner
 
 import openglm
+from openglm.cli import app
 from openglm.train.metrics import read_metrics
 
 
@@ -50,3 +58,120 @@ def test_bad_input_gives_clear_errors(tmp_path, shard_cache):
     assert preset.returncode == 2 and "unknown preset 'huge'" in preset.stderr
     no_model = run_cli("generate", "--model", str(tmp_path / "absent"), "hello", env_cache=shard_cache)
     assert no_model.returncode == 2 and "no such checkpoint" in no_model.stderr
+
+
+# -- openglm generate: modes, options and errors, in process on a saved random micro model -----------
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    """In-process generation with a micro model: intra-op threads only add synchronisation (seconds
+    per test on a busy machine). Subprocesses are not affected."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from openglm.checkpoint import save_checkpoint
+    from openglm.config import model_preset
+    from openglm.model import GLM
+    from openglm.tokenizer import GLMTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = GLMTokenizer.default()
+    config = model_preset("micro", vocab_size=tokenizer.vocab_size, max_seq_len=32)
+    return save_checkpoint(tmp_path_factory.mktemp("cli-model"), 1, config, GLM(config).state_dict(), tokenizer, {})
+
+
+def invoke(*args: str, stdin: str | None = None) -> Result:
+    return CliRunner().invoke(app, ["generate", *args], input=stdin)
+
+
+def assert_clean_error(result: Result, code: int, message: str) -> None:
+    """One `error:` line on stderr, the expected exit status, no traceback."""
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    assert isinstance(result.exception, SystemExit)
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_generate_prompt_stream_and_strategy_options(checkpoint: Path) -> None:
+    model, tokenizer = openglm.load(checkpoint)
+    prompt = "Emma was [MASK] happy."
+    result = invoke("--model", str(checkpoint), "--max-new-tokens", "5", prompt)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == openglm.generate(model, tokenizer, prompt, max_new_tokens=5, temperature=0) + "\n"
+    streamed = invoke("--model", str(checkpoint), "--max-new-tokens", "5", "--stream", prompt)
+    assert streamed.exit_code == 0 and streamed.stdout == result.stdout
+    options = ["--num-beams", "2", "--length-penalty", "0.5", "--no-repeat-ngram-size", "2", "--min-new-tokens", "2", "--stop", "X", "--stop", "的"]
+    beam = invoke("--model", str(checkpoint), "--max-new-tokens", "6", *options, "曹操[gMASK]")
+    expected = openglm.generate(
+        model, tokenizer, "曹操[gMASK]", max_new_tokens=6, num_beams=2, length_penalty=0.5, no_repeat_ngram_size=2,
+        min_new_tokens=2, stop_strings=("X", "的"), temperature=0,
+    )
+    assert beam.exit_code == 0 and beam.stdout == expected + "\n"
+    sampled = invoke("--model", str(checkpoint), "--max-new-tokens", "8", "--temperature", "0.8", "--top-k", "50", "--top-p", "0.9", "--seed", "4", "Hi")
+    assert sampled.stdout == openglm.generate(model, tokenizer, "Hi", temperature=0.8, top_k=50, top_p=0.9, seed=4, max_new_tokens=8) + "\n"
+
+
+def test_generate_interactive_reads_stdin_until_eof(checkpoint: Path) -> None:
+    model, tokenizer = openglm.load(checkpoint)
+    too_long = "a " * 40
+    result = invoke("--model", str(checkpoint), "--max-new-tokens", "4", stdin=f"A [MASK] b\n\n{too_long}\n曹操[gMASK]\n")
+    expected = [openglm.generate(model, tokenizer, p, max_new_tokens=4, temperature=0) for p in ("A [MASK] b", "曹操[gMASK]")]
+    assert result.stdout.splitlines() == expected  # the blank line skipped, the bad one reported
+    assert_clean_error(result, 1, "error: line 3: the prompt is 41 tokens")
+    streamed = invoke("--model", str(checkpoint), "--max-new-tokens", "4", "--stream", stdin="A [MASK] b\n曹操[gMASK]")
+    assert streamed.exit_code == 0 and streamed.stdout.splitlines() == expected
+
+
+def test_generate_file_mode_writes_jsonl_in_input_order(checkpoint: Path, tmp_path: Path) -> None:
+    model, tokenizer = openglm.load(checkpoint)
+    prompts = ["Hello [MASK] there", "", "曹操[gMASK]", "a " * 40, "last", "x [MASK] y [MASK] z"]
+    source = tmp_path / "prompts.txt"
+    source.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    out = tmp_path / "results.jsonl"
+    options = ["--max-new-tokens", "4", "--temperature", "0.8", "--seed", "3"]
+    result = invoke("--model", str(checkpoint), *options, "--input-file", str(source), "--output-file", str(out), "--batch-size", "2")
+    assert result.exit_code == 1, result.stderr  # two lines could not be completed
+    assert "6 prompts: 4 completed, 2 failed" in result.stderr
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["line"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["prompt"] for r in records] == prompts
+    assert records[1]["error"] == "the prompt is empty" and "longer than the model's context of 32" in records[3]["error"]
+    valid = [prompts[i] for i in (0, 2, 4, 5)]
+    expected = openglm.generate(model, tokenizer, valid, max_new_tokens=4, temperature=0.8, seed=3)
+    assert [records[i]["text"] for i in (0, 2, 4, 5)] == expected
+    to_stdout = invoke("--model", str(checkpoint), *options, "--input-file", str(source))
+    assert [json.loads(line) for line in to_stdout.stdout.splitlines()] == records
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--top-p", "2", "hi"], "error: --top-p must be in (0, 1]"),
+        (["--num-beams", "0", "hi"], "error: --num-beams must be an integer >= 1"),
+        (["--num-beams", "2", "--temperature", "0.5", "hi"], "error: --temperature is a sampling option, but --num-beams=2"),
+        (["--min-new-tokens", "9", "--max-new-tokens", "4", "hi"], "error: --min-new-tokens (9) must not exceed"),
+        (["--stop", "", "hi"], "error: --stop must be"),
+        ([""], "error: the prompt is empty"),
+        (["   "], "error: the prompt is empty"),
+        (["a " * 40], "error: the prompt is 41 tokens (43 with <sop> and the appended [gMASK]), longer than the model's context of 32"),
+        (["--input-file", "x.txt", "hi"], "error: give a PROMPT or --input-file, not both"),
+        (["--output-file", "x.jsonl", "hi"], "error: --output-file needs --input-file"),
+        (["--input-file", "x.txt", "--stream"], "error: --stream prints one prompt's text"),
+        (["--input-file", "does-not-exist.txt"], "does-not-exist.txt: cannot be read"),
+    ],
+)
+def test_generate_bad_input_gives_one_line_errors(checkpoint: Path, args: list[str], message: str) -> None:
+    result = invoke("--model", str(checkpoint), *args)
+    assert_clean_error(result, 2, message)
+    assert result.stdout == ""
+
+
+def test_generate_error_from_a_real_process_has_no_traceback(checkpoint: Path, shard_cache: str) -> None:
+    result = run_cli("generate", "--model", str(checkpoint), "a " * 40, env_cache=shard_cache)
+    assert result.returncode == 2 and "error: the prompt is 41 tokens" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
