@@ -12,6 +12,11 @@ Layout of a run directory::
 
 A checkpoint directory is built under a temporary name and renamed into place, and `latest` is
 replaced atomically, so an interrupted save never leaves a half-written checkpoint behind.
+
+A quantized checkpoint (`openglm.quantize`) is a directory of config.json, tokenizer.json,
+model.safetensors (INT8/INT4 `qweight` + bf16 `scales` for the block linears, float tensors for the
+rest) and quantization.json (bits, group size, modules, and the sha256 of every other file, checked
+on every load). `load_model` reads either kind.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ TOKENIZER_FILE = "tokenizer.json"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 LATEST_FILE = "latest"
+QUANT_FILE = "quantization.json"
 
 
 class CheckpointError(RuntimeError):
@@ -128,13 +134,64 @@ def verify_files(checkpoint: Path) -> dict[str, Any]:
         raise CheckpointError(f"{state_path}: missing; {checkpoint} holds no training state to resume from") from None
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{state_path}: damaged ({err})") from None
-    for name, expected in state.get("files", {}).items():
+    _check_sha256(checkpoint, state.get("files", {}))
+    return state
+
+
+def _check_sha256(checkpoint: Path, files: dict[str, str]) -> None:
+    for name, expected in files.items():
         file = checkpoint / name
         if not file.is_file():
             raise CheckpointError(f"{file}: missing from the checkpoint")
         if _sha256(file) != expected:
             raise CheckpointError(f"{file}: damaged (sha256 differs from the one recorded at save time)")
-    return state
+
+
+def save_quantized_checkpoint(
+    out: str | Path,
+    config: GLMConfig,
+    tensors: dict[str, torch.Tensor],
+    tokenizer: GLMTokenizer,
+    record: dict[str, Any],
+) -> Path:
+    """Write a quantized checkpoint directory `out` atomically; `record` (bits, group size,
+    modules) goes to quantization.json together with every other file's sha256. Tensors are
+    written in their own dtypes. An existing `out` is replaced only if it is a quantized checkpoint."""
+    out = Path(out)
+    if out.exists() and not (out / QUANT_FILE).is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out}: exists and is not a quantized checkpoint; refusing to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        config.save(tmp / CONFIG_FILE)
+        save_file({name: t.detach().contiguous() for name, t in tensors.items()}, tmp / WEIGHTS_FILE)
+        tokenizer.save(tmp / TOKENIZER_FILE)
+        files = {name: _sha256(tmp / name) for name in sorted(p.name for p in tmp.iterdir())}
+        (tmp / QUANT_FILE).write_text(json.dumps(dict(record, files=files), indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_quantization(checkpoint: Path) -> dict[str, Any] | None:
+    """quantization.json of a quantized checkpoint, with every recorded file's sha256 checked; None
+    for a float checkpoint."""
+    path = checkpoint / QUANT_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: damaged ({err})") from None
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict) or WEIGHTS_FILE not in files:
+        raise CheckpointError(f"{path}: damaged (no sha256 record of {WEIGHTS_FILE})")
+    _check_sha256(checkpoint, files)
+    return record
 
 
 def load_weights(checkpoint: Path, params: dict[str, torch.Tensor]) -> None:
@@ -169,16 +226,23 @@ def load_config(checkpoint: Path) -> GLMConfig:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GLM, GLMTokenizer]:
-    """The model (in eval mode) and tokenizer of a checkpoint or run directory."""
+    """The model (in eval mode) and tokenizer of a checkpoint or run directory, quantized or not
+    (quantized block linears keep their INT8/INT4 weights whatever `dtype`)."""
     from openglm.model import GLM
     from openglm.tokenizer import GLMTokenizer
 
     checkpoint = resolve_checkpoint(path)
+    quantization = read_quantization(checkpoint)
     config = load_config(checkpoint)
-    with torch.device("meta"):
-        model = GLM(config)
-    model.to_empty(device="cpu")
-    load_weights(checkpoint, dict(model.named_parameters()))
+    if quantization is not None:
+        from openglm.quantize import load_quantized
+
+        model = load_quantized(checkpoint, config, quantization)
+    else:
+        with torch.device("meta"):
+            model = GLM(config)
+        model.to_empty(device="cpu")
+        load_weights(checkpoint, dict(model.named_parameters()))
     tokenizer_path = checkpoint / TOKENIZER_FILE
     try:
         tokenizer = GLMTokenizer.from_file(tokenizer_path)
@@ -186,5 +250,6 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GL
         raise CheckpointError(f"{tokenizer_path}: cannot be loaded ({err})") from None
     if tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(f"{tokenizer_path}: {tokenizer.vocab_size} tokens but the model has {config.vocab_size}")
-    log.info("loaded %s (%.1fM parameters)", checkpoint, model.num_parameters() / 1e6)
+    detail = "" if quantization is None else f" in float, block linears INT{quantization['bits']}"
+    log.info("loaded %s (%.1fM parameters%s)", checkpoint, model.num_parameters() / 1e6, detail)
     return model.to(dtype).eval(), tokenizer

@@ -1,0 +1,554 @@
+"""Weight-only INT8 / INT4 quantization of the transformer blocks, as GLM-130B serves its model.
+
+GLM-130B quantizes only the linear layers inside the blocks (QKV, attention output, both FFN
+matrices) with symmetric absmax scales per output channel; activations, embeddings, the (tied)
+output layer, LayerNorms and biases stay in 16/32-bit. Here INT4 may also use a scale per group of
+`group_size` input features, which keeps 4-bit error low on real checkpoints.
+
+Public API (all pure functions except `quantize_model`, which edits the model in place)::
+
+    quantize_weight(weight, bits, group_size=None) -> (qweight, scales)
+        weight [out, in] float; qweight int8 [out, in] (bits 8) or uint8 [out, in // 2] (bits 4,
+        two values per byte, see pack_int4); scales bfloat16 [out, groups] (groups = 1 per channel).
+    dequantize_weight(qweight, scales, bits, dtype=torch.float32) -> weight [out, in]
+    pack_int4(values int8 [..., 2k] in -8..7) -> uint8 [..., k];  unpack_int4(packed) -> int8
+    QuantizedLinear.from_linear(linear, bits, group_size=None)   drop-in for nn.Linear
+    quantize_model(model, bits, group_size=None) -> model        "quantize on load" (in place)
+    quantize_checkpoint(src, out, bits, group_size=None) -> Path a checkpoint `load_model` reads
+    save_quantized(model, tokenizer, out) -> Path                 write an already quantized model
+    quantized_memory(model) -> QuantizedMemory                    bytes of ints + scales vs bf16
+
+Storage. Scales are bfloat16: the CPU kernels take scales in the activation dtype, so bf16 scales
+make the fast path and the dequantize reference use bit-identical values; bf16 has fp32's range (a
+tiny row never underflows, as fp16 could); and it halves scale memory, which matters at INT4 with
+small groups. Scales are rounded *up* to bf16, so |w - q * scale| <= scale / 2 holds exactly.
+Inside `QuantizedLinear` they are kept as int16 bit patterns, so `model.to(dtype)` / `.half()`
+never re-rounds them; the state dict exposes them as bfloat16. Checkpoints hold the portable
+layout (`pack_int4`); INT4 weights are repacked in memory into the CPU kernel's own layout.
+
+Kernels. For few rows (decode) `QuantizedLinear` calls `torch._weight_int8pack_mm` (per-channel
+INT8) or `torch._weight_int4pack_mm_for_cpu` (INT4 with out_features a multiple of 16 and a group
+size, or per-channel width, divisible by 32); scales go in as the activation dtype, INT4 as
+(q + 8) with zero points 0, so symmetric quantization maps exactly onto the kernel's affine format.
+Otherwise it dequantizes to the activation dtype and calls `F.linear`: prefill, fp16 activations,
+shapes the kernels do not take, and autograd. `KERNEL_MAX_ROWS` holds the row thresholds measured
+by `bench/quant_kernels.py`. For speed run a quantized model in bf16 (`load_model(path,
+dtype=torch.bfloat16)`); an fp32 model computes in fp32 throughout and stays close to its float
+original (its activations are never cast to bf16 behind the caller's back).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from openglm.config import GLMConfig
+    from openglm.model import GLM
+    from openglm.tokenizer import GLMTokenizer
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_BITS = (4, 8)
+# The linear layers GLM-130B quantizes, relative to each block.
+QUANTIZED_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+_TARGET = re.compile(r"layers\.\d+\.(?:" + "|".join(re.escape(name) for name in QUANTIZED_LINEARS) + r")")
+
+# Largest row count (batch * sequence) for which the packed CPU kernels beat dequantize + F.linear,
+# per (bits, activation dtype); measured with bench/quant_kernels.py on the project's 2-core Xeon
+# (AVX-512/AMX, torch 2.13), see the table there. With bf16 activations the kernels win up to
+# 16 (INT8) / 32 (INT4) rows; beyond that dequantizing once and running one bf16 GEMM wins (14x
+# at 512 rows). With fp32 activations the kernels are 5-15x slower than with bf16 ones, yet for a
+# single row still beat writing a 4-byte-per-weight fp32 copy of the weight, so fp32 decode uses them.
+KERNEL_MAX_ROWS: dict[tuple[int, torch.dtype], int] = {
+    (8, torch.bfloat16): 16,
+    (4, torch.bfloat16): 32,
+    (8, torch.float32): 1,
+    (4, torch.float32): 1,
+}
+_INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes _weight_int4pack_mm_for_cpu accepts
+_INT4_LAYOUT_BLOCKS = (64, 32)  # row blocks of the kernel's packed layout (AVX-512, AVX2)
+
+
+# ----------------------------------------------------------------------------- pure functions
+def _qmax(bits: int) -> int:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    return 2 ** (bits - 1) - 1
+
+
+def _num_groups(in_features: int, group_size: int | None) -> int:
+    if group_size is None:
+        return 1
+    if not isinstance(group_size, int) or group_size <= 0 or in_features % group_size:
+        raise ValueError(f"group_size {group_size!r} must be a positive divisor of in_features ({in_features})")
+    return in_features // group_size
+
+
+def _bf16_ceil(x: torch.Tensor) -> torch.Tensor:
+    """Round non-negative fp32 values up to bf16 (clear the low 16 bits, carrying if any were set)."""
+    bits = x.float().contiguous().view(torch.int32)
+    return ((bits + 0xFFFF) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+
+
+def pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """Two signed 4-bit values per byte along the last dim: element 2i in the low nibble, 2i+1 in
+    the high one (two's complement), so a checkpoint's layout does not depend on the CPU."""
+    if values.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+        raise ValueError(f"pack_int4 needs an integer tensor, got {values.dtype}")
+    if values.dim() == 0 or values.shape[-1] % 2:
+        raise ValueError(f"pack_int4 needs an even last dimension, got shape {tuple(values.shape)}")
+    if values.numel() and (values.min() < -8 or values.max() > 7):
+        raise ValueError("pack_int4 values must lie in -8..7")
+    nibbles = (values.to(torch.int16) & 0xF).to(torch.uint8)
+    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_int4`: uint8 [..., k] -> int8 [..., 2k] in -8..7."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"unpack_int4 needs a uint8 tensor, got {packed.dtype}")
+    low = (packed & 0xF).to(torch.int8)
+    high = (packed >> 4).to(torch.int8)
+    values = torch.stack((low, high), dim=-1).flatten(-2)
+    return values - ((values & 0x8) << 1)  # sign-extend the 4-bit two's complement
+
+
+@torch.no_grad()
+def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric absmax quantization of a [out, in] weight, one scale per output channel (or per
+    `group_size` inputs of it). Returns (qweight, scales); see the module docstring for layouts."""
+    qmax = _qmax(bits)
+    if weight.dim() != 2:
+        raise ValueError(f"quantize_weight needs a 2-D [out, in] weight, got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if bits == 4 and in_features % 2:
+        raise ValueError(f"INT4 packs two values per byte: in_features must be even, got {in_features}")
+    groups = _num_groups(in_features, group_size)
+    w = weight.detach().float().reshape(out_features, groups, in_features // groups)
+    if not torch.isfinite(w).all():
+        raise ValueError("cannot quantize a weight that holds NaN or inf")
+    scales = _bf16_ceil(w.abs().amax(dim=-1) / qmax)  # [out, groups]; 0 for an all-zero group
+    divisor = scales.float().clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+    q = (w / divisor).round_().clamp_(-qmax, qmax).to(torch.int8).reshape(out_features, in_features)
+    return (pack_int4(q) if bits == 4 else q), scales
+
+
+def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q * scale as a [out, in] `dtype` tensor; the group size follows from the scales' shape.
+
+    q * scale is exact in fp32 (a <=8-bit integer times an 8-bit mantissa), so computing directly
+    in bf16 rounds once, like fp32-then-cast; fp16 goes through fp32 (fp16 scales would round twice)."""
+    _qmax(bits)
+    q = unpack_int4(qweight) if bits == 4 else qweight
+    return _scale(q, scales, dtype)
+
+
+def _scale(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """q (int8 [out, in]) times one scale per group of each row, in one pass."""
+    out_features, in_features = q.shape
+    groups = scales.shape[1]
+    compute = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+    w = torch.mul(q.view(out_features, groups, in_features // groups), scales.to(compute)[..., None])
+    return w.view(out_features, in_features).to(dtype)
+
+
+# ----------------------------------------------------------------------------- INT4 kernel layout
+def _int4_kernel_group(span: int) -> int | None:
+    """A group size the INT4 kernel accepts that divides ours (`span` inputs per scale); repeating
+    our scales to it computes the same product."""
+    return next((g for g in _INT4_KERNEL_GROUPS if span % g == 0), None)
+
+
+def _untile_int4(packed: torch.Tensor, block: int) -> torch.Tensor:
+    """Inverse of `_convert_weight_to_int4pack_for_cpu`: uint8 [out, in] holding 0..15.
+
+    The kernel stores rows in blocks of `block` (64 with AVX-512, 32 with AVX2), in-feature-major;
+    a full block pairs rows j and j + block/2 in a byte, the last, shorter block rows 2j and 2j+1.
+    The layout is CPU-specific, so every use is checked against the op itself (`_to_kernel_int4`).
+    Transposing the packed bytes first halves the strided copying (the slow part of this)."""
+    out_features, half = packed.shape
+    in_features = 2 * half
+    out = torch.empty(out_features, in_features, dtype=torch.uint8, device=packed.device)
+    full = out_features // block * block
+    if full:
+        tiles = packed[:full].reshape(full // block, in_features, block // 2).transpose(1, 2).contiguous()
+        rows = out[:full].view(full // block, block, in_features)
+        torch.bitwise_and(tiles, 0xF, out=rows[:, : block // 2])
+        torch.bitwise_right_shift(tiles, 4, out=rows[:, block // 2 :])
+    if full < out_features:
+        rest = out_features - full
+        tail = packed[full:].reshape(in_features, rest // 2).t().contiguous()
+        rows = out[full:].view(rest // 2, 2, in_features)
+        torch.bitwise_and(tail, 0xF, out=rows[:, 0])
+        torch.bitwise_right_shift(tail, 4, out=rows[:, 1])
+    return out
+
+
+_detected_block: int | None = None
+_warned: set[str] = set()
+
+
+def _warn_once(message: str, *args: object) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message, *args)
+
+
+def _to_kernel_int4(q: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """q (int8 [out, in] in -8..7) in the INT4 kernel's layout and its row block, or None where
+    the kernel cannot take it or its layout is not one `_untile_int4` inverts."""
+    global _detected_block
+    out_features, in_features = q.shape
+    if out_features % 16 or in_features % 32:
+        return None
+    unsigned = (q.to(torch.int32) + 8).contiguous()
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unsigned, 1)
+    except (RuntimeError, AttributeError) as err:
+        _warn_once("INT4 CPU kernel unavailable (%s); using dequantize + linear", err)
+        return None
+    expected = unsigned.to(torch.uint8)
+    candidates = [_detected_block] if _detected_block else []
+    for block in [*candidates, *_INT4_LAYOUT_BLOCKS]:
+        if block is not None and packed.shape == (out_features, in_features // 2) and torch.equal(_untile_int4(packed, block), expected):
+            _detected_block = block
+            return packed, block
+    _warn_once("unrecognised INT4 CPU kernel layout (CPU capability %s); using dequantize + linear",
+               torch.backends.cpu.get_cpu_capability())
+    return None
+
+
+# ----------------------------------------------------------------------------- the module
+def _as_bits(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).contiguous().view(torch.int16)
+
+
+class QuantizedLinear(nn.Module):
+    """nn.Linear with an INT8/INT4 weight and bf16 scales; the bias stays a float parameter.
+
+    In memory the weight is either in the portable layout (`qweight` as `quantize_weight` returns
+    it, `scale_bits` [out, groups]) or, for INT4 the CPU kernel takes, in the kernel's layout with
+    its [in / kernel_group, out, 2] scale-and-zero table as the only copy of the scales. Either way
+    the state dict holds the portable `qweight`, `scales` (bf16 [out, groups]) and `bias`."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None = None, bias: bool = True) -> None:
+        super().__init__()
+        _qmax(bits)
+        if bits == 4 and in_features % 2:
+            raise ValueError(f"INT4 needs an even in_features, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits = bits
+        self.group_size = group_size  # as given (a group as wide as the layer is per channel)
+        self.groups = _num_groups(in_features, group_size)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.int4_block: int | None = None  # INT4: the row block of the kernel layout, when in it
+        self.kernel_group: int | None = None  # INT4 kernel layout: the group size handed to the kernel
+        width = in_features // 2 if bits == 4 else in_features
+        dtype = torch.uint8 if bits == 4 else torch.int8
+        # Non-persistent: _save_to_state_dict writes the portable layout instead.
+        self.register_buffer("qweight", torch.zeros(out_features, width, dtype=dtype), persistent=False)
+        self.register_buffer("scale_bits", torch.zeros(out_features, self.groups, dtype=torch.int16), persistent=False)
+        self.register_buffer("kernel_scale_bits", None, persistent=False)
+
+    # construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None = None) -> QuantizedLinear:
+        qweight, scales = quantize_weight(linear.weight, bits, group_size)
+        module = cls(linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None)
+        module.set_quantized(qweight, scales)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return module
+
+    @torch.no_grad()
+    def set_quantized(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+        """Take portable-layout weights (as `quantize_weight` returns them), checking them first;
+        INT4 goes into the CPU kernel's layout where the kernel takes this shape."""
+        problem = self.check_quantized(qweight, scales)
+        if problem:
+            raise ValueError(problem)
+        self.qweight, self.scale_bits = qweight.contiguous(), _as_bits(scales)
+        self.kernel_scale_bits, self.int4_block, self.kernel_group = None, None, None
+        kernel_group = _int4_kernel_group(self.in_features // self.groups) if self.bits == 4 else None
+        tiled = _to_kernel_int4(unpack_int4(qweight)) if kernel_group else None
+        if tiled is None or kernel_group is None:
+            return
+        self.qweight, self.int4_block = tiled
+        self.kernel_group = kernel_group
+        span = self.in_features // self.groups
+        repeated = scales.repeat_interleave(span // kernel_group, dim=1).t()  # [in / kernel_group, out]
+        self.kernel_scale_bits = _as_bits(torch.stack((repeated, torch.zeros_like(repeated)), dim=-1))  # (q+8 - 8) * s + 0
+        self.scale_bits = None
+
+    def check_quantized(self, qweight: torch.Tensor, scales: torch.Tensor) -> str | None:
+        """What is wrong with portable-layout (qweight, scales) for this layer, or None."""
+        width = self.in_features // 2 if self.bits == 4 else self.in_features
+        qdtype = torch.uint8 if self.bits == 4 else torch.int8
+        if qweight.dtype != qdtype:
+            return f"qweight has dtype {qweight.dtype}, INT{self.bits} expects {qdtype}"
+        if tuple(qweight.shape) != (self.out_features, width):
+            return f"qweight has shape {tuple(qweight.shape)}, expected {(self.out_features, width)}"
+        if scales.dtype != torch.bfloat16:
+            return f"scales have dtype {scales.dtype}, expected torch.bfloat16"
+        if tuple(scales.shape) != (self.out_features, self.groups):
+            return f"scales have shape {tuple(scales.shape)}, expected {(self.out_features, self.groups)} (group_size {self.group_size})"
+        if not torch.isfinite(scales).all() or (scales < 0).any():
+            return "scales must be finite and non-negative"
+        return None
+
+    # views ------------------------------------------------------------------------------------
+    @property
+    def scales(self) -> torch.Tensor:
+        """bf16 [out, groups] (a view of the kernel's table in the kernel layout)."""
+        if self.kernel_scale_bits is None:
+            assert self.scale_bits is not None
+            return self.scale_bits.view(torch.bfloat16)
+        assert self.kernel_group is not None
+        step = self.in_features // self.groups // self.kernel_group
+        return self.kernel_scale_bits.view(torch.bfloat16)[::step, :, 0].t()
+
+    def portable_qweight(self) -> torch.Tensor:
+        """qweight in the checkpoint layout (INT4: `pack_int4`), whatever the in-memory one."""
+        if self.int4_block is None:
+            return self.qweight
+        return pack_int4(_untile_int4(self.qweight, self.int4_block).view(torch.int8).sub_(8))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The [out, in] weight this layer computes with, in `dtype` (the reference path)."""
+        if self.int4_block is None:
+            return dequantize_weight(self.qweight, self.scales, self.bits, dtype)
+        q = _untile_int4(self.qweight, self.int4_block).view(torch.int8).sub_(8)  # the kernel holds q + 8
+        return _scale(q, self.scales, dtype)
+
+    def extra_repr(self) -> str:
+        layout = f"int4pack (block {self.int4_block}, kernel group {self.kernel_group})" if self.int4_block else "portable"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}, layout={layout}")
+
+    # compute ----------------------------------------------------------------------------------
+    def uses_kernel(self, x: torch.Tensor) -> bool:
+        """Whether `forward(x)` takes a packed CPU kernel (else dequantize + F.linear)."""
+        rows = x.numel() // self.in_features if self.in_features else 0
+        limit = KERNEL_MAX_ROWS.get((self.bits, x.dtype), 0)
+        if not 0 < rows <= limit or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+            return False  # the kernels have no autograd; gradients go through F.linear
+        return self.groups == 1 if self.bits == 8 else self.int4_block is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.uses_kernel(x):
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.dequantize(x.dtype), bias)
+        flat = x.reshape(-1, self.in_features).contiguous()
+        if self.bits == 8:
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales[:, 0].to(x.dtype))
+        else:
+            assert self.kernel_scale_bits is not None and self.kernel_group is not None
+            scale_zeros = self.kernel_scale_bits.view(torch.bfloat16).to(x.dtype)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.qweight, self.kernel_group, scale_zeros)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    # state dict -------------------------------------------------------------------------------
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "qweight"] = self.portable_qweight()
+        destination[prefix + "scales"] = self.scales.contiguous().clone()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
+                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        names = [prefix + "qweight", prefix + "scales"]
+        for name in names:
+            if name in unexpected_keys:
+                unexpected_keys.remove(name)
+        absent = [name for name in names if name not in state_dict]
+        if absent:
+            missing_keys.extend(absent)
+            return
+        problem = self.check_quantized(state_dict[names[0]], state_dict[names[1]])
+        if problem:
+            error_msgs.append(f"{prefix}: {problem}")
+            return
+        self.set_quantized(state_dict[names[0]], state_dict[names[1]])
+
+
+# ----------------------------------------------------------------------------- models
+def _targets(model: nn.Module) -> list[str]:
+    return [name for name, _ in model.named_modules() if _TARGET.fullmatch(name)]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+def quantize_model(model: ModelT, bits: int, group_size: int | None = None) -> ModelT:
+    """Replace the block linears (QKV, attention dense, both FFN matrices) by `QuantizedLinear`s
+    in place and return the model. Everything is checked before anything is replaced."""
+    _qmax(bits)
+    names = _targets(model)
+    if not names:
+        raise ValueError("model has no transformer-block linear layers to quantize")
+    linears: dict[str, nn.Linear] = {}
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, QuantizedLinear):
+            raise ValueError(f"{name} is already quantized")
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"{name} is a {type(module).__name__}, not an nn.Linear")
+        if module.weight.is_meta:
+            raise ValueError(f"{name} has no weights (meta device)")
+        linears[name] = module
+    widths = {linear.in_features for linear in linears.values()}
+    for name, linear in linears.items():
+        try:
+            _num_groups(linear.in_features, group_size)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}; group sizes dividing every layer divide {math.gcd(*widths)}") from None
+        if bits == 4 and linear.in_features % 2:
+            raise ValueError(f"{name}: INT4 needs an even in_features, got {linear.in_features}")
+    for name, linear in linears.items():
+        _set_submodule(model, name, QuantizedLinear.from_linear(linear, bits, group_size))
+    log.info("quantized %d linear layers to INT%d (group size %s)", len(names), bits, group_size or "per channel")
+    return model
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+def quantization_record(model: nn.Module) -> dict[str, Any]:
+    """The bits, group size and module names of a quantized model (written as quantization.json)."""
+    layers = quantized_layers(model)
+    if not layers:
+        raise ValueError("model is not quantized")
+    specs = {(m.bits, m.group_size) for m in layers.values()}
+    if len(specs) != 1:
+        raise ValueError(f"mixed quantization settings are not supported: {sorted(specs, key=str)}")
+    bits, group_size = specs.pop()
+    return {"format": 1, "bits": bits, "group_size": group_size, "scale_dtype": "bfloat16", "modules": sorted(layers)}
+
+
+@dataclass(frozen=True)
+class QuantizedMemory:
+    """Bytes held by the quantized layers' weights (ints + all scales, in-memory) against the same
+    weights in bf16. Biases and unquantized tensors are left out of both."""
+
+    layers: int
+    parameters: int
+    quantized_bytes: int
+    bf16_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.quantized_bytes / self.bf16_bytes if self.bf16_bytes else 0.0
+
+
+def quantized_memory(model: nn.Module) -> QuantizedMemory:
+    layers = quantized_layers(model).values()
+    count = sum(m.in_features * m.out_features for m in layers)
+    held = sum(buf.numel() * buf.element_size() for m in layers for buf in m.buffers())
+    return QuantizedMemory(len(layers), count, held, 2 * count)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_quantized(model: GLM, tokenizer: GLMTokenizer, out: str | Path) -> Path:
+    """Write a quantized model as a checkpoint directory that `load_model` reads."""
+    from openglm.checkpoint import save_quantized_checkpoint
+
+    record = quantization_record(model)
+    return save_quantized_checkpoint(out, model.config, model.state_dict(), tokenizer, record)
+
+
+def quantize_checkpoint(src: str | Path, out: str | Path, bits: int, group_size: int | None = None) -> Path:
+    """Quantize the float checkpoint (or run directory) `src` into the checkpoint directory `out`
+    (config.json and tokenizer.json copied, quantized weights, quantization.json)."""
+    from openglm.checkpoint import CheckpointError, load_model
+
+    model, tokenizer = load_model(src)
+    if quantized_layers(model):
+        raise CheckpointError(f"{src}: already quantized")
+    quantize_model(model, bits, group_size)
+    path = save_quantized(model, tokenizer, out)
+    memory = quantized_memory(model)
+    log.info("wrote %s: INT%d weights %.1f MB (%.2fx their bf16 size)", path, bits, memory.quantized_bytes / 1e6, memory.ratio)
+    return path
+
+
+def load_quantized(checkpoint: Path, config: GLMConfig, record: dict[str, Any]) -> GLM:
+    """Build the model of a quantized checkpoint directory, naming any bad file or tensor.
+
+    `record` is its parsed quantization.json (sha256s already checked by the caller)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from openglm.checkpoint import QUANT_FILE, WEIGHTS_FILE, CheckpointError
+    from openglm.model import GLM
+
+    record_path = checkpoint / QUANT_FILE
+    bits, group_size, modules = record.get("bits"), record.get("group_size"), record.get("modules")
+    if record.get("format") != 1:
+        raise CheckpointError(f"{record_path}: unknown format {record.get('format')!r} (this version reads format 1)")
+    if not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        raise CheckpointError(f"{record_path}: unknown bits {bits!r} (supported: {SUPPORTED_BITS})")
+    if group_size is not None and (not isinstance(group_size, int) or group_size <= 0):
+        raise CheckpointError(f"{record_path}: group_size must be null or a positive integer, got {group_size!r}")
+    if record.get("scale_dtype", "bfloat16") != "bfloat16":
+        raise CheckpointError(f"{record_path}: scale_dtype {record.get('scale_dtype')!r} is not supported (bfloat16)")
+    with torch.device("meta"):
+        model = GLM(config)
+    targets = set(_targets(model))
+    if not isinstance(modules, list) or not modules or not set(modules) <= targets:
+        extra = sorted(set(modules) - targets) if isinstance(modules, list) else modules
+        raise CheckpointError(f"{record_path}: modules must list block linear layers of this config (unknown: {extra})")
+    for name in modules:
+        linear = model.get_submodule(name)
+        assert isinstance(linear, nn.Linear)
+        try:
+            layer = QuantizedLinear(linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None)
+        except ValueError as err:
+            raise CheckpointError(f"{record_path}: {name}: {err}") from None
+        _set_submodule(model, name, layer)
+    model.to_empty(device="cpu")
+
+    path = checkpoint / WEIGHTS_FILE
+    try:
+        tensors = load_file(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path}: damaged or not a safetensors file ({err})") from None
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: does not match {QUANT_FILE} and the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    layers = quantized_layers(model)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            qweight, scales = tensors[f"{name}.qweight"], tensors[f"{name}.scales"]
+            problem = layer.check_quantized(qweight, scales)
+            if problem:
+                tensor = f"{name}.qweight" if problem.startswith("qweight") else f"{name}.scales"
+                raise CheckpointError(f"{path}: tensor {tensor}: {problem}")
+            layer.set_quantized(qweight, scales)
+        for name, param in model.named_parameters():
+            value = tensors[name]
+            if value.shape != param.shape:
+                raise CheckpointError(f"{path}: tensor {name} has shape {tuple(value.shape)}, the config expects {tuple(param.shape)}")
+            if not value.is_floating_point():
+                raise CheckpointError(f"{path}: tensor {name} has dtype {value.dtype}, expected a float")
+            param.copy_(value)
+    return model
