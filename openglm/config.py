@@ -154,10 +154,8 @@ class GLMConfig:
 MODEL_PRESETS: dict[str, GLMConfig] = {
     # Tests and CI: builds and trains in seconds.
     "micro": GLMConfig(hidden_size=64, num_layers=2, num_heads=4, max_seq_len=128),
-    # The CPU default: trains on the bundled corpus in minutes on 2 cores. DeepNorm's alpha is 1 here:
-    # at 6 layers the paper's (2N)^0.5 = 3.5 kept held-out loss above the unigram entropy (7.36 nats)
-    # for the first 400 steps, while alpha 1 was below it within 50 (see the issue notes).
-    "tiny": GLMConfig(hidden_size=256, num_layers=6, num_heads=8, max_seq_len=256, deepnorm_alpha=1.0),
+    # The CPU default: trains on the bundled corpus in minutes on 2 cores (the paper's DeepNorm alpha).
+    "tiny": GLMConfig(hidden_size=256, num_layers=6, num_heads=8, max_seq_len=256),
     # ~1B parameters, for a single GPU.
     "1b": GLMConfig(hidden_size=2048, num_layers=20, num_heads=16, max_seq_len=2048),
     # The paper's model (GLM-130B, Table/Appendix: 70 x 12288, 96 heads, GeGLU 32768, vocab 150528).
@@ -280,7 +278,9 @@ def train_preset(name: str, **overrides: Any) -> TrainConfig:
     presets = {
         "micro": TrainConfig(out_dir="runs/micro", max_steps=20, batch_size=4, micro_batch_size=4, warmup_steps=2,
                              eval_every=10, save_every=10, eval_batches=2, final_eval_tokens=2000),
-        "tiny": TrainConfig(out_dir="runs/tiny", max_steps=600, lr=1.5e-3, warmup_steps=50, eval_every=100, save_every=300),
+        # Post-LN needs a long warm-up at this learning rate: with 50 steps the loss spiked and stalled
+        # near the unigram entropy; with 200 it tracked a pre-LN GPT-2 (measured, issue 2 notes).
+        "tiny": TrainConfig(out_dir="runs/tiny", max_steps=600, lr=1.5e-3, warmup_steps=200, eval_every=100, save_every=300),
     }
     base = presets.get(name, TrainConfig(out_dir=f"runs/{name}"))
     return dataclasses.replace(base, **overrides)
