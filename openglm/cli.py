@@ -117,6 +117,10 @@ def generate(
     output_file: Annotated[Path | None, typer.Option(help="with --input-file: where the JSON lines go (default: stdout)")] = None,
     batch_size: Annotated[int, typer.Option(help="prompts of --input-file decoded together")] = 8,
     stream: Annotated[bool, typer.Option("--stream", help="print the text as it is generated")] = False,
+    quantize_bits: Annotated[
+        int | None, typer.Option("--quantize", help="quantize the block linears to 8 or 4 bits on load (a float checkpoint)")
+    ] = None,
+    group_size: Annotated[int | None, typer.Option(help="with --quantize: one scale per this many inputs (default: per channel)")] = None,
 ) -> None:
     """Fill the blanks of PROMPT (a prompt without one is continued via \\[gMASK]).
 
@@ -125,6 +129,8 @@ def generate(
     With --input-file, results are written as JSON lines in input order as they complete, one per input line: {"line", "prompt", "text"}, or {"line", "prompt", "error"} for a prompt that cannot be completed (an empty line, one longer than the model's context).
 
     A prompt that fails in those two modes makes the exit status 1 at the end.
+
+    A quantized model (a checkpoint from `openglm quantize`, or --quantize) runs in bf16 where the CPU has native bf16, else fp32; a float one in fp32.
     """
     from openglm.checkpoint import CheckpointError, load_model
     from openglm.generation import GenerationConfig
@@ -153,9 +159,14 @@ def generate(
         raise _fail("--stream prints one prompt's text as it is made; --input-file writes whole results")
     if prompt is not None and not prompt.strip():
         raise _fail('the prompt is empty; give text to continue or to fill, e.g. "It is a truth [MASK]."')
+    if quantize_bits is not None:
+        _check_bits(quantize_bits, "--quantize", group_size)
+    elif group_size is not None:
+        raise _fail("--group-size needs --quantize")
     try:
         glm, tokenizer = load_model(model)
-    except CheckpointError as err:
+        glm = _prepare_model(glm, model, quantize_bits, group_size)
+    except (CheckpointError, ValueError) as err:
         raise _fail(str(err)) from None
     if prompt is not None:
         try:
@@ -166,6 +177,37 @@ def generate(
         _generate_file(glm, tokenizer, input_file, output_file, config)
     else:
         _generate_interactive(glm, tokenizer, config, stream)
+
+
+def _check_bits(bits: int, option: str, group_size: int | None) -> None:
+    """Option errors found before a model is loaded (whether a group size divides every layer is
+    known only after)."""
+    from openglm.quantize import SUPPORTED_BITS
+
+    if bits not in SUPPORTED_BITS:
+        raise _fail(f"{option} must be {' or '.join(map(str, sorted(SUPPORTED_BITS, reverse=True)))}, got {bits}")
+    if group_size is not None and group_size <= 0:
+        raise _fail(f"--group-size must be a positive integer, got {group_size}")
+
+
+def _prepare_model(model: GLM, path: Path, bits: int | None, group_size: int | None) -> GLM:
+    """The loaded (fp32) model as `generate` runs it: quantized when `bits` is given, and then (as
+    a loaded quantized checkpoint) cast to bf16 where the CPU has native bf16 matmuls, because the
+    packed INT8/INT4 kernels are 5-15x slower with fp32 activations (quantize.KERNEL_MAX_ROWS).
+    Quantizing the fp32 weights `load_model` holds anyway (not a bf16 copy) makes
+    `generate --quantize 4` compute exactly what `quantize --bits 4` then `generate` computes.
+    Float models keep fp32, as they always have."""
+    import torch
+
+    from openglm.quantize import quantize_model, quantized_layers
+
+    if bits is not None:
+        if quantized_layers(model):
+            raise ValueError(f"{path}: already quantized; drop --quantize")
+        quantize_model(model, bits, group_size)
+    if not quantized_layers(model) or default_precision() != "bf16":
+        return model
+    return model.to(torch.bfloat16)
 
 
 def _print_result(model: GLM, tokenizer: GLMTokenizer, prompt: str, config: GenerationConfig, stream: bool) -> None:
@@ -253,6 +295,31 @@ def _generate_file(model: GLM, tokenizer: GLMTokenizer, input_file: Path, output
     typer.echo(f"{len(lines)} prompts: {len(valid)} completed, {failed} failed; results written{where}", err=True)
     if failed:
         raise typer.Exit(code=1)
+
+
+@app.command()
+def quantize(
+    model: Annotated[Path, typer.Option(help="float checkpoint or run directory")],
+    bits: Annotated[int, typer.Option(help="8 or 4")],
+    out: Annotated[Path, typer.Option(help="new checkpoint directory (must not exist, or be empty)")],
+    group_size: Annotated[int | None, typer.Option(help="one scale per this many inputs (default: per output channel)")] = None,
+) -> None:
+    """Quantize a checkpoint's block linears to INT8/INT4 (weight-only, GLM-130B style) into a new
+    checkpoint directory that `openglm generate --model OUT` runs."""
+    from openglm.checkpoint import WEIGHTS_FILE, CheckpointError, resolve_checkpoint
+    from openglm.quantize import quantize_checkpoint
+
+    _check_bits(bits, "--bits", group_size)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise _fail(f"{out}: exists and is not an empty directory; refusing to overwrite it (choose a new --out)")
+    try:
+        source = resolve_checkpoint(model)
+        path = quantize_checkpoint(source, out, bits, group_size)
+    except (CheckpointError, ValueError) as err:
+        raise _fail(str(err)) from None
+    before, after = (source / WEIGHTS_FILE).stat().st_size, (path / WEIGHTS_FILE).stat().st_size
+    layout = f"groups of {group_size}" if group_size else "per channel"
+    typer.echo(f"wrote {path}: INT{bits} ({layout}), {WEIGHTS_FILE} {after / 1e6:.1f} MB (was {before / 1e6:.1f} MB)")
 
 
 @app.command()

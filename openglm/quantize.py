@@ -30,11 +30,13 @@ Kernels. For few rows (decode) `QuantizedLinear` calls `torch._weight_int8pack_m
 INT8) or `torch._weight_int4pack_mm_for_cpu` (INT4 with out_features a multiple of 16 and a group
 size, or per-channel width, divisible by 32); scales go in as the activation dtype, INT4 as
 (q + 8) with zero points 0, so symmetric quantization maps exactly onto the kernel's affine format.
-Otherwise it dequantizes to the activation dtype and calls `F.linear`: prefill, fp16 activations,
-shapes the kernels do not take, and autograd. `KERNEL_MAX_ROWS` holds the row thresholds measured
-by `bench/quant_kernels.py`. For speed run a quantized model in bf16 (`load_model(path,
-dtype=torch.bfloat16)`); an fp32 model computes in fp32 throughout and stays close to its float
-original (its activations are never cast to bf16 behind the caller's back).
+Otherwise (prefill, fp32 INT4, shapes the kernels do not take) it dequantizes blocks of ~4 MB of
+output rows into one reused buffer and runs a GEMM per block (`_blockwise_linear`), never holding
+a float copy of the whole weight; fp16 activations and autograd take `F.linear` on `dequantize()`.
+`KERNEL_MAX_ROWS` holds the row thresholds measured by `bench/quant_kernels.py`. For speed run a
+quantized model in bf16 (`load_model(path, dtype=torch.bfloat16)`); an fp32 model computes in fp32
+throughout and stays close to its float original (its activations are never cast to bf16 behind
+the caller's back).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -62,17 +65,19 @@ SUPPORTED_BITS = (4, 8)
 QUANTIZED_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 _TARGET = re.compile(r"layers\.\d+\.(?:" + "|".join(re.escape(name) for name in QUANTIZED_LINEARS) + r")")
 
-# Largest row count (batch * sequence) for which the packed CPU kernels beat dequantize + F.linear,
-# per (bits, activation dtype); measured with bench/quant_kernels.py on the project's 2-core Xeon
-# (AVX-512/AMX, torch 2.13), see the table there. With bf16 activations the kernels win up to
-# 16 (INT8) / 32 (INT4) rows; beyond that dequantizing once and running one bf16 GEMM wins (14x
-# at 512 rows). With fp32 activations the kernels are 5-15x slower than with bf16 ones, yet for a
-# single row still beat writing a 4-byte-per-weight fp32 copy of the weight, so fp32 decode uses them.
+# Largest row count (batch * sequence) for which the packed CPU kernels beat the dequantizing path
+# (`QuantizedLinear._blockwise_linear`), per (bits, activation dtype); measured with
+# bench/quant_kernels.py --threads 1 on the project's 2-core Xeon (AVX-512/AMX, torch 2.13). With
+# bf16 activations the kernels win up to 16 (INT8) / 32 (INT4) rows; beyond that dequantizing
+# block by block into bf16 GEMMs wins (8x at 512 rows). With fp32 activations the kernels are
+# 5-15x slower than with bf16 ones: for INT4 the dequantizing path wins even at one row (2x at
+# 4096 x 4096: 17 vs 36 ms), for INT8 the two tie at one row (12.7 vs 15.1 ms), so the kernel,
+# which needs no scratch buffer, keeps fp32 INT8 decode.
 KERNEL_MAX_ROWS: dict[tuple[int, torch.dtype], int] = {
     (8, torch.bfloat16): 16,
     (4, torch.bfloat16): 32,
     (8, torch.float32): 1,
-    (4, torch.float32): 1,
+    (4, torch.float32): 0,
 }
 _INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes _weight_int4pack_mm_for_cpu accepts
 _INT4_LAYOUT_BLOCKS = (64, 32)  # row blocks of the kernel's packed layout (AVX-512, AVX2)
@@ -148,17 +153,93 @@ def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, bits: int, dt
     q * scale is exact in fp32 (a <=8-bit integer times an 8-bit mantissa), so computing directly
     in bf16 rounds once, like fp32-then-cast; fp16 goes through fp32 (fp16 scales would round twice)."""
     _qmax(bits)
-    q = unpack_int4(qweight) if bits == 4 else qweight
-    return _scale(q, scales, dtype)
+    out_features, width = qweight.shape
+    compute = _compute_dtype(dtype)
+    weight = torch.empty(out_features, width * 2 if bits == 4 else width, dtype=compute, device=qweight.device)
+    step = _block_rows(weight.shape[1], compute, 1)
+    for start in range(0, out_features, step):
+        stop = min(start + step, out_features)
+        _dequantize_rows_into(weight[start:stop], qweight[start:stop], scales[start:stop], bits)
+    return weight.to(dtype)
 
 
-def _scale(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """q (int8 [out, in]) times one scale per group of each row, in one pass."""
-    out_features, in_features = q.shape
+# ----------------------------------------------------------------------------- dequantizing
+# Dequantizing works on blocks of output rows of about this many bytes of the float dtype. Why:
+# torch.mul(int8, bf16) into a fresh [out, in] tensor cost 41 ms for a 4096 x 4096 weight on one
+# core, and most of that was not arithmetic: a freshly allocated 32 MB result page-faults on every
+# 4 KB page (~17 ms), and a mixed-dtype multiply converts element by element (2x slower than
+# converting, then multiplying in place). A block buffer is allocated once per forward and reused
+# (no fresh pages, still in cache when its GEMM reads it). 4 MB rather than 1 MB (L2): every op
+# costs ~10 us of dispatch, and with 2 threads on a busy machine a scheduler stall, so fewer,
+# larger blocks measured faster (4096 x 4096 INT4, 1 thread: about 34 ms in 1 MB blocks, 28 in
+# 4 MB ones, 51 in one 32 MB block).
+_BLOCK_BYTES = 4 << 20
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype q * scale is computed in: the target where that rounds once (fp32, bf16), else fp32."""
+    return dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+
+
+def _block_rows(in_features: int, dtype: torch.dtype, multiple: int) -> int:
+    """Output rows per dequantized block: ~_BLOCK_BYTES, a multiple of `multiple` (the INT4 tile)."""
+    rows = _BLOCK_BYTES // (in_features * dtype.itemsize) // multiple * multiple
+    return max(rows, multiple)
+
+
+def _scale_rows_into(out: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> None:
+    """out [r, in] (fp32/bf16, rows contiguous) = q (int8 [r, in]) times its scales [r, groups].
+
+    Convert, then multiply in place: each pass is vectorised, while one mixed int8 x bf16 multiply
+    is not. Same rounding as torch.mul(q, scales): q is exact in the float dtype, the product rounds once."""
+    out.copy_(q)
+    rows, width = out.shape
     groups = scales.shape[1]
-    compute = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
-    w = torch.mul(q.view(out_features, groups, in_features // groups), scales.to(compute)[..., None])
-    return w.view(out_features, in_features).to(dtype)
+    out.view(rows, groups, width // groups).mul_(scales.to(out.dtype)[..., None])
+
+
+def _dequantize_rows_into(out: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor | None, bits: int) -> None:
+    """Rows of a portable-layout weight (`quantize_weight`'s qweight and scales) into `out` [r, in];
+    scales None: q itself."""
+    q = unpack_int4(qweight) if bits == 4 else qweight
+    if scales is None:
+        out.copy_(q)
+    else:
+        _scale_rows_into(out, q, scales)
+
+
+def _dequantize_tiles_into(
+    out_t: torch.Tensor, packed: torch.Tensor, block: int, scales_t: torch.Tensor | None, work: torch.Tensor
+) -> None:
+    """Rows [a, a + c) of an INT4 weight in the kernel layout into out_t = W[a:a + c].T ([in, c]).
+
+    `packed` [c, in / 2] is the kernel layout's rows a .. a + c (c a multiple of `block`, or the
+    last, shorter block), `scales_t` [in / kernel_group, c] their scales (None: q unscaled), `work`
+    an int8 buffer of at least 2 * c * in bytes. A full block is [in, block / 2] bytes, the low nibble of byte (k, j)
+    being row j and the high one row j + block / 2 (the last block: rows 2j and 2j + 1; see
+    `_untile_int4`), so the transposed weight needs only a byte-level transpose of the blocks, and
+    stacking the low and high nibbles gives W.T's columns in order. Each nibble holds q + 8: XOR 8
+    makes it q in 4-bit two's complement, which int8 shifts sign-extend. Every op here writes a
+    contiguous tensor; shifting straight into a strided view of `out_t` was 10x slower."""
+    in_features, rows = out_t.shape
+    if rows % block == 0:
+        source = packed.view(rows // block, in_features, block // 2).transpose(0, 1)  # [in, blocks, block / 2]
+    else:
+        source = packed.reshape(in_features, rows // 2, 1)
+    size = source.numel()
+    low = work[:size].view(source.shape)
+    high = work[size : 2 * size].view(source.shape)
+    stacked = work[2 * size : 4 * size].view(in_features, source.shape[1], 2, source.shape[2])
+    low.view(torch.uint8).copy_(source)
+    low.bitwise_xor_(-0x78)  # 0x88 as int8
+    torch.bitwise_right_shift(low, 4, out=high)
+    low.bitwise_left_shift_(4).bitwise_right_shift_(4)
+    torch.stack((low, high), dim=2, out=stacked)
+    out_t.copy_(stacked.view(in_features, rows))
+    if scales_t is None:
+        return
+    groups = scales_t.shape[0]
+    out_t.view(groups, in_features // groups, rows).mul_(scales_t[:, None, :])
 
 
 # ----------------------------------------------------------------------------- INT4 kernel layout
@@ -276,7 +357,11 @@ class QuantizedLinear(nn.Module):
         problem = self.check_quantized(qweight, scales)
         if problem:
             raise ValueError(problem)
-        self.qweight, self.scale_bits = qweight.contiguous(), _as_bits(scales)
+        # Fresh copies, never views of the caller's tensors: those of a safetensors file sit at any
+        # 8-byte offset, and _weight_int8pack_mm crashes (SIGSEGV, 4-16 rows) on a qweight that is
+        # not 64-byte aligned, which every new CPU allocation is.
+        self.qweight = qweight.clone(memory_format=torch.contiguous_format)
+        self.scale_bits = _as_bits(scales).clone(memory_format=torch.contiguous_format)
         self.kernel_scale_bits, self.int4_block, self.kernel_group = None, None, None
         kernel_group = _int4_kernel_group(self.in_features // self.groups) if self.bits == 4 else None
         tiled = _to_kernel_int4(unpack_int4(qweight)) if kernel_group else None
@@ -323,11 +408,50 @@ class QuantizedLinear(nn.Module):
         return pack_int4(_untile_int4(self.qweight, self.int4_block).view(torch.int8).sub_(8))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The [out, in] weight this layer computes with, in `dtype` (the reference path)."""
-        if self.int4_block is None:
-            return dequantize_weight(self.qweight, self.scales, self.bits, dtype)
-        q = _untile_int4(self.qweight, self.int4_block).view(torch.int8).sub_(8)  # the kernel holds q + 8
-        return _scale(q, self.scales, dtype)
+        """The [out, in] weight this layer computes with, in `dtype` (the reference path). From
+        the INT4 kernel layout it is a transposed view (`.t()` of a contiguous [in, out])."""
+        compute = _compute_dtype(dtype)
+        transposed = self.int4_block is not None
+        shape = (self.in_features, self.out_features) if transposed else (self.out_features, self.in_features)
+        full = torch.empty(shape, dtype=compute, device=self.qweight.device)
+        for _ in self._blocks(compute, full):
+            pass  # every block is written into `full`
+        weight = full.t() if transposed else full
+        return weight.to(dtype)
+
+    def _blocks(
+        self, dtype: torch.dtype, full: torch.Tensor | None = None, scaled: bool = True
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(start, stop, W[start:stop].T) for blocks of output rows, dequantized to `dtype` (fp32 or
+        bf16) into `full`'s rows (columns, in the kernel layout) or else into one reused buffer of
+        about _BLOCK_BYTES, so each block must be used before the next is asked for. With
+        `scaled=False` (per-channel layers only) the blocks hold q itself."""
+        device = self.qweight.device
+        block = self.int4_block
+        if block is None:
+            scales = self.scales if scaled else None
+            step = _block_rows(self.in_features, dtype, 1)
+            buffer = torch.empty(0 if full is not None else step * self.in_features, dtype=dtype, device=device)
+            for start in range(0, self.out_features, step):
+                stop = min(start + step, self.out_features)
+                size = (stop - start) * self.in_features
+                rows = full[start:stop] if full is not None else buffer[:size].view(stop - start, self.in_features)
+                _dequantize_rows_into(rows, self.qweight[start:stop], None if scales is None else scales[start:stop], self.bits)
+                yield start, stop, rows.t()
+            return
+        assert self.kernel_scale_bits is not None
+        scales_t = self.kernel_scale_bits.view(torch.bfloat16)[:, :, 0]  # [in / kernel_group, out]
+        step = _block_rows(self.in_features, dtype, block)
+        work = torch.empty(2 * step * self.in_features, dtype=torch.int8, device=device)
+        buffer = torch.empty(0 if full is not None else step * self.in_features, dtype=dtype, device=device)
+        tiled = self.out_features // block * block
+        starts = [*range(0, tiled, step), *([tiled] if tiled < self.out_features else [])]
+        for start, stop in zip(starts, [*starts[1:], self.out_features], strict=True):
+            rows = stop - start
+            out_t = full[:, start:stop] if full is not None else buffer[: self.in_features * rows].view(self.in_features, rows)
+            block_scales = scales_t[:, start:stop].to(dtype).contiguous() if scaled else None
+            _dequantize_tiles_into(out_t, self.qweight[start:stop], block, block_scales, work)
+            yield start, stop, out_t
 
     def extra_repr(self) -> str:
         layout = f"int4pack (block {self.int4_block}, kernel group {self.kernel_group})" if self.int4_block else "portable"
@@ -336,7 +460,7 @@ class QuantizedLinear(nn.Module):
 
     # compute ----------------------------------------------------------------------------------
     def uses_kernel(self, x: torch.Tensor) -> bool:
-        """Whether `forward(x)` takes a packed CPU kernel (else dequantize + F.linear)."""
+        """Whether `forward(x)` takes a packed CPU kernel (else it dequantizes, see `forward`)."""
         rows = x.numel() // self.in_features if self.in_features else 0
         limit = KERNEL_MAX_ROWS.get((self.bits, x.dtype), 0)
         if not 0 < rows <= limit or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
@@ -344,10 +468,13 @@ class QuantizedLinear(nn.Module):
         return self.groups == 1 if self.bits == 8 else self.int4_block is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
         if not self.uses_kernel(x):
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            return F.linear(x, self.dequantize(x.dtype), bias)
-        flat = x.reshape(-1, self.in_features).contiguous()
+            if x.dtype not in (torch.float32, torch.bfloat16) or (torch.is_grad_enabled() and x.requires_grad):
+                bias = None if self.bias is None else self.bias.to(x.dtype)
+                return F.linear(x, self.dequantize(x.dtype), bias)  # autograd, and fp16 (dequantized via fp32)
+            return self._blockwise_linear(flat.contiguous()).view(*x.shape[:-1], self.out_features)
+        flat = flat.contiguous()
         if self.bits == 8:
             y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales[:, 0].to(x.dtype))
         else:
@@ -357,6 +484,27 @@ class QuantizedLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _blockwise_linear(self, flat: torch.Tensor) -> torch.Tensor:
+        """flat [rows, in] @ W.T + bias, dequantizing W one block of output rows at a time into the
+        columns of the result: no [out, in] float copy, and each block is multiplied while in cache.
+        A per-channel layer multiplies the [rows, out] result by the scales instead of every weight,
+        as the packed kernels do (one pass over the weight fewer; the weight itself is never rounded)."""
+        y = torch.empty(flat.shape[0], self.out_features, dtype=flat.dtype, device=flat.device)
+        bias = None if self.bias is None else self.bias.to(flat.dtype)
+        per_channel = self.groups == 1
+        for start, stop, weight_t in self._blocks(flat.dtype, scaled=not per_channel):
+            if bias is None or per_channel:
+                torch.mm(flat, weight_t, out=y[:, start:stop])
+            else:
+                torch.addmm(bias[start:stop], flat, weight_t, out=y[:, start:stop])
+        if per_channel:
+            scales = self.scales[:, 0].to(flat.dtype)
+            if bias is None:
+                y.mul_(scales)
+            else:
+                torch.addcmul(bias, y, scales, out=y)
+        return y
 
     # state dict -------------------------------------------------------------------------------
     def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:

@@ -16,6 +16,8 @@ from typer.testing import CliRunner
 
 import openglm
 from openglm.cli import app
+from openglm.model import GLM
+from openglm.tokenizer import GLMTokenizer
 from openglm.train.metrics import read_metrics
 
 
@@ -175,3 +177,90 @@ def test_generate_error_from_a_real_process_has_no_traceback(checkpoint: Path, s
     result = run_cli("generate", "--model", str(checkpoint), "a " * 40, env_cache=shard_cache)
     assert result.returncode == 2 and "error: the prompt is 41 tokens" in result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+# -- openglm quantize, and openglm generate --quantize ---------------------------------------------
+
+
+def quantized_generation_model(path: Path) -> tuple[GLM, GLMTokenizer]:
+    """A quantized checkpoint as `openglm generate` runs it: bf16 where the CPU has native bf16."""
+    from openglm.cli import default_precision
+
+    return openglm.load(path, torch.bfloat16 if default_precision() == "bf16" else torch.float32)
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(8, None), (4, 32)])
+def test_quantize_writes_a_checkpoint_that_generate_runs(checkpoint: Path, tmp_path: Path, bits: int, group_size: int | None) -> None:
+    out = tmp_path / f"int{bits}"
+    grouping = ["--group-size", str(group_size)] if group_size else []
+    result = CliRunner().invoke(app, ["quantize", "--model", str(checkpoint), "--bits", str(bits), *grouping, "--out", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith(f"wrote {out}: INT{bits}")
+    record = json.loads((out / "quantization.json").read_text())
+    assert (record["bits"], record["group_size"]) == (bits, group_size)
+
+    prompt = "Emma was [MASK] happy."
+    from_checkpoint = invoke("--model", str(out), "--max-new-tokens", "5", prompt)
+    model, tokenizer = quantized_generation_model(out)
+    assert from_checkpoint.exit_code == 0, from_checkpoint.stderr
+    assert from_checkpoint.stdout == openglm.generate(model, tokenizer, prompt, max_new_tokens=5, temperature=0) + "\n"
+    # Quantizing on load computes exactly what the quantized checkpoint computes.
+    on_load = invoke("--model", str(checkpoint), "--quantize", str(bits), *grouping, "--max-new-tokens", "5", prompt)
+    assert on_load.exit_code == 0, on_load.stderr
+    assert on_load.stdout == from_checkpoint.stdout
+
+
+def test_quantize_never_overwrites(checkpoint: Path, tmp_path: Path) -> None:
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("keep me")
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("keep me too")
+    for out in (taken, a_file):
+        result = CliRunner().invoke(app, ["quantize", "--model", str(checkpoint), "--bits", "8", "--out", str(out)])
+        assert_clean_error(result, 2, f"{out}: exists and is not an empty directory; refusing to overwrite it")
+    assert sorted(p.name for p in taken.iterdir()) == ["notes.txt"] and (taken / "notes.txt").read_text() == "keep me"
+    assert a_file.read_text() == "keep me too"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = CliRunner().invoke(app, ["quantize", "--model", str(checkpoint), "--bits", "8", "--out", str(empty)])
+    assert done.exit_code == 0, done.stderr
+    again = CliRunner().invoke(app, ["quantize", "--model", str(empty), "--bits", "4", "--out", str(tmp_path / "twice")])
+    assert_clean_error(again, 2, "already quantized")
+    assert not (tmp_path / "twice").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--bits", "3"], "error: --bits must be 8 or 4, got 3"),
+        (["--bits", "4", "--group-size", "48"], "group_size 48 must be a positive divisor of in_features (64); group sizes dividing every layer divide 64"),
+        (["--bits", "4", "--group-size", "0"], "error: --group-size must be a positive integer, got 0"),
+    ],
+)
+def test_quantize_bad_options_give_one_line_errors(checkpoint: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    out = tmp_path / "q"
+    result = CliRunner().invoke(app, ["quantize", "--model", str(checkpoint), *args, "--out", str(out)])
+    assert_clean_error(result, 2, message)
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # nothing written, not even a temporary directory
+
+
+def test_quantize_missing_model_gives_one_line_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["quantize", "--model", str(tmp_path / "absent"), "--bits", "8", "--out", str(tmp_path / "q")])
+    assert_clean_error(result, 2, "absent: no such checkpoint or run directory")
+    assert not (tmp_path / "q").exists()
+
+
+def test_generate_quantize_bad_options_give_one_line_errors(checkpoint: Path, tmp_path: Path) -> None:
+    assert_clean_error(invoke("--model", str(checkpoint), "--quantize", "3", "hi"), 2, "error: --quantize must be 8 or 4, got 3")
+    assert_clean_error(invoke("--model", str(checkpoint), "--group-size", "32", "hi"), 2, "error: --group-size needs --quantize")
+    assert_clean_error(invoke("--model", str(checkpoint), "--quantize", "4", "--group-size", "48", "hi"), 2, "group_size 48 must be a positive divisor")
+    assert_clean_error(invoke("--model", str(tmp_path / "absent"), "--quantize", "4", "hi"), 2, "no such checkpoint")
+    quantized = tmp_path / "q8"
+    assert CliRunner().invoke(app, ["quantize", "--model", str(checkpoint), "--bits", "8", "--out", str(quantized)]).exit_code == 0
+    assert_clean_error(invoke("--model", str(quantized), "--quantize", "4", "hi"), 2, "already quantized; drop --quantize")
+
+
+def test_quantize_from_a_real_process_exits_cleanly(checkpoint: Path, tmp_path: Path, shard_cache: str) -> None:
+    result = run_cli("quantize", "--model", str(checkpoint), "--bits", "5", "--out", str(tmp_path / "q"), env_cache=shard_cache)
+    assert result.returncode == 2 and "error: --bits must be 8 or 4, got 5" in result.stderr and "Traceback" not in result.stderr
