@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +73,24 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _write_dir_atomic(final: Path, fill: Callable[[Path], None]) -> None:
+    """Build a directory with `fill(tmp)` under a temporary name beside `final`, then rename it into
+    place (replacing `final`), so a crash never leaves a half-written directory at `final`."""
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        fill(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    return {name: _sha256(folder / name) for name in sorted(p.name for p in folder.iterdir())}
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -86,22 +105,17 @@ def save_checkpoint(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"checkpoint-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".{final.name}."))
-    try:
+
+    def fill(tmp: Path) -> None:
         config.save(tmp / CONFIG_FILE)
         save_file({name: t.detach().float().contiguous() for name, t in weights.items()}, tmp / WEIGHTS_FILE)
         tokenizer.save(tmp / TOKENIZER_FILE)
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-        files = sorted(p.name for p in tmp.iterdir())
-        state = dict(trainer_state, step=step, files={name: _sha256(tmp / name) for name in files})
+        state = dict(trainer_state, step=step, files=_file_hashes(tmp))
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    _write_dir_atomic(final, fill)
     write_text_atomic(run_dir / LATEST_FILE, final.name + "\n")
     checkpoints = sorted(p for p in run_dir.glob("checkpoint-*") if p.is_dir())
     for old in checkpoints[:-keep] if keep > 0 else []:
@@ -161,19 +175,14 @@ def save_quantized_checkpoint(
     if out.exists() and not (out / QUANT_FILE).is_file() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out}: exists and is not a quantized checkpoint; refusing to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+
+    def fill(tmp: Path) -> None:
         config.save(tmp / CONFIG_FILE)
         save_file({name: t.detach().contiguous() for name, t in tensors.items()}, tmp / WEIGHTS_FILE)
         tokenizer.save(tmp / TOKENIZER_FILE)
-        files = {name: _sha256(tmp / name) for name in sorted(p.name for p in tmp.iterdir())}
-        (tmp / QUANT_FILE).write_text(json.dumps(dict(record, files=files), indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / QUANT_FILE).write_text(json.dumps(dict(record, files=_file_hashes(tmp)), indent=2) + "\n")
+
+    _write_dir_atomic(out, fill)
     return out
 
 
@@ -194,16 +203,22 @@ def read_quantization(checkpoint: Path) -> dict[str, Any] | None:
     return record
 
 
-def load_weights(checkpoint: Path, params: dict[str, torch.Tensor]) -> None:
-    """Copy model.safetensors into `params` (name -> tensor), naming any missing, unexpected or
-    mis-shaped tensor."""
+def read_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The tensors of model.safetensors, or a CheckpointError saying it is missing or damaged."""
     path = checkpoint / WEIGHTS_FILE
     try:
-        weights = load_file(path)
+        return load_file(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{path}: damaged or not a safetensors file ({err})") from None
+
+
+def load_weights(checkpoint: Path, params: dict[str, torch.Tensor]) -> None:
+    """Copy model.safetensors into `params` (name -> tensor), naming any missing, unexpected or
+    mis-shaped tensor."""
+    path = checkpoint / WEIGHTS_FILE
+    weights = read_weights(checkpoint)
     missing = sorted(set(params) - set(weights))
     unexpected = sorted(set(weights) - set(params))
     if missing or unexpected:

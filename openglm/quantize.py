@@ -640,10 +640,7 @@ def load_quantized(checkpoint: Path, config: GLMConfig, record: dict[str, Any]) 
     """Build the model of a quantized checkpoint directory, naming any bad file or tensor.
 
     `record` is its parsed quantization.json (sha256s already checked by the caller)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from openglm.checkpoint import QUANT_FILE, WEIGHTS_FILE, CheckpointError
+    from openglm.checkpoint import QUANT_FILE, WEIGHTS_FILE, CheckpointError, read_weights
     from openglm.model import GLM
 
     record_path = checkpoint / QUANT_FILE
@@ -673,12 +670,7 @@ def load_quantized(checkpoint: Path, config: GLMConfig, record: dict[str, Any]) 
     model.to_empty(device="cpu")
 
     path = checkpoint / WEIGHTS_FILE
-    try:
-        tensors = load_file(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{path}: damaged or not a safetensors file ({err})") from None
+    tensors = read_weights(checkpoint)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:

@@ -596,8 +596,8 @@ def test_stop_strings_cut_the_text_and_rows_stop_independently() -> None:
     assert both[1][0] == first[: min(first.index(stop), first.index(first[6:8]))]
 
 
-def test_stop_string_cut_is_written_back_before_the_next_blank(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = make_model(seed=17)
+def record_contexts(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """Make every later decode round append each job's context (Part A) to the returned list."""
     contexts: list[list[int]] = []
     real = gen._run
 
@@ -605,11 +605,17 @@ def test_stop_string_cut_is_written_back_before_the_next_blank(monkeypatch: pyte
         contexts.extend(list(job.context) for job in jobs)
         return real(model, jobs, *args)
 
+    monkeypatch.setattr(gen, "_run", spy)
+    return contexts
+
+
+def test_stop_string_cut_is_written_back_before_the_next_blank(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make_model(seed=17)
     text = "One [MASK] two [MASK] three"
     config = GenerationConfig(max_new_tokens=10, seed=3, stop_token_ids=())
     _, free = infill(model, TOK, text, config)
     stop = free[0][3]
-    monkeypatch.setattr(gen, "_run", spy)
+    contexts = record_contexts(monkeypatch)
     completed, fills = infill(model, TOK, text, GenerationConfig.from_options(config, stop_strings=(stop,)))
     assert fills[0] == free[0][: free[0].index(stop)]
     assert TOK.decode(contexts[1]) == f"One {fills[0]} two [MASK] three"
@@ -647,14 +653,7 @@ def test_past_max_seq_len_warns_and_generates(caplog: pytest.LogCaptureFixture) 
 
 def test_multi_blank_infilling_left_to_right(monkeypatch: pytest.MonkeyPatch) -> None:
     model = make_model(seed=2)
-    contexts: list[list[int]] = []
-    real = gen._run
-
-    def spy(model: GLM, jobs: Sequence[Any], *args: Any) -> Any:
-        contexts.extend(list(job.context) for job in jobs)
-        return real(model, jobs, *args)
-
-    monkeypatch.setattr(gen, "_run", spy)
+    contexts = record_contexts(monkeypatch)
     text = "Alice [MASK] to the [MASK] and bought [MASK] apples."
     completed, fillings = infill(model, TOK, text, GenerationConfig(max_new_tokens=4, seed=11))
     assert len(fillings) == 3 and any(fillings)
