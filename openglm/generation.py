@@ -422,16 +422,17 @@ class _Layout:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def _eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
     """Dropout off for one forward, every module's flag restored after: generation is lazy and may
     be abandoned half way, so it must never leave the model switched while it waits."""
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
+    training = [module for module in modules if module.training]
+    for module in training:
+        module.training = False
     try:
         yield
     finally:
-        for module, training in modes.items():
-            module.training = training
+        for module in training:
+            module.training = True
 
 
 class _Batch:
@@ -442,6 +443,7 @@ class _Batch:
         weight = model.word_embeddings.weight
         device = weight.device
         self.model = model
+        self._modules = list(model.modules())
         longest = max(len(p.tokens) for p in prefills)
         pads = [longest - len(p.tokens) for p in prefills]
         capacity = longest + max_new_tokens - 1  # the last token is never fed back
@@ -454,6 +456,7 @@ class _Batch:
             block_positions=config.position_encoding == "rope2d" and config.objective == "glm",
         )
         self._causal = config.objective == "causal"
+        self._padded = any(pads)
         pad_id = config.special_tokens.pad
         self.first = torch.tensor([[pad_id] * n + p.tokens for n, p in zip(pads, prefills, strict=True)], device=device)
 
@@ -464,8 +467,8 @@ class _Batch:
         layout = self.layout
         prefix = torch.zeros_like(layout.pad) if self._causal else layout.pad + layout.prefix_len
         # Unpadded batches keep the model's mask-free fast paths (and single prompts their exact old numbers).
-        padding = self.padding[:, : start + length] if bool(layout.pad.any()) else None
-        with _eval_mode(self.model), torch.no_grad():
+        padding = self.padding[:, : start + length] if self._padded else None
+        with _eval_mode(self._modules), torch.no_grad():
             hidden = self.model(ids, position_ids, block_position_ids, prefix, self.cache, return_hidden=True, padding_mask=padding)
             return self.model.logits(hidden[:, -1]).float()
 
@@ -476,6 +479,7 @@ class _Batch:
         self.cache.values = self.cache.values.index_select(1, index)
         self.padding = self.padding[index]
         self.layout = self.layout.select(index)
+        self._padded = bool(self.layout.pad.any())
 
 
 @dataclass
