@@ -242,10 +242,13 @@ def load_config(checkpoint: Path) -> GLMConfig:
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GLM, GLMTokenizer]:
     """The model (in eval mode) and tokenizer of a checkpoint or run directory, quantized or not
-    (quantized block linears keep their INT8/INT4 weights whatever `dtype`)."""
+    (quantized block linears keep their INT8/INT4 weights whatever `dtype`); also a ChatGLM-6B
+    Hugging Face directory, or a checkpoint converted from one (its tokenizer is ice_text.model)."""
+    from openglm.convert import SP_TOKENIZER_FILE, is_chatglm_dir, load_chatglm, open_tokenizer
     from openglm.model import GLM
-    from openglm.tokenizer import GLMTokenizer
 
+    if is_chatglm_dir(Path(path)):
+        return load_chatglm(path, dtype)  # type: ignore[return-value]  # a tokenizer with the same protocol
     checkpoint = resolve_checkpoint(path)
     quantization = read_quantization(checkpoint)
     config = load_config(checkpoint)
@@ -259,8 +262,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GL
         model.to_empty(device="cpu")
         load_weights(checkpoint, dict(model.named_parameters()))
     tokenizer_path = checkpoint / TOKENIZER_FILE
+    if not tokenizer_path.is_file() and (checkpoint / SP_TOKENIZER_FILE).is_file():
+        tokenizer_path = checkpoint / SP_TOKENIZER_FILE
     try:
-        tokenizer = GLMTokenizer.from_file(tokenizer_path)
+        tokenizer = open_tokenizer(tokenizer_path, config.special_tokens)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{tokenizer_path}: cannot be loaded ({err})") from None
     if tokenizer.vocab_size > config.vocab_size:

@@ -1,0 +1,210 @@
+"""ChatGLM-6B's Hugging Face directory <-> openglm.
+
+Layout (THUDM/chatglm-6b, `modeling_chatglm.py`): `config.json` with `hidden_size`,
+`inner_hidden_size`, `num_layers`, `num_attention_heads`, `vocab_size`, `layernorm_epsilon`,
+`position_encoding_2d` and the token ids (`bos_token_id` is <sop>, `eos_token_id` is <eop>);
+fp16 weights in `pytorch_model.bin`, in shards named by `pytorch_model.bin.index.json`, or the
+safetensors equivalents; `ice_text.model`, the sentencepiece tokenizer.
+
+The parameter names are openglm's with a `transformer.` prefix (plus an untied `lm_head.weight`),
+and the tensors need no rearranging: QKV is interleaved per head ([heads, q|k|v]) in both, the MLP
+is dense -> tanh-GeLU -> dense. What the reference forward fixes and config.json does not say is
+set here: 2-D RoPE with fp16-rounded inverse frequencies, and DeepNorm alpha sqrt(2 * 28) for any
+depth (the reference never passes `num_layers` to its blocks). `rotary_emb.inv_freq` buffers are
+ignored, as the reference ignores them on load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from openglm.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_config, read_quantization, write_text_atomic
+from openglm.config import ConfigError, GLMConfig, SpecialTokens
+from openglm.convert.common import SP_TOKENIZER_FILE, Piece, Source, parameter_shapes
+from openglm.convert.store import ConvertError, TensorFile, check_names, check_shape, open_tensors, read_json
+
+log = logging.getLogger(__name__)
+
+FORMAT = "chatglm-hf"
+ALPHA = math.sqrt(2 * 28)  # modeling_chatglm.py's GLMBlock keeps its default num_layers=28
+INDEX_FILES = ("pytorch_model.bin.index.json", "model.safetensors.index.json")
+SINGLE_FILES = ("pytorch_model.bin", "model.safetensors")
+PREFIX = "transformer."
+HEAD = "lm_head.weight"
+TOKEN_FIELDS = {"bos_token_id": "sop", "eos_token_id": "eop", "mask_token_id": "mask", "gmask_token_id": "gmask", "pad_token_id": "pad"}
+REQUIRED = ("hidden_size", "num_layers", "num_attention_heads", "vocab_size", *TOKEN_FIELDS)
+
+
+def is_chatglm_dir(path: Path) -> bool:
+    """A directory whose config.json says model_type "chatglm" (ChatGLM-6B and its successors)."""
+    config = path / CONFIG_FILE
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("model_type") == "chatglm"
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def config_from_chatglm(data: dict[str, Any], path: Path) -> GLMConfig:
+    """The GLMConfig of a ChatGLM-6B config.json (`path`, for messages)."""
+    if "multi_query_attention" in data or "padded_vocab_size" in data:
+        raise ConvertError(f"{path}: a ChatGLM2/ChatGLM3 config (multi-query attention); only the ChatGLM-6B (v1) layout is supported")
+    missing = [name for name in REQUIRED if name not in data]
+    if missing:
+        raise ConvertError(f"{path}: missing field(s) {', '.join(missing)}")
+    if not data.get("position_encoding_2d", True):
+        raise ConvertError(f"{path}: position_encoding_2d is false; only ChatGLM-6B's 2-D RoPE is supported")
+    for field in ("pre_seq_len", "quantization_bit"):
+        if data.get(field):
+            raise ConvertError(f"{path}: {field}={data[field]!r} (P-tuning prefixes and ChatGLM's own quantized weights are not supported)")
+    ids = {name: data[field] for field, name in TOKEN_FIELDS.items()}
+    try:
+        return GLMConfig(
+            vocab_size=data["vocab_size"],
+            hidden_size=data["hidden_size"],
+            num_layers=data["num_layers"],
+            num_heads=data["num_attention_heads"],
+            ffn_hidden_size=data.get("inner_hidden_size") or 4 * data["hidden_size"],
+            max_seq_len=data.get("max_sequence_length", 2048),
+            layernorm_eps=data.get("layernorm_epsilon", 1e-5),
+            deepnorm_alpha=ALPHA,
+            ffn_type="gelu",
+            gelu_approximate="tanh",
+            position_encoding="rope2d",
+            rope_fp16_inv_freq=True,
+            tie_word_embeddings=False,
+            # config.json has no [sMASK]; the reference treats only [MASK] and [gMASK] as blanks.
+            special_tokens=SpecialTokens(eos=ids["eop"], smask=ids["mask"], **ids),
+        )
+    except (ConfigError, TypeError) as err:
+        raise ConvertError(f"{path}: {err}") from None
+
+
+def chatglm_config(config: GLMConfig) -> dict[str, Any]:
+    """config.json for a GLMConfig, refusing what the ChatGLM-6B forward cannot express."""
+    expected = {
+        "ffn_type": "gelu",
+        "gelu_approximate": "tanh",
+        "position_encoding": "rope2d",
+        "rope_fp16_inv_freq": True,
+        "tie_word_embeddings": False,
+        "qkv_bias": True,
+        "dense_bias": True,
+        "objective": "glm",
+        "rope_base": 10000.0,
+    }
+    for field, value in expected.items():
+        if getattr(config, field) != value:
+            raise ConvertError(f"GLMConfig.{field} is {getattr(config, field)!r}; the ChatGLM-6B layout needs {value!r}")
+    if not math.isclose(config.alpha, ALPHA, rel_tol=1e-12):
+        raise ConvertError(f"DeepNorm alpha is {config.alpha}; the ChatGLM-6B forward fixes it at sqrt(56) = {ALPHA}")
+    tokens = config.special_tokens
+    return {
+        "architectures": ["ChatGLMModel"],
+        "model_type": "chatglm",
+        "bos_token_id": tokens.sop,
+        "eos_token_id": tokens.eop,
+        "mask_token_id": tokens.mask,
+        "gmask_token_id": tokens.gmask,
+        "pad_token_id": tokens.pad,
+        "hidden_size": config.hidden_size,
+        "inner_hidden_size": config.ffn_hidden_size,
+        "layernorm_epsilon": config.layernorm_eps,
+        "max_sequence_length": config.max_seq_len,
+        "num_attention_heads": config.num_heads,
+        "num_layers": config.num_layers,
+        "position_encoding_2d": True,
+        "torch_dtype": "float16",
+        "use_cache": True,
+        "vocab_size": config.vocab_size,
+    }
+
+
+def weight_files(root: Path) -> list[Path]:
+    """The weight files of a ChatGLM directory, each file named by an index checked to exist."""
+    for name in INDEX_FILES:
+        index = root / name
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ConvertError(f"{index}: no weight_map")
+            files = [root / f for f in sorted(set(weight_map.values()))]
+            for file in files:
+                if not file.is_file():
+                    raise ConvertError(f"{file}: missing (listed in {index.name})")
+            return files
+    for name in SINGLE_FILES:
+        if (root / name).is_file():
+            return [root / name]
+    raise ConvertError(f"{root}: no weights ({', '.join(SINGLE_FILES + INDEX_FILES)} expected)")
+
+
+def source(root: Path) -> Source:
+    """A ChatGLM-6B directory as a conversion source."""
+    config_path = root / CONFIG_FILE
+    config = config_from_chatglm(read_json(config_path), config_path)
+    shapes = parameter_shapes(config)
+
+    def route(handle: TensorFile, name: str) -> list[Piece]:
+        if name.endswith("rotary_emb.inv_freq"):
+            return []
+        target = name if name == HEAD else name.removeprefix(PREFIX) if name.startswith(PREFIX) else None
+        if target not in shapes:
+            raise ConvertError(f"{handle.path}: unexpected tensor {name} (not a parameter of the {config.num_layers}-layer model {config_path.name} describes)")
+        check_shape(handle.path, name, handle.shape(name), shapes[target], config_path)
+        return [(target, (), ())]
+
+    return Source(root, config, weight_files(root), route)
+
+
+def _chatglm_name(name: str) -> str:
+    return name if name == HEAD else PREFIX + name
+
+
+def export(checkpoint: Path, folder: Path, use_safetensors: bool = False, max_shard_bytes: int = 2 << 30) -> None:
+    """Write the float openglm checkpoint `checkpoint` as a ChatGLM-6B directory into `folder`:
+    fp16 weights in shards of at most `max_shard_bytes`, written one shard at a time."""
+    if read_quantization(checkpoint) is not None:
+        raise ConvertError(f"{checkpoint}: quantized; ChatGLM-6B's layout holds float weights (export the float checkpoint)")
+    config = load_config(checkpoint)
+    data = chatglm_config(config)
+    shapes = parameter_shapes(config)
+    with open_tensors(checkpoint / WEIGHTS_FILE) as handle:
+        check_names(handle, shapes, checkpoint / CONFIG_FILE)
+        shards: list[list[str]] = [[]]
+        size = 0
+        for name, shape in shapes.items():
+            nbytes = math.prod(shape) * 2
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+        stem, suffix = ("model", "safetensors") if use_safetensors else ("pytorch_model", "bin")
+        weight_map: dict[str, str] = {}
+        for number, names in enumerate(shards, 1):
+            file = f"{stem}.{suffix}" if len(shards) == 1 else f"{stem}-{number:05d}-of-{len(shards):05d}.{suffix}"
+            state = {_chatglm_name(n): handle.tensor(n).to(torch.float16).contiguous() for n in names}
+            if use_safetensors:
+                save_file(state, folder / file, metadata={"format": "pt"})
+            else:
+                torch.save(state, folder / file)
+            weight_map.update(dict.fromkeys(state, file))
+            del state
+            log.info("wrote %s (%d tensors)", folder / file, len(names))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": 2 * sum(math.prod(s) for s in shapes.values())}, "weight_map": weight_map}
+        write_text_atomic(folder / f"{stem}.{suffix}.index.json", json.dumps(index, indent=2) + "\n")
+    write_text_atomic(folder / CONFIG_FILE, json.dumps(data, indent=2) + "\n")
+    if (checkpoint / SP_TOKENIZER_FILE).is_file():
+        shutil.copyfile(checkpoint / SP_TOKENIZER_FILE, folder / SP_TOKENIZER_FILE)
+

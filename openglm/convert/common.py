@@ -1,0 +1,165 @@
+"""The format-independent half of a conversion: route source tensors into openglm's parameters.
+
+A format adapter (chatglm.py, sat.py) describes its checkpoint as a `Source`: the weight files in
+the order they are read and a `route` that says, for one source tensor, which openglm parameter
+(and which slice of it) each part goes to. `scan` checks every name and shape against the config
+before anything is written, reading no tensor data; `transfer` then streams file by file into a
+sink (a memory-mapped safetensors file, or a model's parameters).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from openglm.checkpoint import CONFIG_FILE, QUANT_FILE, TOKENIZER_FILE, WEIGHTS_FILE, _file_hashes, write_text_atomic
+from openglm.config import GLMConfig
+from openglm.convert.store import ConvertError, Plan, SafetensorsWriter, Sink, TensorFile, open_tensors
+from openglm.quantize import QUANTIZED_LINEARS, SUPPORTED_BITS, quantize_weight
+
+log = logging.getLogger(__name__)
+
+# (openglm parameter, index into it, index into the source tensor); () is the whole tensor.
+Piece = tuple[str, tuple[slice, ...], tuple[slice, ...]]
+Router = Callable[[TensorFile, str], list[Piece]]
+SP_TOKENIZER_FILE = "ice_text.model"  # ChatGLM-6B's sentencepiece model
+
+
+@dataclass(frozen=True)
+class Source:
+    """A foreign checkpoint as a list of weight files and a routing rule for their tensors."""
+
+    root: Path
+    config: GLMConfig
+    files: list[Path]
+    route: Router
+    key: str | None = None  # the entry of a torch file that holds the state dict
+
+
+def parameter_shapes(config: GLMConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter of a GLM with this config, built on the meta device (no memory)."""
+    from openglm.model import GLM
+
+    with torch.device("meta"):
+        model = GLM(config)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def region_numel(shape: tuple[int, ...], index: tuple[slice, ...]) -> int:
+    return torch.empty(shape, device="meta")[index].numel()
+
+
+def scan(source: Source) -> tuple[dict[str, torch.dtype], int]:
+    """Check that the source fills every parameter exactly once; its dtypes and bytes to copy."""
+    shapes = parameter_shapes(source.config)
+    covered = dict.fromkeys(shapes, 0)
+    dtypes: dict[str, torch.dtype] = {}
+    total = 0
+    for path in source.files:
+        with open_tensors(path, source.key) as handle:
+            for name in handle.names():
+                dtype = handle.dtype(name)
+                for target, index, _ in source.route(handle, name):
+                    if not dtype.is_floating_point:
+                        raise ConvertError(f"{path}: tensor {name} has dtype {dtype}, expected a float")
+                    if dtypes.setdefault(target, dtype) != dtype:
+                        raise ConvertError(f"{path}: tensor {name} is {dtype}, other shards hold it as {dtypes[target]}")
+                    count = region_numel(shapes[target], index)
+                    covered[target] += count
+                    total += count * dtype.itemsize
+    for name, count in covered.items():
+        expected = math.prod(shapes[name])
+        if count < expected:
+            raise ConvertError(f"{source.root}: tensor {name} is missing ({count} of {expected} values found in {len(source.files)} file(s))")
+        if count > expected:
+            raise ConvertError(f"{source.root}: tensor {name} is given more than once")
+    return dtypes, total
+
+
+def transfer(source: Source, sink: Sink, total_bytes: int) -> None:
+    """Copy every routed tensor into the sink, one source file at a time."""
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"reading {source.root.name}", disable=None) as bar:
+        for path in source.files:
+            with open_tensors(path, source.key) as handle:
+                for name in handle.names():
+                    for target, index, source_index in source.route(handle, name):
+                        bar.update(_copy(handle, name, source_index, sink, target, index))
+                    handle.release(name)
+            log.debug("done with %s", path)
+
+
+def _copy(handle: TensorFile, name: str, source_index: tuple[slice, ...], sink: Sink, target: str, index: tuple[slice, ...]) -> int:
+    """Copy one piece; no reference to the source outlives the call, so closing the file unmaps it."""
+    part = handle.tensor(name)[source_index]
+    with sink.region(target) as region:
+        region[index].copy_(part)
+    return part.numel() * part.element_size()
+
+
+def _is_block_linear_weight(name: str) -> bool:
+    """Whether `name` is the weight of a block linear that GLM-130B quantizes."""
+    parts = name.split(".", 2)
+    return len(parts) == 3 and parts[0] == "layers" and parts[2].removesuffix(".weight") in QUANTIZED_LINEARS and name.endswith(".weight")
+
+
+def quantize_file(float_file: Path, out_file: Path, bits: int, group_size: int | None) -> dict[str, object]:
+    """Quantize the block linears of a float safetensors file tensor by tensor into `out_file`
+    (the layout `openglm.quantize.load_quantized` reads); returns the quantization record."""
+    if bits not in SUPPORTED_BITS:
+        raise ConvertError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    with open_tensors(float_file) as handle:
+        plan: Plan = {}
+        modules = []
+        for name in handle.names():
+            shape = handle.shape(name)
+            if not _is_block_linear_weight(name):
+                plan[name] = (shape, handle.dtype(name))
+                continue
+            out_features, in_features = shape
+            if group_size is not None and (group_size <= 0 or in_features % group_size):
+                raise ConvertError(f"{float_file}: tensor {name}: group size {group_size} does not divide its {in_features} inputs")
+            module = name.removesuffix(".weight")
+            modules.append(module)
+            width = in_features // 2 if bits == 4 else in_features
+            plan[f"{module}.qweight"] = ((out_features, width), torch.uint8 if bits == 4 else torch.int8)
+            plan[f"{module}.scales"] = ((out_features, in_features // group_size if group_size else 1), torch.bfloat16)
+        writer = SafetensorsWriter(out_file, plan)
+        for name in tqdm(handle.names(), desc=f"INT{bits}", unit="tensor", disable=None):
+            tensor = handle.tensor(name)
+            if _is_block_linear_weight(name):
+                module = name.removesuffix(".weight")
+                try:
+                    qweight, scales = quantize_weight(tensor, bits, group_size)
+                except ValueError as err:
+                    raise ConvertError(f"{float_file}: tensor {name}: {err}") from None
+                writer.write(f"{module}.qweight", qweight)
+                writer.write(f"{module}.scales", scales)
+            else:
+                writer.write(name, tensor)
+    return {"format": 1, "bits": bits, "group_size": group_size, "scale_dtype": "bfloat16", "modules": sorted(modules)}
+
+
+def write_openglm(source: Source, folder: Path, bits: int | None = None, group_size: int | None = None, tokenizer: Path | None = None) -> None:
+    """Fill `folder` (empty) with an openglm checkpoint of `source`: config.json, model.safetensors
+    in the source's dtypes (or INT8/INT4 block linears plus quantization.json), and the tokenizer."""
+    dtypes, total = scan(source)
+    shapes = parameter_shapes(source.config)
+    plan: Plan = {name: (shapes[name], dtypes[name]) for name in shapes}
+    float_file = folder / (WEIGHTS_FILE if bits is None else ".float.safetensors")
+    transfer(source, SafetensorsWriter(float_file, plan), total)
+    source.config.save(folder / CONFIG_FILE)
+    if tokenizer is not None:
+        name = TOKENIZER_FILE if tokenizer.suffix == ".json" else SP_TOKENIZER_FILE
+        shutil.copyfile(tokenizer, folder / name)
+    if bits is not None:
+        record = quantize_file(float_file, folder / WEIGHTS_FILE, bits, group_size)
+        float_file.unlink()
+        write_text_atomic(folder / QUANT_FILE, json.dumps(dict(record, files=_file_hashes(folder)), indent=2) + "\n")
