@@ -15,7 +15,8 @@ The pieces build on each other and each can be used (and tested) alone:
 - `_Prompt` / `_fill` are GLM-130B's blank filling: one blank per prompt per round, each filling
   written back into the context before the next blank.
 - Public: `generate_tokens` (token ids of one context), `infill`, `infill_batch`, `generate`,
-  `stream`, `check_prompt`.
+  `stream`, `check_prompt`; and `Engine`, continuous batching for a server: requests join and
+  leave a running batch between decode steps (`_Batch.extend`), each with its own options.
 
 GLM conventions (GLM-130B generate.py, ChatGLM-6B): the context is Part A, seen bidirectionally;
 Part B starts with <sop> and is decoded causally; it ends at <eop> (or <eos>). A [MASK]/[sMASK]
@@ -32,6 +33,7 @@ rounding). Rows that finish are dropped from the batch (and the cache) at once.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
@@ -183,13 +185,37 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         kept = scores.topk(top_k, dim=-1).indices
         scores = torch.full_like(scores, float("-inf")).scatter(-1, kept, scores.gather(-1, kept))
     if top_p < 1.0:
-        sorted_scores, order = scores.sort(dim=-1, descending=True)
-        probs = sorted_scores.softmax(-1)
-        mass_before = probs.cumsum(-1) - probs
-        drop_sorted = mass_before >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        scores = scores.masked_fill(drop, float("-inf"))
+        scores = scores.masked_fill(_outside_nucleus(scores.softmax(-1), top_p), float("-inf"))
     return scores
+
+
+_NUCLEUS_BUCKETS = 4096  # log-probability buckets, each 1% wide, from 2^-40 (or less) up to 1
+
+
+def _outside_nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """True for the tokens outside each row's nucleus, found without sorting the vocabulary (a
+    sort of 16k tokens costs ~3 ms a row, which dominated batched sampling).
+
+    In likelihood order a token is outside when the mass before it reaches top_p, i.e. when the
+    tokens at most as likely as it, itself included (so ties go together), hold at most
+    1 - top_p. A histogram of the probabilities in log buckets, weighted by probability, decides
+    every token except those of the one bucket where the cumulative mass passes 1 - top_p; only
+    those few are sorted.
+    """
+    limit = 1.0 - top_p
+    buckets = _NUCLEUS_BUCKETS
+    bucket = ((probs.clamp_min(2.0**-40).log2() / 40 + 1) * buckets).long().clamp_(0, buckets - 1)  # monotonic in p
+    mass = probs.new_zeros(probs.shape[0], buckets).scatter_add_(1, bucket, probs)
+    cumulative = mass.cumsum(-1)
+    edge = (cumulative <= limit).sum(-1, keepdim=True).clamp_(max=buckets - 1)  # where the mass passes the limit
+    in_edge = bucket == edge
+    below = cumulative.gather(-1, edge) - mass.gather(-1, edge)
+    count = max(1, int(in_edge.sum(-1).max()))  # none only when top_p is ~0: then the likeliest token alone
+    values = torch.where(in_edge, probs, float("inf")).topk(count, dim=-1, largest=False).values  # ascending
+    tails = (below + values.cumsum(-1)).gather(-1, torch.searchsorted(values, values, right=True) - 1)
+    threshold = torch.where(tails <= limit, values, float("-inf")).amax(-1, keepdim=True)
+    outside = (bucket < edge) | (in_edge & (probs <= threshold))
+    return outside & (probs < probs.amax(-1, keepdim=True))  # the likeliest token always stays
 
 
 def sample_next(
@@ -481,6 +507,36 @@ class _Batch:
         self.layout = self.layout.select(index)
         self._padded = bool(self.layout.pad.any())
 
+    def extend(self, other: _Batch, room: int) -> None:
+        """Append `other`'s rows (prefilled on their own) so that all decode together: continuous
+        batching. Both caches are moved so that their tokens end at the same index (the shorter
+        rows get more left padding, which changes none of their positions, as those are counted
+        without padding, and RoPE is applied before keys are cached); columns that are padding in
+        every row are dropped, and `room` more positions fit after."""
+        length = max(b.cache.length - int(b.layout.pad.min()) for b in (self, other))
+        moved = [b._moved(length, length + room) for b in (self, other)]
+        self.cache = KVCache(torch.cat([m[0] for m in moved], 1), torch.cat([m[1] for m in moved], 1), length)
+        self.layout = dataclasses.replace(
+            self.layout,
+            pad=torch.cat([m[2] for m in moved]),
+            prefix_len=torch.cat([self.layout.prefix_len, other.layout.prefix_len]),
+            blank_position=torch.cat([self.layout.blank_position, other.layout.blank_position]),
+        )
+        self.padding = torch.arange(length + room, device=self.padding.device)[None] >= self.layout.pad[:, None]
+        self._padded = bool(self.layout.pad.any())
+
+    def _moved(self, length: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values (capacity positions) and per-row padding with the cached tokens ending at
+        index `length`; a shift to the left drops leading padding."""
+        shift = length - self.cache.length
+        source = max(0, -shift)
+        keys, values = self.cache.keys, self.cache.values
+        shape = (*keys.shape[:3], capacity, keys.shape[4])
+        moved_keys, moved_values = keys.new_zeros(shape), values.new_zeros(shape)
+        moved_keys[:, :, :, source + shift : length] = keys[:, :, :, source : self.cache.length]
+        moved_values[:, :, :, source + shift : length] = values[:, :, :, source : self.cache.length]
+        return moved_keys, moved_values, self.layout.pad + shift
+
 
 @dataclass
 class _Job:
@@ -508,19 +564,28 @@ def _run(model: GLM, jobs: Sequence[_Job], config: GenerationConfig, rules: _Rul
     yield from _choose_strategy(config)(batch, jobs, logits, config, rules)
 
 
+def _pick(logits: torch.Tensor, jobs: Sequence[_Job], config: GenerationConfig, rules: _Rules) -> list[int]:
+    """The next token of each job (one row of `logits` each), within the rules."""
+    scores = rules.constrain(logits, [job.text.tokens for job in jobs])
+    return sample_next(scores, config, [job.generator for job in jobs]).tolist()
+
+
+def _ends(job: _Job, token: int, config: GenerationConfig, rules: _Rules) -> bool:
+    """Add `token` to the job's text; True (and the text finished) when the Part B ends with it:
+    a stop token (not kept), a stop string, or max_new_tokens."""
+    text = job.text
+    if token in rules.stop_ids or text.push(token) or len(text.tokens) == config.max_new_tokens:
+        text.finish()
+        return True
+    return False
+
+
 def _sample(batch: _Batch, jobs: Sequence[_Job], logits: torch.Tensor, config: GenerationConfig, rules: _Rules) -> Iterator[None]:
     """Greedy decoding or sampling; each row stops on its own (stop token, stop string, length)."""
     rows = list(range(len(jobs)))  # the job of each batch row
-    for step in range(1, config.max_new_tokens + 1):
-        scores = rules.constrain(logits, [jobs[j].text.tokens for j in rows])
-        chosen = sample_next(scores, config, [jobs[j].generator for j in rows]).tolist()
-        keep = []
-        for row, (j, token) in enumerate(zip(rows, chosen, strict=True)):
-            text = jobs[j].text
-            if token in rules.stop_ids or text.push(token) or step == config.max_new_tokens:
-                text.finish()
-            else:
-                keep.append(row)
+    while True:
+        chosen = _pick(logits, [jobs[j] for j in rows], config, rules)
+        keep = [row for row, (j, token) in enumerate(zip(rows, chosen, strict=True)) if not _ends(jobs[j], token, config, rules)]
         yield
         if not keep:
             return
@@ -874,3 +939,200 @@ def stream(model: GLM, tokenizer: Tokenizer, text: str | Sequence[str], config: 
                 yield from prompt.emit()
 
     return pieces()
+
+
+# -- continuous batching --------------------------------------------------------------------------
+
+
+class Submission:
+    """One caller's prompts for an `Engine`, checked and ready to decode. `Engine.prepare` builds
+    it on the caller's thread (so bad input fails there, before it queues); the engine's thread
+    then decodes it. Prompt i uses seed + i, as in `generate`, so each prompt's text equals what
+    `generate` gives for that prompt and seed."""
+
+    def __init__(self, config: GenerationConfig, rules: _Rules, prompts: list[_Prompt], incremental: bool) -> None:
+        self.config, self.rules, self.prompts, self.incremental = config, rules, prompts, incremental
+        self.cancelled = False
+        # Rows whose options agree (seeds aside) are sampled together.
+        self.key = dataclasses.astuple(dataclasses.replace(config, seed=None, batch_size=1))
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Part A tokens of every prompt (an appended [gMASK] included)."""
+        return sum(sum(map(len, p.pieces)) + len(p.marks) for p in self.prompts)
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated so far, over every blank (a final stop token not counted)."""
+        return sum(len(f.tokens) for p in self.prompts for f in p.fills if f is not None)
+
+    @property
+    def done(self) -> bool:
+        return all(p.next_blank() is None and all(f is not None and f.finished for f in p.fills) for p in self.prompts)
+
+    def result(self, index: int) -> tuple[str, list[tuple[int, str]]]:
+        """Prompt `index`'s completed text, and its blanks in the order they appear in the text as
+        (mask token id, filling); a causal model's one "blank" has id -1."""
+        prompt = self.prompts[index]
+        return prompt.completed(), [(mark, fill.text) for mark, fill in zip(prompt.marks, prompt._finished_fills(), strict=True)]
+
+    def finish_reason(self, index: int) -> str:
+        """"length" if a filling of prompt `index` ran into max_new_tokens, else "stop" (a stop
+        token or string)."""
+        limit = self.config.max_new_tokens
+        return "length" if any(len(f.tokens) >= limit and f._cut is None for f in self.prompts[index]._finished_fills()) else "stop"
+
+
+@dataclass
+class _Row:
+    """One Part B decoding in an engine's shared batch."""
+
+    job: _Job
+    prompt: _Prompt
+    submission: Submission
+
+
+_END = object()
+
+
+class Engine:
+    """Continuous batching: one decode loop whose batch changes between steps, so a request never
+    waits for another to finish.
+
+    Greedy and sampled Part Bs of every submission share one batch and one KV cache: waiting ones
+    are prefilled together and join between two decode steps (`_Batch.extend`), finished ones
+    leave at once, and a prompt's next blank rejoins as a new row. Each row keeps its own options;
+    rows with the same options are sampled in one call. Beam search (beams reorder every step)
+    keeps a batch per submission, advanced one step per engine step. At most `max_rows` rows share
+    the batch (1: no batching). Not thread-safe: one thread owns an engine and the model."""
+
+    def __init__(self, model: GLM, tokenizer: Tokenizer, max_rows: int = 64) -> None:
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        self.model, self.tokenizer, self.max_rows = model, tokenizer, max_rows
+        self._rows: list[_Row] = []
+        self._waiting: collections.deque[_Row] = collections.deque()
+        self._batch: _Batch | None = None
+        self._logits = torch.empty(0)
+        self._beams: dict[Submission, Iterator[None]] = {}
+        self.step_rows = 0  # rows the last step decoded
+
+    def prepare(self, texts: Sequence[str], config: GenerationConfig, stream: bool = False) -> Submission:
+        """Check `texts` and `config` (ValueError/TypeError saying what is wrong) without touching
+        the engine's state, so any thread may call it; `stream` decodes text at every token."""
+        if isinstance(texts, str) or not texts:
+            raise ValueError("expected a non-empty list of prompts")
+        config, rules, prompts = _setup(self.model, self.tokenizer, texts, config, named=len(texts) > 1)
+        return Submission(config, rules, prompts, incremental=stream or bool(config.stop_strings))
+
+    def add(self, submission: Submission) -> None:
+        if submission.config.num_beams > 1:
+            self._beams[submission] = _fill(self.model, submission.prompts, submission.config, submission.rules, submission.incremental)
+        else:
+            for prompt in submission.prompts:
+                self._queue_blank(prompt, submission, front=False)
+
+    def cancel(self, submission: Submission) -> None:
+        """Stop decoding `submission` (its rows leave the batch now)."""
+        submission.cancelled = True
+        self._beams.pop(submission, None)
+        self._waiting = collections.deque(row for row in self._waiting if row.submission is not submission)
+        self._keep([i for i, row in enumerate(self._rows) if row.submission is not submission])
+
+    def reset(self) -> list[Submission]:
+        """Drop all work (after a failed step); returns the submissions that were in it."""
+        lost = list(dict.fromkeys([r.submission for r in (*self._rows, *self._waiting)] + list(self._beams)))
+        self._rows, self._waiting, self._batch, self._beams = [], collections.deque(), None, {}
+        return lost
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._rows or self._waiting or self._beams)
+
+    @property
+    def rows(self) -> int:
+        """Part Bs decoding now (beam searches count their prompts)."""
+        return len(self._rows) + sum(len(s.prompts) for s in self._beams)
+
+    @property
+    def queued(self) -> int:
+        """Submissions none of whose Part Bs has a place in the batch yet."""
+        running = {row.submission for row in self._rows}
+        return len({row.submission for row in self._waiting} - running)
+
+    def step(self) -> list[tuple[Submission, TextPiece]]:
+        """Admit waiting Part Bs, choose one token for every row, feed the ones that go on; returns
+        the text pieces that became final (see `stream`), tagged with their submission."""
+        self._admit()
+        self.step_rows = self.rows
+        touched: dict[Submission, None] = {}
+        for submission, steps in list(self._beams.items()):
+            touched[submission] = None
+            if next(steps, _END) is _END:
+                del self._beams[submission]
+        if self._rows:
+            chosen = self._choose()
+            keep = []
+            for i, (row, token) in enumerate(zip(self._rows, chosen, strict=True)):
+                touched[row.submission] = None
+                if _ends(row.job, token, row.submission.config, row.submission.rules):
+                    self._queue_blank(row.prompt, row.submission, front=True)
+                else:
+                    keep.append(i)
+            self._keep(keep)
+            if self._batch is not None:
+                self._logits = self._batch.step(torch.tensor([[chosen[i]] for i in keep], device=self._logits.device))
+        return [(s, piece) for s in touched for prompt in s.prompts for piece in prompt.emit()]
+
+    def _queue_blank(self, prompt: _Prompt, submission: Submission, front: bool) -> None:
+        """Queue the prompt's next blank, if it has one (`front`: a later blank of a running prompt
+        goes before new prompts)."""
+        blank = prompt.next_blank()
+        if blank is None:
+            return
+        job = _Job(prompt.context(), _Text(submission.rules, submission.incremental), prompt.generator)
+        prompt.start(blank, job.text)
+        row = _Row(job, prompt, submission)
+        self._waiting.appendleft(row) if front else self._waiting.append(row)
+
+    def _admit(self) -> None:
+        """Prefill as many waiting Part Bs as there are free rows, in one forward, and merge them
+        into the running batch."""
+        count = min(self.max_rows - len(self._rows), len(self._waiting))
+        if count <= 0:
+            return
+        new = [self._waiting.popleft() for _ in range(count)]
+        prefills = [_prefill(self.model.config, row.job.context) for row in new]
+        batch = _Batch(self.model, prefills, max(row.submission.config.max_new_tokens for row in new))
+        logits = batch.step(batch.first)
+        if self._batch is None:
+            self._batch, self._logits = batch, logits
+        else:
+            room = max(r.submission.config.max_new_tokens - len(r.job.text.tokens) - 1 for r in [*self._rows, *new])
+            self._batch.extend(batch, room)
+            self._logits = torch.cat([self._logits, logits])
+        self._rows += new
+
+    def _choose(self) -> list[int]:
+        """The next token of every row, rows with the same options in one call."""
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, row in enumerate(self._rows):
+            groups.setdefault(row.submission.key, []).append(i)
+        chosen = [0] * len(self._rows)
+        for rows in groups.values():
+            submission = self._rows[rows[0]].submission
+            picked = _pick(self._logits[rows], [self._rows[i].job for i in rows], submission.config, submission.rules)
+            for i, token in zip(rows, picked, strict=True):
+                chosen[i] = token
+        return chosen
+
+    def _keep(self, keep: list[int]) -> None:
+        """Only these rows go on decoding."""
+        if len(keep) == len(self._rows):
+            return
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._batch = None
+        elif self._batch is not None:
+            self._batch.select(keep)
+            self._logits = self._logits[keep]
