@@ -145,7 +145,7 @@ class SelfAttention(nn.Module):
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
-        batch, seq, hidden = x.shape
+        batch, seq, _ = x.shape
         qkv = self.query_key_value(x).view(batch, seq, self.num_heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.split(self.head_dim, dim=-1)
         q, k = self._rotate(q, rope), self._rotate(k, rope)
@@ -159,7 +159,8 @@ class SelfAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.dense(out.transpose(1, 2).reshape(batch, seq, hidden))
+        # -1, not `hidden`: under tensor parallelism (applied from outside) a rank holds only its heads.
+        return self.dense(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
 class FeedForward(nn.Module):

@@ -10,13 +10,14 @@ from torch import nn
 from openglm.config import TrainConfig
 
 
-def build_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the (master) parameters; biases and LayerNorm weights get no weight decay."""
+def build_optimizer(params: list[nn.Parameter], config: TrainConfig, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW over the (master) parameters; biases and LayerNorm weights get no weight decay.
+    `fused=False` steps parameter by parameter (sharded and plain tensors may then mix)."""
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps, fused=True)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.adam_betas, eps=config.adam_eps, fused=fused, foreach=False)
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:

@@ -108,25 +108,34 @@ class MixedPrecision:
         self._gather_grads()
         grads = [p.grad for p in self.master_params if p.grad is not None]
         if self.loss_scale != 1.0:
-            torch._foreach_mul_(grads, 1.0 / self.loss_scale)
-        norms = torch._foreach_norm(grads)
-        total = torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
-        embedding = 0.0
-        if self.embedding_index is not None and self.master_params[self.embedding_index].grad is not None:
-            embedding = self.master_params[self.embedding_index].grad.norm().item()
+            self._scale_grads(grads, 1.0 / self.loss_scale)
+        total, embedding = self._grad_norms(grads)
         found_inf = not math.isfinite(total)
         if self.scaler is not None:
             self.scaler.update(found_inf)
         skipped = found_inf
         if not found_inf:
             if max_norm > 0 and total > max_norm:
-                torch._foreach_mul_(grads, max_norm / (total + 1e-6))
+                self._scale_grads(grads, max_norm / (total + 1e-6))
             optimizer.step()
             self._copy_master_to_model()
         optimizer.zero_grad(set_to_none=True)
         for param in self.model_params:
             param.grad = None
         return StepReport(total, embedding, skipped, self.loss_scale)
+
+    def _scale_grads(self, grads: list[torch.Tensor], factor: float) -> None:
+        torch._foreach_mul_(grads, factor)
+
+    def _grad_norms(self, grads: list[torch.Tensor]) -> tuple[float, float]:
+        """L2 norms of all gradients together and of the embedding's (a hook: sharded gradients
+        need a reduction across ranks)."""
+        norms = torch._foreach_norm(grads)
+        total = torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+        embedding = 0.0
+        if self.embedding_index is not None and self.master_params[self.embedding_index].grad is not None:
+            embedding = self.master_params[self.embedding_index].grad.norm().item()
+        return total, embedding
 
     @torch.no_grad()
     def _copy_master_to_model(self) -> None:

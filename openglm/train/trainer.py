@@ -27,7 +27,7 @@ from openglm.model import GLM, flops_per_token
 from openglm.tokenizer import GLMTokenizer
 from openglm.train.metrics import MetricsWriter, SpikeDetector, measure_matmul_flops
 from openglm.train.optim import batch_size_at, build_optimizer, learning_rate, set_learning_rate
-from openglm.train.precision import DynamicLossScaler, MixedPrecision
+from openglm.train.precision import DynamicLossScaler, MixedPrecision, StepReport
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,7 @@ def compute_loss(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], normalizer: int, loss_fn: Callable[..., torch.Tensor] = linear_cross_entropy
 ) -> tuple[torch.Tensor, int]:
     """Cross-entropy summed over Part B targets, divided by `normalizer` (the target count of the
-    whole optimiser step, so gradient accumulation equals one big batch). Logits are computed only
-    where there is a target: for GLM that skips the output layer on all of Part A."""
+    whole optimiser step, so gradient accumulation equals one big batch)."""
     hidden = model(
         batch["input_ids"],
         position_ids=batch["position_ids"],
@@ -62,7 +61,16 @@ def compute_loss(
         prefix_len=batch["prefix_len"],
         return_hidden=True,
     )
-    targets = batch["labels"].flatten()
+    core = model._orig_mod if hasattr(model, "_orig_mod") else model
+    return head_loss(hidden, batch["labels"], core.output_weight, normalizer, loss_fn)
+
+
+def head_loss(
+    hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, normalizer: int, loss_fn: Callable[..., torch.Tensor] = linear_cross_entropy
+) -> tuple[torch.Tensor, int]:
+    """The output layer and loss on the final hidden states. Logits are computed only where there
+    is a target: for GLM that skips the output layer on all of Part A."""
+    targets = labels.flatten()
     rows = (targets != -100).nonzero().squeeze(1)
     count = len(rows)
     # Round the row count up to a bucket: every new matmul shape costs oneDNN a freshly JIT-compiled
@@ -70,11 +78,12 @@ def compute_loss(
     padding = -count % LOGIT_ROW_BUCKET
     rows = torch.cat([rows, rows.new_zeros(padding)])
     padded_targets = torch.cat([targets[rows[:count]], targets.new_full((padding,), -100)])
-    core = model._orig_mod if hasattr(model, "_orig_mod") else model
-    return loss_fn(hidden.flatten(0, 1)[rows], core.output_weight, padded_targets, normalizer), count
+    return loss_fn(hidden.flatten(0, 1)[rows], weight, padded_targets, normalizer), count
 
 
 class Trainer:
+    fused_optimizer = True  # one fused AdamW kernel; `openglm.parallel` steps DTensors per parameter
+
     def __init__(self, model_config: GLMConfig, config: TrainConfig, tokenizer: GLMTokenizer | None = None, resume: bool = False) -> None:
         self.config = config
         self.out_dir = Path(config.out_dir)
@@ -93,11 +102,10 @@ class Trainer:
             model_config = dataclasses.replace(model_config, special_tokens=self.tokenizer.special_tokens)
         self.model_config = model_config
         torch.manual_seed(config.seed)
-        self.model = GLM(model_config)
-        self.model.embedding_grad_scale = config.egs_alpha
+        self.model = self._build_model(model_config)
         scaler = DynamicLossScaler(config.loss_scale_init, config.loss_scale_window, config.loss_scale_min, config.loss_scale_hysteresis)
-        self.precision = MixedPrecision(self.model, config.precision, scaler)
-        self.optimizer = build_optimizer(self.precision.master_params, config)
+        self.precision = self._build_precision(scaler)
+        self.optimizer = build_optimizer(self.precision.master_params, config, fused=self.fused_optimizer)
         self.spikes = SpikeDetector(config.spike_factor)
         self.step = 0
         self.data_position = 0
@@ -108,6 +116,15 @@ class Trainer:
         self.forward_model: torch.nn.Module = torch.compile(self.model) if config.compile else self.model
         # The number of Part B targets (rounded up to LOGIT_ROW_BUCKET) changes from batch to batch.
         self.loss_fn = torch.compile(linear_cross_entropy, dynamic=True) if config.compile else linear_cross_entropy
+
+    def _build_model(self, model_config: GLMConfig) -> torch.nn.Module:
+        """The model to train (a hook: `openglm.parallel` returns this rank's parallelized part)."""
+        model = GLM(model_config)
+        model.embedding_grad_scale = self.config.egs_alpha
+        return model
+
+    def _build_precision(self, scaler: DynamicLossScaler) -> MixedPrecision:
+        return MixedPrecision(self.model, self.config.precision, scaler)
 
     # ----------------------------------------------------------------------------------- data
     def _build_data(self) -> tuple[SampleSource, SampleSource]:
@@ -136,15 +153,7 @@ class Trainer:
         lr = learning_rate(self.step, config)
         set_learning_rate(self.optimizer, lr)
         self.model.train()
-        starts = range(self.data_position, self.data_position + sequences, config.micro_batch_size)
-        batches = [self._batch(self.train_data, s, min(config.micro_batch_size, self.data_position + sequences - s)) for s in starts]
-        targets = sum(int((b["labels"] != -100).sum()) for b in batches)
-        total_loss = 0.0
-        for batch in batches:
-            loss, _ = compute_loss(self.forward_model, batch, max(targets, 1), self.loss_fn)
-            self.precision.backward(loss)
-            total_loss += loss.item()
-        report = self.precision.step(self.optimizer, config.grad_clip)
+        total_loss, targets, report = self._forward_backward_step(sequences)
         self.data_position += sequences
         self.step += 1
         tokens = sequences * self.model_config.max_seq_len
@@ -160,6 +169,20 @@ class Trainer:
             "tokens": tokens,
             "target_fraction": targets / tokens,
         }
+
+    def _forward_backward_step(self, sequences: int) -> tuple[float, int, StepReport]:
+        """Forward and backward over the step's `sequences` in micro-batches, then the optimiser
+        step: (loss, Part B targets, step report). A hook: `openglm.parallel` spreads the work."""
+        config = self.config
+        starts = range(self.data_position, self.data_position + sequences, config.micro_batch_size)
+        batches = [self._batch(self.train_data, s, min(config.micro_batch_size, self.data_position + sequences - s)) for s in starts]
+        targets = sum(int((b["labels"] != -100).sum()) for b in batches)
+        total_loss = 0.0
+        for batch in batches:
+            loss, _ = compute_loss(self.forward_model, batch, max(targets, 1), self.loss_fn)
+            self.precision.backward(loss)
+            total_loss += loss.item()
+        return total_loss, targets, self.precision.step(self.optimizer, config.grad_clip)
 
     @torch.no_grad()
     def evaluate(self) -> float:

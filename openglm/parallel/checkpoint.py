@@ -1,0 +1,145 @@
+"""Distributed checkpoints (`torch.distributed.checkpoint`): every rank writes its own shards, and a
+checkpoint saved under one layout loads under any other, because what is stored is the single-process
+model's tensors by their single-process names (DCP reshards DTensors by their global offsets). The one
+layout-specific detail, GeGLU rows interleaved per tensor-parallel rank, is undone before saving and
+redone after loading. `export_checkpoint` turns one into the single-file openglm checkpoint (weights,
+optimizer, trainer state) that every other command, and single-process `train --resume`, reads.
+
+Layout of a run directory (beside the single-file checkpoints)::
+
+    run/dist-latest                     name of the newest distributed checkpoint
+    run/dist-checkpoint-0000200/        DCP shards (*.distcp, .metadata), config.json,
+                                        tokenizer.json, trainer_state.json (written last)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from openglm import checkpoint as ckpt
+from openglm.config import GLMConfig, TrainConfig
+from openglm.model import GLM
+from openglm.parallel.parallelize import geglu_row_order, is_geglu_input
+from openglm.tokenizer import GLMTokenizer
+from openglm.train.optim import build_optimizer
+
+log = logging.getLogger(__name__)
+
+DIST_PREFIX = "dist-checkpoint-"
+DIST_LATEST = "dist-latest"
+OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _reorder_rows(tensor: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """`tensor` with its rows in `order`, sharded as before (gathers one tensor at a time)."""
+    if not isinstance(tensor, DTensor):
+        return tensor[order]
+    full = tensor.full_tensor()[order]
+    return distribute_tensor(full, tensor.device_mesh, tensor.placements, src_data_rank=None)
+
+
+def _map_geglu(model_state: dict[str, Any], optim_state: dict[str, Any], fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Replace GeGLU input weights and biases and their Adam moments by `fn` of them. The
+    optimizer's per-parameter dicts are copied, not edited: they may be the optimizer's own."""
+    states = optim_state["state"]
+    for name in [n for n in model_state if is_geglu_input(n)]:
+        model_state[name] = fn(model_state[name])
+        if name in states:
+            states[name] = {key: fn(value) if key in OPTIMIZER_KEYS else value for key, value in states[name].items()}
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer, config: GLMConfig, tp: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Model and optimizer state by single-process name, in single-process row order."""
+    model_state, optim_state = get_model_state_dict(model), get_optimizer_state_dict(model, optimizer)
+    if tp > 1 and config.ffn_type == "geglu":
+        assert config.ffn_hidden_size is not None
+        inverse = torch.argsort(geglu_row_order(config.ffn_hidden_size, tp))
+        _map_geglu(model_state, optim_state, lambda t: _reorder_rows(t, inverse))
+    return model_state, optim_state
+
+
+def save_distributed(
+    run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, config: GLMConfig, tp: int,
+    tokenizer: GLMTokenizer, trainer_state: dict[str, Any],
+) -> Path:
+    """Collective: every rank writes its shards; rank 0 then writes the metadata files and
+    `dist-latest` (so a checkpoint named there is complete)."""
+    path = run_dir / f"{DIST_PREFIX}{step:07d}"
+    model_state, optim_state = _state(model, optimizer, config, tp)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    if dist.get_rank() == 0:
+        config.save(path / ckpt.CONFIG_FILE)
+        tokenizer.save(path / ckpt.TOKENIZER_FILE)
+        ckpt.write_text_atomic(path / ckpt.STATE_FILE, json.dumps({"step": step, **trainer_state}, indent=2) + "\n")
+        ckpt.write_text_atomic(run_dir / DIST_LATEST, path.name + "\n")
+    dist.barrier()
+    return path
+
+
+def load_distributed(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: GLMConfig, tp: int) -> dict[str, Any]:
+    """Collective: restore this rank's shards from a checkpoint saved under any layout; returns
+    the trainer state."""
+    state_file = path / ckpt.STATE_FILE
+    if not state_file.exists():
+        raise ckpt.CheckpointError(f"{path}: no {ckpt.STATE_FILE}; the save did not complete")
+    model_state, optim_state = _state(model, optimizer, config, tp)
+    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    if tp > 1 and config.ffn_type == "geglu":
+        assert config.ffn_hidden_size is not None
+        order = geglu_row_order(config.ffn_hidden_size, tp)
+        _map_geglu(model_state, optim_state, lambda t: _reorder_rows(t, order))
+    set_model_state_dict(model, model_state)
+    set_optimizer_state_dict(model, optimizer, optim_state)
+    return json.loads(state_file.read_text())
+
+
+def resolve_distributed(run_dir: Path) -> Path | None:
+    latest = run_dir / DIST_LATEST
+    return run_dir / latest.read_text().strip() if latest.exists() else None
+
+
+def export_checkpoint(source: Path, run_dir: Path) -> Path:
+    """Write a distributed checkpoint as a single-file openglm checkpoint in `run_dir` (weights,
+    optimizer state, trainer state), without a process group; returns its path."""
+    state = json.loads((source / ckpt.STATE_FILE).read_text())
+    config = GLMConfig.load(source / ckpt.CONFIG_FILE)
+    tokenizer = GLMTokenizer.from_file(source / ckpt.TOKENIZER_FILE)
+    train_config = TrainConfig.from_dict(state["train_config"])
+    model = GLM(config)
+    params = dict(model.named_parameters())
+    optimizer = build_optimizer(list(params.values()), train_config)
+    moments = {name: {"step": torch.zeros(()), **{k: torch.zeros_like(p) for k in OPTIMIZER_KEYS}} for name, p in params.items()}
+    dcp.load({"model": {n: p.detach() for n, p in params.items()}, "optim": {"state": moments}}, checkpoint_id=source, no_dist=True)
+    for name, param in params.items():
+        optimizer.state[param] = moments[name]
+    optimizer_state = {
+        "optimizer": optimizer.state_dict(),
+        "loss_scaler": state["loss_scaler"],
+        "torch_rng": torch.tensor(state["torch_rng"], dtype=torch.uint8),
+    }
+    trainer_state = {k: state[k] for k in ("data_position", "tokens_seen", "train_config", "spikes")}
+    weights = {n: p.detach() for n, p in params.items()}
+    return ckpt.save_checkpoint(run_dir, int(state["step"]), config, weights, tokenizer, trainer_state, optimizer_state)
+
+
+def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, config: GLMConfig, tp: int) -> dict[str, torch.Tensor]:
+    """Collective: this rank's stage parameters as full single-process tensors (for tests and
+    inspection; it materialises every tensor)."""
+    model_state, _ = _state(model, optimizer, config, tp)
+    return {n: t.full_tensor() if isinstance(t, DTensor) else t.detach().clone() for n, t in model_state.items()}

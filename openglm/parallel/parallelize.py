@@ -1,0 +1,156 @@
+"""Tensor, pipeline and data parallelism applied to an unmodified GLM from outside.
+
+Each rank builds the full model with the run's seed (so every layout starts from the same weights
+as single-process training), keeps its pipeline stage as a `GLMStage` whose parameter names are the
+full model's, then shards it: DTensor tensor parallelism on the "tp" mesh dimension, FSDP2 on "dp".
+
+Tensor parallelism (Megatron's layout): QKV column-parallel, split per head (the fused weight is laid
+out per head as [q|k|v], so Shard(0) keeps heads whole); GeGLU's input projection column-parallel
+after its rows are interleaved so that each rank holds matching x1 and x2 halves; both output
+projections row-parallel; the (tied) embedding vocabulary-parallel, and the output layer's logits
+stay sharded over the vocabulary into a parallel cross-entropy (`loss_parallel`). LayerNorms and
+RoPE act on replicated activations, so they need nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed._composable.replicate_with_fsdp import replicate
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.utils.checkpoint import checkpoint
+
+from openglm.config import GLMConfig
+from openglm.model import GLM
+from openglm.train.trainer import head_loss, linear_cross_entropy
+
+
+class GLMStage(nn.Module):
+    """The part of a GLM one pipeline stage runs (all of it without pipelining): the embedding on
+    the first stage, a contiguous run of blocks, the final LayerNorm and the (tied) output layer
+    with the loss on the last. Submodule names are the full model's, so state dicts of stages are
+    pieces of one GLM state dict."""
+
+    def __init__(self, glm: GLM, layers: range, first: bool, last: bool) -> None:
+        super().__init__()
+        self.config: GLMConfig = glm.config
+        self.first, self.last = first, last
+        self.embedding_grad_scale = glm.embedding_grad_scale
+        self.rotary = glm.rotary
+        tied = glm.lm_head is None
+        self.word_embeddings = glm.word_embeddings if first or (last and tied) else None
+        self.layers = nn.ModuleDict({str(i): glm.layers[i] for i in layers})
+        self.final_layernorm = glm.final_layernorm if last else None
+        self.lm_head = glm.lm_head if last and not tied else None
+        self.loss_fn = linear_cross_entropy
+        self.normalizer = 1  # the step's target count, set before each step
+        self.checkpoint_layers = False  # recompute each block's activations in backward
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.word_embeddings.weight if self.lm_head is None else self.lm_head.weight
+
+    def num_parameters(self) -> int:
+        """Parameters of the whole model (not of this rank's shard)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        position_ids: torch.Tensor,
+        block_position_ids: torch.Tensor,
+        prefix_len: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token ids (first stage) or hidden states in; hidden states out, or on the last stage
+        the step-normalised loss of this micro-batch (shape [1], so pipelining can concatenate)."""
+        h = GLM.embed(self, x) if self.first else x
+        dtype = h.dtype
+        rope_dtype = torch.promote_types(torch.float32, dtype)
+        rope = self.rotary(position_ids, rope_dtype)
+        if self.config.position_encoding == "rope2d":
+            rope = rope + self.rotary(block_position_ids, rope_dtype)
+        rope = tuple(table.to(dtype) for table in rope)
+        mask = GLM._mask(self, prefix_len, 0, h.shape[1])
+        for layer in self.layers.values():
+            if self.checkpoint_layers and self.training:
+                h = checkpoint(layer, h, rope, mask, use_reentrant=False)
+            else:
+                h = layer(h, rope, mask)
+        if not self.last:
+            return h
+        assert labels is not None, "the last stage needs labels"
+        return head_loss(self.final_layernorm(h), labels, self.output_weight, self.normalizer, self.loss_fn)[0][None].clone()
+
+
+def geglu_row_order(ffn: int, tp: int) -> torch.Tensor:
+    """Row permutation of GeGLU's [x1 | x2] input projection that makes a plain Shard(0) over `tp`
+    ranks give rank r the r-th slice of x1 followed by the r-th slice of x2."""
+    chunk = ffn // tp
+    return torch.cat([torch.arange(r * chunk, (r + 1) * chunk) + half * ffn for r in range(tp) for half in (0, 1)])
+
+
+def is_geglu_input(name: str) -> bool:
+    return ".mlp.dense_h_to_4h." in name
+
+
+def vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, normalizer: int) -> torch.Tensor:
+    """`linear_cross_entropy` with the weight sharded over the vocabulary: the logits stay
+    Shard(-1) and the softmax reduces across ranks (`loss_parallel` must be active in forward and
+    backward). The replicated hidden states get their gradient summed over the tensor-parallel
+    ranks in backward."""
+    mesh = weight.device_mesh
+    logits = F.linear(DTensor.from_local(hidden, mesh, [Replicate()]), weight).float()
+    loss = F.cross_entropy(logits, DTensor.from_local(targets, mesh, [Replicate()]), reduction="sum")
+    return loss.to_local() / normalizer
+
+
+def apply_tensor_parallel(stage: GLMStage, mesh: DeviceMesh) -> None:
+    """Shard `stage` in place over the 1-D tensor-parallel `mesh` (see the module docstring)."""
+    tp = mesh.size()
+    config = stage.config
+    assert config.ffn_hidden_size is not None
+    plan: dict[str, ColwiseParallel | RowwiseParallel] = {}
+    if stage.word_embeddings is not None:
+        plan["word_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    if stage.lm_head is not None:
+        plan["lm_head"] = ColwiseParallel(use_local_output=False)
+    for name, block in stage.layers.items():
+        attention, mlp = block.attention, block.mlp
+        attention.num_heads = config.num_heads // tp
+        if config.ffn_type == "geglu":
+            order = geglu_row_order(config.ffn_hidden_size, tp)
+            with torch.no_grad():
+                for param in mlp.dense_h_to_4h.parameters():
+                    param.copy_(param[order])
+        plan |= {
+            f"layers.{name}.attention.query_key_value": ColwiseParallel(),
+            f"layers.{name}.attention.dense": RowwiseParallel(),
+            f"layers.{name}.mlp.dense_h_to_4h": ColwiseParallel(),
+            f"layers.{name}.mlp.dense_4h_to_h": RowwiseParallel(),
+        }
+    parallelize_module(stage, mesh, plan)
+    if stage.last:
+        stage.loss_fn = vocab_parallel_cross_entropy
+
+
+DATA_PARALLEL = {"fsdp": fully_shard, "replicate": replicate}
+
+
+def apply_data_parallel(stage: GLMStage, mesh: DeviceMesh, mode: str = "fsdp") -> None:
+    """Data parallelism over `mesh`: FSDP2 (ZeRO-3: weights, gradients and optimizer state
+    sharded) or FSDP2's replicate (DDP: whole copies, gradients all-reduced), one parameter group
+    per block and one for the rest. Gradients are summed, not averaged, because the loss is
+    already normalised by the whole step's target count."""
+    wrap = DATA_PARALLEL[mode]
+    for block in stage.layers.values():
+        wrap(block, mesh=mesh)
+    wrap(stage, mesh=mesh)
+    for module in stage.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)

@@ -1,0 +1,252 @@
+"""A 3-D parallel layout (tensor x pipeline x data), checked before any work, and a calculator of
+what it costs per GPU: parameters, weight/gradient/optimizer/activation memory, pipeline bubble,
+communication volume and step time, in the accounting the GLM-130B paper and Megatron use.
+
+Memory model (mixed precision as GLM-130B trains): 2-byte weights and gradients, 12 bytes of fp32
+optimizer state per parameter (master copy + Adam's two moments) sharded over data parallelism
+(ZeRO-1). Activations per layer follow Korthikanti et al. (2022) for a tensor-parallel block
+without sequence parallelism, generalised to GeGLU's three FFN matrices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from openglm.config import ConfigError, GLMConfig
+from openglm.model import flops_per_token
+
+
+@dataclass(frozen=True)
+class GPU:
+    memory_gib: float
+    peak_tflops: float  # dense bf16/fp16 tensor-core peak
+
+
+GPUS: dict[str, GPU] = {
+    "a100-40g": GPU(40, 312),
+    "a100-80g": GPU(80, 312),
+    "h100-80g": GPU(80, 989),
+    "h200-141g": GPU(141, 989),
+    "v100-32g": GPU(32, 125),
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def __str__(self) -> str:
+        return f"tp{self.tp} x pp{self.pp} x dp{self.dp}"
+
+
+def validate_layout(layout: Layout, config: GLMConfig, world_size: int | None = None) -> None:
+    """Raise ConfigError saying what to change when the layout cannot split this model."""
+    for name in ("tp", "pp", "dp"):
+        value = getattr(layout, name)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
+    if world_size is not None and world_size != layout.world_size:
+        raise ConfigError(
+            f"{world_size} processes but tp*pp*dp = {layout.tp}*{layout.pp}*{layout.dp} = {layout.world_size}; "
+            f"start {layout.world_size} processes (--nproc {layout.world_size}, or torchrun --nproc-per-node) "
+            f"or change --tp/--pp/--dp so their product is {world_size}"
+        )
+    if config.num_heads % layout.tp:
+        divisors = [d for d in range(1, config.num_heads + 1) if config.num_heads % d == 0]
+        raise ConfigError(
+            f"--tp {layout.tp} does not divide the {config.num_heads} attention heads; choose --tp from {divisors}"
+        )
+    assert config.ffn_hidden_size is not None
+    for what, size in (("GeGLU/FFN width", config.ffn_hidden_size), ("vocabulary", config.vocab_size)):
+        if size % layout.tp:
+            raise ConfigError(f"--tp {layout.tp} does not divide the {what} ({size}); choose a --tp that divides it")
+    if layout.pp > config.num_layers:
+        raise ConfigError(f"--pp {layout.pp} is larger than the {config.num_layers} layers; use --pp {config.num_layers} or less")
+
+
+def stage_layers(num_layers: int, pp: int) -> list[range]:
+    """Contiguous layer ranges per pipeline stage; the first stages take one more when uneven."""
+    base, extra = divmod(num_layers, pp)
+    bounds = [0]
+    for stage in range(pp):
+        bounds.append(bounds[-1] + base + (stage < extra))
+    return [range(bounds[i], bounds[i + 1]) for i in range(pp)]
+
+
+def pipeline_bubble(pp: int, micro_batches: int) -> float:
+    """Idle fraction of a GPipe / 1F1B (PipeDream-Flush) step: (p-1)/(m+p-1)."""
+    return (pp - 1) / (micro_batches + pp - 1)
+
+
+def layer_parameters(config: GLMConfig) -> tuple[int, int]:
+    """(tensor-parallel-sharded, replicated) parameters of one block."""
+    assert config.ffn_hidden_size is not None
+    h, f = config.hidden_size, config.ffn_hidden_size
+    ffn_in = 2 * f if config.ffn_type == "geglu" else f
+    sharded = 3 * h * h + h * h + h * ffn_in + f * h  # QKV, attention output, FFN in and out
+    sharded += 3 * h * config.qkv_bias + ffn_in * config.dense_bias
+    replicated = 4 * h + 2 * h * config.dense_bias  # two LayerNorms; row-parallel output biases
+    return sharded, replicated
+
+
+def activation_bytes_per_layer(config: GLMConfig, tp: int, seq: int, micro_batch: int) -> float:
+    """fp16 activations one block keeps for backward (dropout masks included, no flash attention):
+    s*b*(10h + (8h + 8f)/t) + 5*a*s^2*b/t; for a 4h GELU MLP this is Korthikanti's 34 / 24/t split."""
+    assert config.ffn_hidden_size is not None
+    h, a, f = config.hidden_size, config.num_heads, config.ffn_hidden_size
+    ffn = 8 * f if config.ffn_type == "geglu" else 4 * f
+    sb = seq * micro_batch
+    return sb * (10 * h + (8 * h + ffn) / tp) + 5 * a * seq * seq * micro_batch / tp
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    layout: Layout
+    gpu: str
+    parameters: int
+    params_per_rank: int  # the largest pipeline stage (first: embedding + most layers)
+    layers_per_stage: int
+    micro_batches: int
+    global_batch: int
+    weights_gib: float
+    grads_gib: float
+    optimizer_gib: float
+    activations_gib: float
+    activations_checkpointed_gib: float
+    bubble: float
+    step_seconds: float
+    mfu: float
+    comm_gib: dict[str, float]  # sent per GPU and step, averaged over GPUs
+
+    def total_gib(self, checkpointing: bool) -> float:
+        act = self.activations_checkpointed_gib if checkpointing else self.activations_gib
+        return self.weights_gib + self.grads_gib + self.optimizer_gib + act
+
+    def fits(self, checkpointing: bool) -> bool:
+        return self.total_gib(checkpointing) <= GPUS[self.gpu].memory_gib
+
+
+GIB = 2.0**30
+
+
+def plan(
+    config: GLMConfig,
+    gpus: int,
+    gpu: str = "a100-40g",
+    tp: int = 1,
+    pp: int = 1,
+    micro_batches: int = 1,
+    micro_batch_size: int = 1,
+    mfu: float = 0.325,
+) -> PlanReport:
+    """Cost of training `config` on `gpus` GPUs as tp x pp x (gpus / tp / pp) with 1F1B."""
+    if gpu not in GPUS:
+        raise ConfigError(f"unknown --gpu {gpu!r}; choose from {', '.join(GPUS)}")
+    validate_layout(Layout(tp, pp, 1), config)
+    if gpus % (tp * pp):
+        raise ConfigError(f"--gpus {gpus} is not a multiple of tp*pp = {tp * pp}; change --gpus, --tp or --pp")
+    if micro_batches < 1 or micro_batch_size < 1 or not 0 < mfu <= 1:
+        raise ConfigError("--micro-batches and --micro-batch-size must be positive and --mfu in (0, 1]")
+    layout = Layout(tp, pp, gpus // (tp * pp))
+    h, seq = config.hidden_size, config.max_seq_len
+    sharded, replicated = layer_parameters(config)
+    embedding = config.vocab_size * h
+    total = config.num_layers * (sharded + replicated) + embedding * (1 if config.tie_word_embeddings else 2) + 2 * h
+    layers = max(len(r) for r in stage_layers(config.num_layers, pp))
+    per_rank = layers * (sharded // tp + replicated) + embedding // tp + (2 * h if pp == 1 else 0)
+
+    in_flight = min(pp, micro_batches)  # 1F1B: the first stage holds p micro-batches
+    per_layer = activation_bytes_per_layer(config, tp, seq, micro_batch_size)
+    logits = 4 * seq * micro_batch_size * config.vocab_size / tp  # fp32 logits of the output layer
+    full = layers * per_layer * in_flight + logits
+    checkpointed = layers * 2 * seq * micro_batch_size * h * in_flight + per_layer + logits
+
+    global_batch = micro_batches * micro_batch_size * layout.dp
+    step_flops = flops_per_token(config, seq) * global_batch * seq
+    step_seconds = step_flops / (gpus * GPUS[gpu].peak_tflops * 1e12 * mfu)
+    return PlanReport(
+        layout=layout, gpu=gpu, parameters=total, params_per_rank=per_rank, layers_per_stage=layers,
+        micro_batches=micro_batches, global_batch=global_batch,
+        weights_gib=2 * per_rank / GIB, grads_gib=2 * per_rank / GIB, optimizer_gib=12 * per_rank / layout.dp / GIB,
+        activations_gib=full / GIB, activations_checkpointed_gib=checkpointed / GIB,
+        bubble=pipeline_bubble(pp, micro_batches), step_seconds=step_seconds, mfu=mfu,
+        comm_gib={k: v / gpus / GIB for k, v in communication_bytes(config, layout, micro_batches, micro_batch_size, 2).items()},
+    )
+
+
+def communication_bytes(
+    config: GLMConfig, layout: Layout, micro_batches: int, micro_batch_size: int, element_bytes: int, fsdp: bool = False
+) -> dict[str, float]:
+    """Bytes all ranks together put on the wire per optimiser step, by kind, counting ring
+    collectives: an all-reduce of B bytes over n ranks sends 2(n-1)/n*B from each rank, an
+    all-gather (of B gathered bytes) or a reduce-scatter (of B input bytes) (n-1)/n*B.
+    `micro_batches` is per data-parallel rank.
+
+    tp: per micro-batch two all-reduces of the [seq, batch, hidden] activations per block forward
+    (attention and FFN outputs) and two backward (inputs of the column-parallel layers), plus one
+    for the embedding and one for the output layer's input gradient; pp: one activation forward and
+    one gradient backward per micro-batch and stage boundary from each tensor-parallel rank (each
+    holds the whole activation; Megatron's scatter/gather split is not done), and one all-reduce of the tied
+    embedding gradient between the first and last stage; dp: ZeRO-1 / replicate all-reduce the
+    gradients once per step; FSDP2 (ZeRO-3) reduce-scatters them once and, with gradient
+    accumulation (no resharding after a backward that does not synchronise), all-gathers each
+    block's weights for the first forward and for every backward, and the root group's (embedding,
+    final LayerNorm), which stays unsharded from forward to backward, once."""
+    tp, pp, dp = layout.tp, layout.pp, layout.dp
+    sharded, replicated = layer_parameters(config)
+    embedding = config.vocab_size * config.hidden_size // tp
+    blocks = config.num_layers * (sharded // tp + replicated) * dp * tp * element_bytes  # over all ranks
+    root = (embedding * (2 if pp > 1 else 1) + 2 * config.hidden_size) * dp * tp * element_bytes
+    activation = config.max_seq_len * micro_batch_size * config.hidden_size * element_bytes
+    tied_shard = embedding // (dp if fsdp else 1) * element_bytes
+    if fsdp:
+        data = (blocks * (micro_batches + 2) + root * 2) * (dp - 1) / dp
+    else:
+        data = (blocks + root) * 2 * (dp - 1) / dp
+    return {
+        "tp": dp * micro_batches * (4 * config.num_layers + 2) * activation * 2 * (tp - 1),
+        "pp": dp * tp * micro_batches * 2 * (pp - 1) * activation + (dp * tp * 2 * tied_shard if pp > 1 else 0),
+        "dp": data,
+    }
+
+
+def fit_verdict(report: PlanReport) -> str:
+    """One line: what fits, or what to change."""
+    if report.fits(checkpointing=False):
+        return "fits without activation checkpointing"
+    if report.fits(checkpointing=True):
+        return "fits only with activation checkpointing"
+    memory = GPUS[report.gpu].memory_gib
+    return (
+        f"does NOT fit in {memory:.0f} GiB even with activation checkpointing "
+        f"({report.total_gib(True):.1f} GiB): raise --tp or --pp, or use more GPUs"
+    )
+
+
+def format_report(report: PlanReport) -> str:
+    layout = report.layout
+    lines = [
+        f"layout            {layout} on {layout.world_size} x {report.gpu}",
+        f"parameters        {report.parameters:,} ({report.parameters / 1e9:.1f}B)",
+        f"per rank          {report.params_per_rank:,} ({report.params_per_rank / 1e9:.2f}B; {report.layers_per_stage} layers + embedding / tp)",
+        f"global batch      {report.global_batch} sequences ({report.micro_batches} micro-batches x dp {layout.dp})",
+        f"weights (fp16)    {report.weights_gib:6.1f} GiB",
+        f"gradients (fp16)  {report.grads_gib:6.1f} GiB",
+        f"optimizer (ZeRO-1 over dp {layout.dp}: fp32 master + Adam) {report.optimizer_gib:6.1f} GiB",
+        f"activations       {report.activations_gib:6.1f} GiB without checkpointing, {report.activations_checkpointed_gib:.1f} GiB with",
+        f"total per GPU     {report.total_gib(False):6.1f} GiB without checkpointing, {report.total_gib(True):.1f} GiB with "
+        f"(GPU: {GPUS[report.gpu].memory_gib:.0f} GiB): {fit_verdict(report)}",
+        f"pipeline bubble   {report.bubble:.1%}  ((p-1)/(m+p-1), p={layout.pp}, m={report.micro_batches})",
+        f"step time         {report.step_seconds:.1f} s at {report.mfu:.1%} MFU "
+        f"({report.mfu * 4 / 3:.1%} HFU with activation recomputation)",
+        "sent per GPU and step (fp16, ring collectives, ZeRO-1): "
+        + ", ".join(f"{k} {v:.2f} GiB" for k, v in report.comm_gib.items()),
+    ]
+    return "\n".join(lines)
+
