@@ -181,7 +181,7 @@ def document_language(document: str) -> str:
     return "zh" if len(_HAN.findall(sample)) > len(_LATIN.findall(sample)) else "en"
 
 
-def _choose_validation(languages: Sequence[str], val_fraction: float, seed: int) -> np.ndarray:
+def choose_validation(languages: Sequence[str], val_fraction: float, seed: int) -> np.ndarray:
     """Seeded by-document validation mask, stratified by language.
 
     Every language with at least two documents gives round(n * val_fraction) of them, at least one
@@ -464,7 +464,7 @@ def build_token_shards(
     (out_dir / INDEX_FILE).unlink(missing_ok=True)
 
     languages = [document_language(doc) for doc in iter_documents(corpus_files)]
-    is_val = _choose_validation(languages, val_fraction, seed)
+    is_val = choose_validation(languages, val_fraction, seed)
     if len(languages) < 2 and val_fraction > 0:
         logger.warning("only %d document(s): the validation split is empty", len(languages))
 

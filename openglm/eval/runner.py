@@ -1,0 +1,277 @@
+"""Run tasks against a model and report: one result row per (task, subtask, metric).
+
+A row holds the value, its bootstrap standard error (seeded, so a rerun gives the same numbers),
+the example count and the settings it was computed with. Metrics by task type:
+
+- lm: `bits_per_byte` (total NLL in bits / UTF-8 bytes, by document) and token `perplexity`.
+- cloze, per context mode: `acc` (greedy decoding yields the target's tokens: every one is the
+  argmax where it is predicted, lm-evaluation-harness' LAMBADA accuracy, from the likelihood
+  pass), `acc_generate` (the first word greedy generation writes is the target, GLM-130B's
+  LAMBADA metric) and `ppl` (exp of minus the mean target log-likelihood, per example).
+- mul: `acc` and `acc_norm` (`openglm.eval.metrics.choice_accuracy`); with subtasks also over all.
+- gen: `exact_match` and `f1` of the post-processed generation against the targets.
+
+A causal model has no bidirectional context mode; such rows are skipped (logged).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from openglm.eval.metrics import (
+    Statistic,
+    bits_per_byte_statistic,
+    choice_accuracy,
+    column_mean,
+    estimate,
+    exact_match,
+    f1_score,
+    perplexity_statistic,
+)
+from openglm.eval.scorer import ModelScorer
+from openglm.eval.tasks import ClozeExample, TaskConfig, TaskError, bundled_task_names, load_subtasks, resolve_task
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Result:
+    task: str
+    subtask: str
+    metric: str
+    value: float
+    stderr: float
+    n: int
+    settings: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "subtask": self.subtask,
+            "metric": self.metric,
+            "value": self.value,
+            "stderr": None if np.isnan(self.stderr) else self.stderr,
+            "n": self.n,
+            "settings": self.settings,
+        }
+
+
+def _target_perplexity(sums: np.ndarray, n: int) -> np.ndarray:
+    """Columns (..., ..., target log-likelihood): exp of minus its mean."""
+    return np.exp(-sums[:, 2] / n)
+
+
+class _Evaluation:
+    """One task's run: the config, the scorer, the seed and a progress bar over its examples."""
+
+    def __init__(self, config: TaskConfig, scorer: ModelScorer, seed: int, shots: int | None, progress: bool) -> None:
+        self.config, self.scorer, self.seed = config, scorer, seed
+        self.shots = config.shots if shots is None else shots
+        self.subtasks = load_subtasks(config, seed)
+        modes = len(config.modes) if config.type == "cloze" else 1
+        total = modes * sum(len(s.evaluated) for s in self.subtasks)
+        self.bar = tqdm(total=total, desc=config.name, unit="ex", disable=None if progress else True, leave=False)
+        self.results: list[Result] = []
+
+    def add(self, subtask: str, samples: Sequence[Sequence[float]], metrics: dict[str, Statistic], **settings: Any) -> None:
+        """Rows for `metrics` (name: statistic over the columns of the per-example samples)."""
+        array = np.asarray(samples, dtype=np.float64)
+        base = self.config.settings() | {"seed": self.seed} | settings
+        for name, statistic in metrics.items():
+            value, stderr = estimate(array, statistic, self.seed)
+            self.results.append(Result(self.config.name, subtask, name, value, stderr, len(array), base))
+
+    def run(self) -> list[Result]:
+        truncated_before = self.scorer.truncated
+        try:
+            {"lm": self._lm, "cloze": self._cloze, "mul": self._mul, "gen": self._gen}[self.config.type]()
+        finally:
+            self.bar.close()
+        truncated = self.scorer.truncated - truncated_before
+        if truncated:
+            logger.warning("%s: %d contexts were cut from the left to fit the model's context", self.config.name, truncated)
+        for result in self.results:
+            result.settings["truncated_contexts"] = truncated
+        return self.results
+
+    def _lm(self) -> None:
+        for subtask in self.subtasks:
+            samples = []
+            for document in subtask.evaluated:
+                score = self.scorer.score_document(document.text, self.config.chunk, self.config.context)
+                samples.append((score.nll, score.tokens, score.bytes))
+                self.bar.update()
+            self.add(subtask.name, samples, {"bits_per_byte": bits_per_byte_statistic, "perplexity": perplexity_statistic})
+
+    def _cloze(self) -> None:
+        subtask = self.subtasks[0]
+        examples: list[ClozeExample] = subtask.evaluated
+        for mode in self.config.modes:
+            if mode == "bidirectional" and self.scorer.causal:
+                logger.info("%s: a causal model has no bidirectional context; skipping that mode", self.config.name)
+                self.bar.update(len(examples))
+                continue
+            unidirectional = mode == "unidirectional"
+            scores = []
+            for example in examples:
+                scores += self.scorer.loglikelihoods(example.context, [example.continuation], unidirectional, self.config.mask)
+                self.bar.update()
+            generated = self.scorer.greedy_continuations(
+                [e.context for e in examples],
+                [s.tokens + 2 for s in scores],
+                unidirectional,
+                self.config.mask,
+                until=lambda i, text: word_decided(text, examples[i].target),
+            )
+            samples = [
+                (float(s.greedy), float(first_word_matches(g, e.target)), s.loglik)
+                for s, g, e in zip(scores, generated, examples, strict=True)
+            ]
+            self.add(mode, samples, {"acc": column_mean(0), "acc_generate": column_mean(1), "ppl": _target_perplexity}, mode=mode)
+
+    def _mul(self) -> None:
+        everything = []
+        for subtask in self.subtasks:
+            samples = []
+            for index, example in enumerate(subtask.evaluated):
+                prompt = subtask.prompt(index, self.shots, self.seed)
+                scores = self.scorer.loglikelihoods(prompt, example.choices)
+                samples.append(
+                    choice_accuracy([s.loglik for s in scores], example.gold, [len(c.encode()) for c in example.choices])
+                )
+                self.bar.update()
+            self.add(subtask.name, samples, _ACCURACIES, shots=self.shots)
+            everything += samples
+        if len(self.subtasks) > 1:
+            self.add("all", everything, _ACCURACIES, shots=self.shots)
+
+    def _gen(self) -> None:
+        everything = []
+        for subtask in self.subtasks:
+            prompts = [subtask.prompt(i, self.shots, self.seed) for i in range(len(subtask.evaluated))]
+            outputs = []
+            for start in range(0, len(prompts), 16):
+                outputs += self.scorer.generate(prompts[start : start + 16], self.config.max_new_tokens, subtask.stop)
+                self.bar.update(len(prompts[start : start + 16]))
+            samples = []
+            for example, output in zip(subtask.evaluated, outputs, strict=True):
+                answer = subtask.postprocess(output)
+                samples.append((exact_match(answer, example.targets), f1_score(answer, example.targets)))
+            self.add(subtask.name, samples, _GENERATION, shots=self.shots)
+            everything += samples
+        if len(self.subtasks) > 1:
+            self.add("all", everything, _GENERATION, shots=self.shots)
+
+
+_ACCURACIES = {"acc": column_mean(0), "acc_norm": column_mean(1)}
+_GENERATION = {"exact_match": column_mean(0), "f1": column_mean(1)}
+
+
+def word_decided(generated: str, target: str) -> bool:
+    """Whether `first_word_matches` can no longer change as decoding goes on: the text has left
+    the target, or goes past it (a partial UTF-8 character at the end is not yet text)."""
+    text = generated.lstrip().rstrip("\ufffd")
+    return not target.startswith(text) or len(text) > len(target)
+
+
+def first_word_matches(generated: str, target: str) -> bool:
+    """Whether generated text starts with the target as a whole word: after the target may come
+    anything but a Latin letter or digit (Chinese has no spaces between words)."""
+    text = generated.lstrip()
+    return text.startswith(target) and not re.match(r"[A-Za-z0-9]", text[len(target) : len(target) + 1])
+
+
+def evaluate_task(
+    config: TaskConfig, scorer: ModelScorer, seed: int = 1234, shots: int | None = None, progress: bool = True
+) -> list[Result]:
+    """Result rows of one task; `shots` overrides the config's."""
+    return _Evaluation(config, scorer, seed, shots, progress).run()
+
+
+def evaluate_model(
+    configs: Sequence[TaskConfig], scorer: ModelScorer, seed: int = 1234, shots: int | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Every task's rows and wall time, as the results JSON holds them for one model."""
+    rows: list[dict[str, Any]] = []
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    for config in configs:
+        task_start = time.perf_counter()
+        rows += [r.to_json() for r in evaluate_task(config, scorer, seed, shots, progress)]
+        seconds[config.name] = round(time.perf_counter() - task_start, 2)
+        logger.info("%s done in %.1f s", config.name, seconds[config.name])
+    return {"results": rows, "task_seconds": seconds, "wall_seconds": round(time.perf_counter() - started, 2)}
+
+
+def markdown_table(runs: dict[str, dict[str, Any]]) -> str:
+    """One row per (task, subtask, metric), one "value ± stderr" column per model run."""
+    keys: list[tuple[str, str, str]] = []
+    values: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    for model, run in runs.items():
+        for row in run["results"]:
+            key = (row["task"], row["subtask"], row["metric"])
+            if key not in keys:
+                keys.append(key)
+            values[(model, *key)] = row
+    names = [Path(m).name or m for m in runs]
+    lines = [
+        "| task | subtask | metric | n | " + " | ".join(names) + " |",
+        "|---|---|---|---:|" + "---:|" * len(runs),
+    ]
+    for key in keys:
+        cells, count = [], ""
+        for model in runs:
+            row = values.get((model, *key))
+            count = count or (str(row["n"]) if row else "")
+            stderr = f" ± {row['stderr']:.4f}" if row and row["stderr"] is not None else ""
+            cells.append(f"{row['value']:.4f}{stderr}" if row else "-")
+        lines.append(f"| {key[0]} | {key[1] or '-'} | {key[2]} | {count} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluate_checkpoints(
+    models: Sequence[str | Path],
+    tasks: Sequence[str] = (),
+    seed: int = 1234,
+    shots: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """`openglm eval`: every task (default: the bundled suite) on every model; each task's data is
+    read and checked before any model is loaded, so a bad file fails at once. `threads` sets
+    torch's intra-op threads (on a CPU shared with other work, 1 can be many times faster than
+    2, whose threads wait for each other)."""
+    import torch
+
+    from openglm.checkpoint import load_model
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    configs = [resolve_task(spec) for spec in tasks or bundled_task_names()]
+    if limit is not None:
+        configs = [dataclasses.replace(c, limit=limit) for c in configs]
+    for config in configs:
+        load_subtasks(config, seed)
+    if len({str(m) for m in models}) < len(models):
+        raise TaskError("a --model is given twice; each model is one column of the results")
+    if shots is not None and shots < 0:
+        raise TaskError(f"--shots must be >= 0, got {shots}")
+    runs: dict[str, Any] = {}
+    for path in models:
+        model, tokenizer = load_model(path)
+        run = evaluate_model(configs, ModelScorer(model, tokenizer, batch_size), seed, shots, progress)
+        runs[str(path)] = {"objective": model.config.objective, **run}
+    settings = {"seed": seed, "shots": shots, "limit": limit, "threads": torch.get_num_threads()}
+    return settings | {"tasks": [c.name for c in configs], "runs": runs}

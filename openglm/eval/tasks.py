@@ -1,0 +1,437 @@
+"""Evaluation tasks: YAML configs, the data formats they point at, and few-shot prompts.
+
+A task is a YAML file (a bundled one by name, or a path) or directly a data file or folder whose
+format is recognised:
+
+- `.txt`, or `.jsonl` of `{"text"}`: `lm` (documents as `openglm.data.corpus.iter_documents` reads them);
+- `.jsonl` of `{"text", "target"}`: `cloze` (LAMBADA: `text` is the whole passage, ending with `target`);
+- a BIG-bench `task.json`, or a folder holding one (subtasks in subfolders): `mul` where examples
+  carry `target_scores`, `gen` where they carry `target`;
+- `.csv` (MMLU: question, A, B, C, D, answer; a folder of them is one subtask per file): `mul`.
+
+Every example is turned into a *query* here (the example's text with its prefixes, ending where
+the answer starts) and its answer(s), so the runner never sees a format. A k-shot prompt is
+`prefix + separator.join(k demonstrations + [query])`, a demonstration being another example's
+query followed by its (first gold) answer, drawn without replacement by a generator seeded with
+(seed, example index): the same prompt whatever order or subset of examples is evaluated.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from openglm.config import ConfigError
+from openglm.data.corpus import CorpusError, iter_documents
+
+TASK_TYPES = ("lm", "cloze", "mul", "gen")
+CLOZE_MODES = ("bidirectional", "unidirectional")
+# BIG-bench's JsonTask defaults (bigbench/api/json_task.py).
+BIGBENCH_DEFAULTS = {
+    "task_prefix": "",
+    "example_input_prefix": "\nQ: ",
+    "example_output_prefix": "\nA: ",
+    "choice_prefix": "\n  choice: ",
+    "append_choices_to_input": True,
+    "few_shot_example_separator": "\n",
+}
+MMLU_LETTERS = ("A", "B", "C", "D")
+
+
+class TaskError(ConfigError):
+    """A task config or data file is unusable; the message names the file (and example index)."""
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """One task as a YAML file describes it (paths relative to the YAML file)."""
+
+    name: str
+    type: str
+    data: Path
+    shots: int = 0
+    limit: int | None = None  # examples per subtask (the first ones); None: all
+    modes: tuple[str, ...] = CLOZE_MODES  # cloze: how the context is read
+    mask: str = "[gMASK]"  # cloze, bidirectional: the blank after the context in Part A
+    chunk: int | None = None  # lm: tokens predicted per window (default: half the model's context)
+    context: int | None = None  # lm: earlier tokens each window sees (default: the rest of the context)
+    max_new_tokens: int = 32  # gen
+    source: str = ""  # where the config came from
+
+    def __post_init__(self) -> None:
+        where = self.source or self.name
+        if self.type not in TASK_TYPES:
+            raise TaskError(f"{where}: type must be one of {', '.join(TASK_TYPES)}, got {self.type!r}")
+        if not isinstance(self.shots, int) or self.shots < 0:
+            raise TaskError(f"{where}: shots must be a non-negative integer, got {self.shots!r}")
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit <= 0):
+            raise TaskError(f"{where}: limit must be a positive integer, got {self.limit!r}")
+        bad = [m for m in self.modes if m not in CLOZE_MODES]
+        if bad or not self.modes:
+            raise TaskError(f"{where}: modes must be a non-empty list of {', '.join(CLOZE_MODES)}, got {list(self.modes)!r}")
+        if self.mask not in ("[MASK]", "[gMASK]"):
+            raise TaskError(f"{where}: mask must be [MASK] or [gMASK], got {self.mask!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise TaskError(f"{where}: max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+
+    def settings(self) -> dict[str, Any]:
+        """What the results record about how the task was run."""
+        keys = {"lm": ("chunk", "context"), "cloze": ("modes", "mask"), "mul": ("shots",), "gen": ("shots", "max_new_tokens")}
+        return {"type": self.type, "data": str(self.data), "limit": self.limit} | {k: getattr(self, k) for k in keys[self.type]}
+
+
+# -- examples -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+
+
+@dataclass(frozen=True)
+class ClozeExample:
+    """`context` + `continuation` is the passage; the continuation is the target word with the
+    whitespace before it (so English BPE sees " word", as in running text)."""
+
+    context: str
+    continuation: str
+    target: str
+
+
+@dataclass(frozen=True)
+class ChoiceExample:
+    query: str
+    choices: tuple[str, ...]
+    gold: tuple[int, ...]  # indices of the correct choices (BIG-bench: the highest target score)
+
+    @property
+    def answer(self) -> str:
+        return self.choices[self.gold[0]]
+
+
+@dataclass(frozen=True)
+class GenExample:
+    query: str
+    targets: tuple[str, ...]
+
+    @property
+    def answer(self) -> str:
+        return self.targets[0]
+
+
+Example = Document | ClozeExample | ChoiceExample | GenExample
+
+
+@dataclass(frozen=True)
+class Subtask:
+    """A list of examples of one type with one prompt format (a BIG-bench subtask, an MMLU subject)."""
+
+    name: str  # "" for a task without subtasks
+    path: Path
+    type: str
+    examples: list[Any]
+    prefix: str = ""
+    separator: str = "\n"
+    stop: str | None = None  # gen: the answer ends before this
+    output_regex: str | None = None  # gen: the answer is this regex's first match (BIG-bench)
+    limit: int | None = None  # evaluate the first `limit` examples (all stay demonstration candidates)
+
+    @property
+    def evaluated(self) -> list[Any]:
+        return self.examples[: self.limit]
+
+    def prompt(self, index: int, shots: int, seed: int) -> str:
+        """The k-shot prompt of example `index` (module docstring)."""
+        example = self.examples[index]
+        if shots == 0:
+            return self.prefix + example.query
+        pool = [i for i in range(len(self.examples)) if i != index]
+        if shots > len(pool):
+            raise TaskError(f"{self.path}: {shots} shots asked, but only {len(pool)} other examples to draw them from")
+        rng = np.random.default_rng([seed, index])
+        chosen = rng.choice(pool, size=shots, replace=False)
+        demos = [self.examples[i].query + self.examples[i].answer for i in chosen]
+        return self.prefix + self.separator.join([*demos, example.query])
+
+    def postprocess(self, text: str) -> str:
+        """A generated answer as BIG-bench scores it: cut at the stop string, then the regex's match."""
+        if self.stop:
+            text = text.split(self.stop, 1)[0]
+        if self.output_regex:
+            found = re.findall(self.output_regex, text)
+            text = found[0] if found else ""
+            text = text if isinstance(text, str) else text[0]
+        return text.strip()
+
+
+# -- configs --------------------------------------------------------------------------------------
+
+
+def bundled_task_dir() -> Path:
+    return Path(str(files("openglm") / "eval" / "tasks"))
+
+
+def bundled_task_names() -> list[str]:
+    return sorted(p.stem for p in bundled_task_dir().glob("*.yaml"))
+
+
+def _read_mapping(path: Path, what: str) -> dict[str, Any]:
+    """The top-level mapping of a .json (a BIG-bench task) or YAML (a task config) file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError) as err:
+        raise TaskError(f"{path}: cannot be read ({err})") from None
+    except json.JSONDecodeError as err:
+        raise TaskError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
+    except yaml.YAMLError as err:
+        raise TaskError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise TaskError(f"{path}: expected {what}")
+    return data
+
+
+def _config_from_yaml(path: Path) -> TaskConfig:
+    data = _read_mapping(path, "a mapping of task settings")
+    known = {f.name for f in dataclasses.fields(TaskConfig)} - {"source"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise TaskError(f"{path}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+    if "data" not in data:
+        raise TaskError(f"{path}: missing required setting 'data'")
+    values = dict(data)
+    values["data"] = (path.parent / str(data["data"])).resolve()
+    values.setdefault("name", path.stem)
+    if "type" not in values:
+        values["type"] = detect_type(values["data"])
+    if "modes" in values:
+        values["modes"] = tuple(values["modes"]) if isinstance(values["modes"], list) else (values["modes"],)
+    return TaskConfig(**values, source=str(path))
+
+
+def detect_type(path: Path) -> str:
+    """The task type of a data file or folder, from its format (module docstring)."""
+    if path.is_dir():
+        if (path / "task.json").is_file() or any(path.glob("*/task.json")):
+            return _bigbench_type(path)
+        if any(path.glob("*.csv")):
+            return "mul"
+        raise TaskError(f"{path}: folder holds neither a BIG-bench task.json nor MMLU .csv files")
+    if not path.is_file():
+        raise TaskError(f"{path}: no such task file")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return "lm"
+    if suffix == ".csv":
+        return "mul"
+    if suffix == ".jsonl":
+        return "cloze" if "target" in _jsonl_records(path)[0][1] else "lm"
+    if suffix == ".json":
+        return _bigbench_type(path)
+    raise TaskError(f"{path}: unrecognised task format (expected .yaml, .txt, .jsonl, .csv, a BIG-bench task.json or folder)")
+
+
+def _bigbench_type(path: Path) -> str:
+    files_ = _bigbench_files(path)
+    examples = [e for f in files_ for e in _read_mapping(f, "a BIG-bench task object").get("examples", [])]
+    return "mul" if examples and all(isinstance(e, dict) and "target_scores" in e for e in examples) else "gen"
+
+
+def resolve_task(spec: str | Path) -> TaskConfig:
+    """A bundled task name, a YAML path, or a data file/folder (its type detected)."""
+    text = str(spec)
+    if text in bundled_task_names():
+        return _config_from_yaml(bundled_task_dir() / f"{text}.yaml")
+    path = Path(spec)
+    if path.suffix.lower() in (".yaml", ".yml"):
+        if not path.is_file():
+            raise TaskError(f"{path}: no such task config")
+        return _config_from_yaml(path)
+    if not path.exists():
+        raise TaskError(f"{spec}: neither a bundled task ({', '.join(bundled_task_names())}) nor an existing file or folder")
+    name = path.parent.name if path.name == "task.json" else path.stem
+    return TaskConfig(name=name, type=detect_type(path), data=path.resolve(), source=str(path))
+
+
+# -- data formats ---------------------------------------------------------------------------------
+
+
+def load_subtasks(config: TaskConfig, seed: int) -> list[Subtask]:
+    """The task's subtasks with every example checked and formatted; `seed` orders BIG-bench's
+    listed choices."""
+    path = config.data
+    if config.type == "lm":
+        subtasks = [_load_documents(path)]
+    elif config.type == "cloze":
+        subtasks = [_load_cloze(path)]
+    elif path.suffix.lower() == ".csv" or (path.is_dir() and any(path.glob("*.csv"))):
+        if config.type != "mul":
+            raise TaskError(f"{path}: MMLU .csv files are multiple choice (type mul), not {config.type}")
+        subtasks = [_load_mmlu(f) for f in (sorted(path.glob("*.csv")) if path.is_dir() else [path])]
+    else:
+        subtasks = [_load_bigbench(f, config.type, seed) for f in _bigbench_files(path)]
+        subtasks = [s for s in subtasks if s.examples]  # a parent task.json holds no examples
+        if not subtasks:
+            raise TaskError(f"{path}: no BIG-bench examples found")
+    return [dataclasses.replace(s, limit=config.limit) for s in subtasks]
+
+
+def _load_documents(path: Path) -> Subtask:
+    try:
+        documents = [Document(text) for text in iter_documents([path])]
+    except (CorpusError, FileNotFoundError) as err:
+        raise TaskError(str(err)) from None
+    return Subtask("", path, "lm", documents)
+
+
+def _jsonl_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(example index, record) of a .jsonl file; the index counts non-blank lines from 0."""
+    records = []
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise TaskError(f"{path}: cannot be read ({err})") from None
+    for line in lines:
+        if not line.strip():
+            continue
+        index = len(records)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise TaskError(f"{path}: example {index}: invalid JSON ({err.msg}, column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise TaskError(f"{path}: example {index}: expected a JSON object")
+        records.append((index, record))
+    if not records:
+        raise TaskError(f"{path}: holds no examples")
+    return records
+
+
+def _string_field(path: Path, index: int, record: dict[str, Any], name: str) -> str:
+    if name not in record:
+        raise TaskError(f"{path}: example {index}: missing field {name!r}")
+    value = record[name]
+    if not isinstance(value, str) or not value.strip():
+        raise TaskError(f"{path}: example {index}: field {name!r} must be a non-empty string")
+    return value
+
+
+def _load_cloze(path: Path) -> Subtask:
+    examples = []
+    for index, record in _jsonl_records(path):
+        text, target = _string_field(path, index, record, "text"), _string_field(path, index, record, "target")
+        if not text.endswith(target):
+            raise TaskError(f"{path}: example {index}: text must end with the target {target!r}")
+        context = text[: len(text) - len(target)].rstrip()
+        if not context:
+            raise TaskError(f"{path}: example {index}: no context before the target")
+        examples.append(ClozeExample(context, text[len(context) :], target))
+    return Subtask("", path, "cloze", examples)
+
+
+def _bigbench_files(path: Path) -> list[Path]:
+    """A task.json, or a folder's task.json and its subtasks' (subfolder) task.json files, sorted."""
+    if path.is_file():
+        return [path]
+    found = ([path / "task.json"] if (path / "task.json").is_file() else []) + sorted(path.glob("*/task.json"))
+    if not found:
+        raise TaskError(f"{path}: no task.json in the folder or its subfolders")
+    return found
+
+
+def _bigbench_example(path: Path, index: int, raw: Any, task_type: str) -> tuple[str, dict[str, float] | None, tuple[str, ...]]:
+    """(input, target_scores or None, targets) of one example, checked."""
+    if not isinstance(raw, dict):
+        raise TaskError(f"{path}: example {index}: expected a JSON object")
+    text = _string_field(path, index, raw, "input")
+    scores = raw.get("target_scores")
+    if task_type == "mul":
+        if scores is None:
+            raise TaskError(f"{path}: example {index}: missing field 'target_scores' (needed for multiple choice)")
+        if not isinstance(scores, dict) or not all(isinstance(v, (int, float)) for v in scores.values()):
+            raise TaskError(f"{path}: example {index}: 'target_scores' must map choice texts to numbers")
+        if not scores:
+            raise TaskError(f"{path}: example {index}: the choice list is empty")
+    target = raw.get("target")
+    targets = (target,) if isinstance(target, str) else tuple(target) if isinstance(target, list) else ()
+    if task_type == "gen" and (not targets or not all(isinstance(t, str) for t in targets)):
+        raise TaskError(f"{path}: example {index}: missing field 'target' (a string or a list of strings, needed for generation)")
+    return text, scores, targets
+
+
+def _load_bigbench(path: Path, task_type: str, seed: int) -> Subtask:
+    """BIG-bench's formatting: input prefix + input (+ the choices, listed in a seeded order, as
+    BIG-bench permutes them) + output prefix; choices scored as they are written (no prefix)."""
+    data = _read_mapping(path, "a BIG-bench task object")
+    settings = {k: data.get(k, v) for k, v in BIGBENCH_DEFAULTS.items()}
+    raw_examples = data.get("examples", [])
+    if not isinstance(raw_examples, list):
+        raise TaskError(f"{path}: 'examples' must be a list")
+    examples: list[ChoiceExample | GenExample] = []
+    for index, raw in enumerate(raw_examples):
+        text, scores, targets = _bigbench_example(path, index, raw, task_type)
+        query = settings["example_input_prefix"] + text
+        if task_type == "gen":
+            examples.append(GenExample(query + settings["example_output_prefix"], targets))
+            continue
+        assert scores is not None
+        choices = tuple(scores)
+        if settings["append_choices_to_input"]:
+            listed = np.random.default_rng([seed, index]).permutation(sorted(choices))
+            query += settings["choice_prefix"] + settings["choice_prefix"].join(listed)
+        best = max(scores.values())
+        gold = tuple(i for i, c in enumerate(choices) if scores[c] == best)
+        examples.append(ChoiceExample(query + settings["example_output_prefix"], choices, gold))
+    return Subtask(
+        path.parent.name if _is_subtask(path) else "",
+        path,
+        task_type,
+        examples,
+        prefix=settings["task_prefix"],
+        separator=settings["few_shot_example_separator"],
+        stop=data.get("stop_string"),
+        output_regex=data.get("output_regex"),
+    )
+
+
+def _is_subtask(path: Path) -> bool:
+    return (path.parent.parent / "task.json").is_file()
+
+
+def _load_mmlu(path: Path) -> Subtask:
+    """MMLU's prompt (Hendrycks et al., as lm-evaluation-harness): a header naming the subject,
+    "question\\nA. ...\\nD. ...\\nAnswer:", choices " A" ... " D"."""
+    try:
+        rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise TaskError(f"{path}: cannot be read as CSV ({err})") from None
+    if rows and [c.strip().lower() for c in rows[0][-1:]] == ["answer"]:
+        rows = rows[1:]  # a header row
+    examples = []
+    for index, row in enumerate(r for r in rows if any(c.strip() for c in r)):
+        if len(row) != 6:
+            raise TaskError(f"{path}: example {index}: expected 6 columns (question, A, B, C, D, answer), got {len(row)}")
+        question, *options, answer = (c.strip() for c in row)
+        answer = answer.upper()
+        if answer not in MMLU_LETTERS:
+            raise TaskError(f"{path}: example {index}: answer must be one of A, B, C, D, got {answer!r}")
+        if not question:
+            raise TaskError(f"{path}: example {index}: the question is empty")
+        listed = "".join(f"\n{letter}. {option}" for letter, option in zip(MMLU_LETTERS, options, strict=True))
+        examples.append(
+            ChoiceExample(f"{question}{listed}\nAnswer:", tuple(f" {c}" for c in MMLU_LETTERS), (MMLU_LETTERS.index(answer),))
+        )
+    if not examples:
+        raise TaskError(f"{path}: holds no examples")
+    subject = re.sub(r"_(test|dev|val)$", "", path.stem)
+    header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+    return Subtask(subject, path, "mul", examples, prefix=header, separator="\n\n")
