@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -59,6 +60,13 @@ def train(
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model")] = True,
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the run directory's latest checkpoint")] = False,
+    tp: Annotated[int, typer.Option(help="tensor-parallel size (divides the heads)")] = 1,
+    pp: Annotated[int, typer.Option(help="pipeline stages (at most the layers)")] = 1,
+    dp: Annotated[int, typer.Option(help="data-parallel size")] = 1,
+    dp_mode: Annotated[str, typer.Option(help="fsdp (ZeRO-3 sharding) | replicate (DDP)")] = "fsdp",
+    activation_checkpointing: Annotated[bool, typer.Option(help="with --tp/--pp/--dp: recompute block activations in backward")] = False,
+    schedule: Annotated[str, typer.Option(help="pipeline schedule: 1f1b | gpipe")] = "1f1b",
+    nproc: Annotated[int | None, typer.Option(help="start tp*pp*dp local processes (else: run under torchrun)")] = None,
 ) -> None:
     """Pre-train a GLM on the bundled bilingual corpus (or your own text) with blank infilling."""
     from openglm.train.trainer import Trainer
@@ -84,7 +92,18 @@ def train(
             "num_threads": threads,
         }
         config = train_preset(preset, **{k: v for k, v in chosen.items() if v is not None})
-        summary = Trainer(model_config, config, resume=resume).fit()
+        if tp * pp * dp > 1 or nproc is not None or "WORLD_SIZE" in os.environ:
+            from openglm.parallel.plan import Layout
+            from openglm.parallel.trainer import run_parallel
+
+            options = {"schedule": schedule, "dp_mode": dp_mode, "activation_checkpointing": activation_checkpointing}
+            summary = run_parallel(model_config, config, Layout(tp, pp, dp), resume, options, nproc)
+            if summary is None:  # another torchrun rank, or --nproc: the spawned ranks logged their progress
+                if nproc is not None:
+                    typer.echo(f"done: run in {config.out_dir}")
+                return
+        else:
+            summary = Trainer(model_config, config, resume=resume).fit()
     except (ConfigError, ValueError, FileNotFoundError) as err:
         raise _fail(str(err)) from None
     typer.echo(f"done: step {summary['step']}, held-out loss {summary.get('val_loss', float('nan')):.4f}, run in {config.out_dir}")
@@ -132,7 +151,6 @@ def generate(
 
     A quantized model (a checkpoint from `openglm quantize`, or --quantize) runs in bf16 where the CPU has native bf16, else fp32; a float one in fp32.
     """
-    from openglm.checkpoint import CheckpointError, load_model
     from openglm.generation import GenerationConfig
 
     try:
@@ -159,15 +177,7 @@ def generate(
         raise _fail("--stream prints one prompt's text as it is made; --input-file writes whole results")
     if prompt is not None and not prompt.strip():
         raise _fail('the prompt is empty; give text to continue or to fill, e.g. "It is a truth [MASK]."')
-    if quantize_bits is not None:
-        _check_bits(quantize_bits, "--quantize", group_size)
-    elif group_size is not None:
-        raise _fail("--group-size needs --quantize")
-    try:
-        glm, tokenizer = load_model(model)
-        glm = _prepare_model(glm, model, quantize_bits, group_size)
-    except (CheckpointError, ValueError) as err:
-        raise _fail(str(err)) from None
+    glm, tokenizer = _load_for_generation(model, quantize_bits, group_size)
     if prompt is not None:
         try:
             _print_result(glm, tokenizer, prompt, config, stream)
@@ -208,6 +218,45 @@ def _prepare_model(model: GLM, path: Path, bits: int | None, group_size: int | N
     if not quantized_layers(model) or default_precision() != "bf16":
         return model
     return model.to(torch.bfloat16)
+
+
+def _load_for_generation(path: Path, bits: int | None, group_size: int | None) -> tuple[GLM, GLMTokenizer]:
+    """The model and tokenizer `generate` and `serve` run: --quantize options checked, then loaded
+    and prepared (`_prepare_model`); errors exit with a message."""
+    from openglm.checkpoint import CheckpointError, load_model
+
+    if bits is not None:
+        _check_bits(bits, "--quantize", group_size)
+    elif group_size is not None:
+        raise _fail("--group-size needs --quantize")
+    try:
+        model, tokenizer = load_model(path)
+        return _prepare_model(model, path, bits, group_size), tokenizer
+    except (CheckpointError, ValueError) as err:
+        raise _fail(str(err)) from None
+
+
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Option(help="checkpoint or run directory")] = Path("runs/tiny"),
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    quantize_bits: Annotated[int | None, typer.Option("--quantize", help="quantize the block linears to 8 or 4 bits on load")] = None,
+    group_size: Annotated[int | None, typer.Option(help="with --quantize: one scale per this many inputs")] = None,
+    model_name: Annotated[str | None, typer.Option(help="the model's name in the API (default: the directory name)")] = None,
+    max_batch: Annotated[int, typer.Option(help="rows decoded together (1: no batching)")] = 64,
+    max_queue: Annotated[int, typer.Option(help="requests that may wait before 429")] = 256,
+    timeout: Annotated[float, typer.Option(help="seconds per request before 504")] = 60.0,
+) -> None:
+    """Serve the model over HTTP: OpenAI-compatible /v1/completions, /v1/infill, a playground at /, /metrics."""
+    from openglm.serve import create_app
+    from openglm.serve import serve as run_server
+
+    if max_batch < 1 or max_queue < 1 or timeout <= 0:
+        raise _fail("--max-batch and --max-queue must be >= 1 and --timeout > 0")
+    glm, tokenizer = _load_for_generation(model, quantize_bits, group_size)
+    name = model_name or model.resolve().name
+    run_server(create_app(glm, tokenizer, model_name=name, max_batch=max_batch, max_queue=max_queue, timeout=timeout), host, port)
 
 
 def _print_result(model: GLM, tokenizer: GLMTokenizer, prompt: str, config: GenerationConfig, stream: bool) -> None:
@@ -322,6 +371,67 @@ def quantize(
     typer.echo(f"wrote {path}: INT{bits} ({layout}), {WEIGHTS_FILE} {after / 1e6:.1f} MB (was {before / 1e6:.1f} MB)")
 
 
+@app.command("eval")
+def eval_(
+    model: Annotated[list[Path], typer.Option(help="checkpoint or run directory (repeat to compare models side by side)")],
+    task: Annotated[
+        list[str] | None,
+        typer.Option(help="bundled task name, task YAML, or a data file/folder (repeatable; default: the bundled suite)"),
+    ] = None,
+    shots: Annotated[
+        int | None, typer.Option(help="demonstrations per multiple-choice/generation prompt (default: each task's)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seeds demonstrations, listed choice order and bootstrap")] = 1234,
+    limit: Annotated[int | None, typer.Option(help="at most this many examples per subtask")] = None,
+    batch_size: Annotated[int, typer.Option(help="rows per forward pass (sliding windows, generation)")] = 16,
+    threads: Annotated[int | None, typer.Option(help="torch intra-op threads")] = None,
+    output: Annotated[Path | None, typer.Option(help="write the results JSON here")] = None,
+) -> None:
+    """Evaluate models on lm (bits per byte), cloze (LAMBADA), mul (BIG-bench, MMLU) and gen tasks; print a Markdown table."""
+    from openglm.checkpoint import CheckpointError
+    from openglm.eval.runner import evaluate_checkpoints, markdown_table
+
+    try:
+        results = evaluate_checkpoints(model, task or (), seed, shots, limit, batch_size, threads)
+    except (CheckpointError, ValueError) as err:
+        raise _fail(str(err)) from None
+    if output is not None:
+        try:
+            output.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        except OSError as err:
+            raise _fail(f"{output}: cannot be written ({err})") from None
+    typer.echo(markdown_table(results["runs"]))
+    for path, run in results["runs"].items():
+        typer.echo(f"{path}: {run['wall_seconds']:.1f} s", err=True)
+
+
+@app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="checkpoint directory to convert")],
+    out: Annotated[Path, typer.Option(help="new directory (must not exist, or be empty)")],
+    source_format: Annotated[str | None, typer.Option("--from", help="openglm | chatglm-hf | glm130b-sat (default: detected)")] = None,
+    target_format: Annotated[str, typer.Option("--to", help="openglm | chatglm-hf | glm130b-sat")] = "openglm",
+    tp: Annotated[int | None, typer.Option(help="with --to glm130b-sat: tensor-parallel shards to write")] = None,
+    bits: Annotated[int | None, typer.Option(help="with --to openglm: quantize the block linears to 8 or 4 bits")] = None,
+    group_size: Annotated[int | None, typer.Option(help="with --bits: one scale per this many inputs")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="tokenizer.json or ice_text.model to put into the openglm checkpoint")] = None,
+    safetensors: Annotated[bool, typer.Option("--safetensors", help="with --to chatglm-hf: safetensors shards instead of .bin")] = False,
+) -> None:
+    """Convert real GLM checkpoints: a ChatGLM-6B Hugging Face directory or GLM-130B SAT shards into
+    an openglm checkpoint (optionally INT8/INT4), an openglm checkpoint back into either, or SAT
+    shards to another tensor-parallel size. Streams shard by shard."""
+    from openglm.checkpoint import CheckpointError
+    from openglm.convert import convert as run_convert
+
+    if bits is not None:
+        _check_bits(bits, "--bits", group_size)
+    try:
+        path = run_convert(src, out, source_format, target_format, tp, bits, group_size, tokenizer, safetensors)
+    except (CheckpointError, ConfigError, ValueError) as err:
+        raise _fail(str(err)) from None
+    typer.echo(f"wrote {path} ({target_format})")
+
+
 @app.command()
 def info(
     preset: Annotated[str | None, typer.Option(help="a model preset")] = None,
@@ -345,6 +455,29 @@ def info(
     for key, value in config.to_dict().items():
         typer.echo(f"{key:>22}: {value}")
     typer.echo(f"{'parameters':>22}: {parameters:,} ({parameters / 1e9:.2f}B)")
+
+
+@app.command()
+def plan(
+    preset: Annotated[str, typer.Option(help="a model preset")] = "glm-130b",
+    gpus: Annotated[int, typer.Option(help="GPUs in all")] = 768,
+    gpu: Annotated[str, typer.Option(help="a100-40g | a100-80g | h100-80g | h200-141g | v100-32g")] = "a100-40g",
+    tp: Annotated[int, typer.Option(help="tensor-parallel size")] = 4,
+    pp: Annotated[int, typer.Option(help="pipeline stages")] = 8,
+    micro_batches: Annotated[int, typer.Option(help="micro-batches per step and pipeline")] = 176,
+    micro_batch_size: Annotated[int, typer.Option(help="sequences per micro-batch")] = 1,
+    mfu: Annotated[float, typer.Option(help="model FLOPs utilisation assumed for the step time")] = 0.325,
+) -> None:
+    """Memory per GPU, pipeline bubble, communication and step time of a tp x pp x dp layout
+    (defaults: GLM-130B's 768 A100s, tp4 x pp8 x dp24, 176 micro-batches)."""
+    from openglm.parallel.plan import format_report
+    from openglm.parallel.plan import plan as make_plan
+
+    try:
+        report = make_plan(model_preset(preset), gpus, gpu, tp, pp, micro_batches, micro_batch_size, mfu)
+    except ConfigError as err:
+        raise _fail(str(err)) from None
+    typer.echo(format_report(report))
 
 
 @tokenizer_app.command("train")
