@@ -96,7 +96,7 @@ def test_jsonl_documents(tmp_path: Path) -> None:
         ("{broken", "invalid JSON"),
         ('{"title": "no text"}', 'string "text" field'),
         ('{"text": 3}', 'string "text" field'),
-        ('["text"]', 'string "text" field'),
+        ('["text"]', 'expected a JSON object, got list'),
     ],
 )
 def test_bad_jsonl_names_file_and_line(tmp_path: Path, line: str, message: str) -> None:

@@ -45,7 +45,7 @@ def test_load_jsonl(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ('{"prompt": "a", "response": "b"}\n{"prompt": "a",\n', r"mip\.jsonl:2: not valid JSON"),
+        ('{"prompt": "a", "response": "b"}\n{"prompt": "a",\n', r"mip\.jsonl:2: invalid JSON"),
         ('{"prompt": "a"}\n', r"mip\.jsonl:1: missing field 'response'"),
         ('\n{"prompt": 3, "response": "b"}\n', r"mip\.jsonl:2: field 'prompt' must be a string, got int"),
         ('["a", "b"]\n', r"mip\.jsonl:1: expected a JSON object"),

@@ -125,6 +125,17 @@ def _read_txt(path: Path) -> Iterator[str]:
         yield ready
 
 
+def json_object(line: str, where: str, error: type[ValueError] = ValueError) -> dict[str, Any]:
+    """The JSON object on one line of a .jsonl file; otherwise `error` naming `where` (file, line or example)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise error(f"{where}: invalid JSON ({err.msg}, column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise error(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
 def _read_jsonl(path: Path) -> Iterator[str]:
     """One document per line: the line's JSON object's `text` field; blank lines and empty texts are skipped."""
     try:
@@ -132,11 +143,7 @@ def _read_jsonl(path: Path) -> Iterator[str]:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise CorpusError(f"{path}:{lineno}: invalid JSON ({err.msg}, column {err.colno})") from None
-                text = record.get("text") if isinstance(record, dict) else None
+                text = json_object(line, f"{path}:{lineno}", CorpusError).get("text")
                 if not isinstance(text, str):
                     raise CorpusError(f'{path}:{lineno}: expected a JSON object with a string "text" field')
                 if text:

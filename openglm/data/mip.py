@@ -7,7 +7,6 @@ positioned by the same rules as the gMASK mode of `openglm.data.blank_infill` an
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ import numpy as np
 
 from openglm.config import SpecialTokens
 from openglm.data.blank_infill import Encoding, Sample, build_infill_sample
+from openglm.data.corpus import json_object
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +69,7 @@ def load_mip_jsonl(path: str | Path) -> list[MIPExample]:
             raise MIPDataError(f"{where}: not valid UTF-8 ({err.reason})") from None
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise MIPDataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-        if not isinstance(record, dict):
-            raise MIPDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        record = json_object(line, where, MIPDataError)
         for key in ("prompt", "response"):
             if key not in record:
                 raise MIPDataError(f"{where}: missing field {key!r}")

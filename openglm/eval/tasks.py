@@ -31,7 +31,7 @@ import numpy as np
 import yaml
 
 from openglm.config import ConfigError
-from openglm.data.corpus import CorpusError, iter_documents
+from openglm.data.corpus import CorpusError, iter_documents, json_object
 
 TASK_TYPES = ("lm", "cloze", "mul", "gen")
 CLOZE_MODES = ("bidirectional", "unidirectional")
@@ -304,13 +304,7 @@ def _jsonl_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
         if not line.strip():
             continue
         index = len(records)
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TaskError(f"{path}: example {index}: invalid JSON ({err.msg}, column {err.colno})") from None
-        if not isinstance(record, dict):
-            raise TaskError(f"{path}: example {index}: expected a JSON object")
-        records.append((index, record))
+        records.append((index, json_object(line, f"{path}: example {index}", TaskError)))
     if not records:
         raise TaskError(f"{path}: holds no examples")
     return records
