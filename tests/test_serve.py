@@ -194,6 +194,9 @@ def test_completions_equal_generate(url: str, client: openai.OpenAI, model: GLM,
     )
     assert [c.text for c in result.choices] == expected
     assert [c.index for c in result.choices] == list(range(6))
+    masks = set(tokenizer.special_tokens.mask_ids)
+    prompt_tokens = sum(len(ids) + masks.isdisjoint(ids) for ids in map(tokenizer.encode, PROMPTS))  # + an appended [gMASK]
+    assert result.usage.prompt_tokens == prompt_tokens  # each prompt once, whatever n (as OpenAI counts)
     # Without echo: the generated text only (a continuation here).
     greedy = client.completions.create(model=NAME, prompt="Mr. Darcy", max_tokens=5, temperature=0, extra_body={"min_tokens": 5})
     full = openglm.generate(model, tokenizer, "Mr. Darcy", max_new_tokens=5, min_new_tokens=5, temperature=0)

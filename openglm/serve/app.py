@@ -264,13 +264,14 @@ def create_app(
             status = 503 if err.stopping else 429
             raise ApiError(status, str(err), kind="overloaded", headers={"Retry-After": str(err.retry_after)}) from None
 
-    def account(call: _Call, route: str, submission: Submission) -> dict[str, int]:
-        """Record a finished request in the metrics; its OpenAI `usage`."""
+    def account(call: _Call, route: str, submission: Submission, copies: int = 1) -> dict[str, int]:
+        """Record a finished request in the metrics; its OpenAI `usage`, where a prompt decoded
+        `copies` times (`n`) counts once, as OpenAI counts it."""
         ticket = call.ticket
         metrics.latency.labels(route).observe(time.monotonic() - ticket.submitted)
         if ticket.first_piece is not None:
             metrics.first_token.labels(route).observe(ticket.first_piece - ticket.submitted)
-        prompt, completion = submission.prompt_tokens, submission.completion_tokens
+        prompt, completion = submission.prompt_tokens // copies, submission.completion_tokens
         metrics.prompt_tokens.inc(prompt)
         metrics.generated_tokens.inc(completion)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -334,13 +335,13 @@ def create_app(
             choices = [
                 {"text": text_of(i), "index": i, "logprobs": None, "finish_reason": submission.finish_reason(i)} for i in range(len(submission.prompts))
             ]
-            return {**head, "choices": choices, "usage": account(call, "/v1/completions", submission)}
+            return {**head, "choices": choices, "usage": account(call, "/v1/completions", submission, body.n)}
 
         async def chunks() -> AsyncIterator[str]:
             async for event in call.events():
                 piece = event.piece
                 if event.kind == "done":
-                    usage = account(call, "/v1/completions", submission)
+                    usage = account(call, "/v1/completions", submission, body.n)
                     if body.stream_options is not None and body.stream_options.include_usage:
                         yield _sse({**head, "choices": [], "usage": usage})
                 elif piece is not None and (piece.done or (piece.text and (piece.generated or body.echo))):
