@@ -296,10 +296,12 @@ class _Rules:
     def constrain(self, logits: torch.Tensor, histories: Sequence[Sequence[int]]) -> torch.Tensor:
         """Logits [rows, V] of rows that generated `histories` so far, forbidden tokens at -inf."""
         scores = logits.index_fill(-1, self._never, float("-inf"))
+        n, minimum = self.config.no_repeat_ngram_size, self.config.min_new_tokens
+        if not n and all(len(history) >= minimum for history in histories):
+            return scores  # no per-row rule applies: skip building a [rows, V] mask every step
         banned = torch.zeros_like(scores, dtype=torch.bool)
-        n = self.config.no_repeat_ngram_size
         for row, history in enumerate(histories):
-            if len(history) < self.config.min_new_tokens:
+            if len(history) < minimum:
                 banned[row, self._stops] = True
             if n:
                 banned[row, _banned_by_ngrams(history, n)] = True
