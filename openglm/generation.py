@@ -307,15 +307,16 @@ class _Rules:
                 banned[row, _banned_by_ngrams(history, n)] = True
         return scores.masked_fill(banned, float("-inf"))
 
-    def stop_string_at(self, tokens: Sequence[int]) -> int | None:
+    def stop_string_at(self, tokens: Sequence[int], text: str | None = None) -> int | None:
         """Where a stop string begins in the text of `tokens` (complete characters only, and only in
-        the text after the first `min_new_tokens` tokens), or None."""
+        the text after the first `min_new_tokens` tokens), or None. `text`: that text, when the
+        caller has already decoded it."""
         minimum = self.config.min_new_tokens
         if not self.stop_strings or len(tokens) < minimum or self.tokenizer is None:
             return None
         decode = self.tokenizer.decode
         floor = len(_complete_characters(decode(tokens[:minimum]))) if minimum else 0
-        return _find_stop(_complete_characters(decode(tokens)), self.stop_strings, floor)
+        return _find_stop(_complete_characters(decode(tokens)) if text is None else text, self.stop_strings, floor)
 
 
 class _Text:
@@ -342,7 +343,7 @@ class _Text:
         if self.incremental:
             assert self.rules.tokenizer is not None
             self._stable = _complete_characters(self.rules.tokenizer.decode(self.tokens))
-            self._cut = self.rules.stop_string_at(self.tokens)
+            self._cut = self.rules.stop_string_at(self.tokens, self._stable)
         return self._cut is not None
 
     def finish(self) -> None:
