@@ -115,6 +115,7 @@ class FixedGenerations:
 
     causal = False
     truncated = 0
+    batch_size = 16
 
     def __init__(self, outputs: list[str]) -> None:
         self.outputs = outputs

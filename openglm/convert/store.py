@@ -1,8 +1,9 @@
 """Tensor files read and written without holding a model in memory.
 
 Reading: `.bin`/`.pt` files are opened with `torch.load(mmap=True, weights_only=True)` and
-safetensors files with `safe_open`, so shapes and dtypes are known before any data is read, and
-a tensor's bytes are paged in only when it is copied.
+safetensors files by parsing their header and reading each tensor's byte range with plain reads
+(no mmap, so resident memory stays one tensor), so shapes and dtypes are known before any data is
+read, and a tensor's bytes are read only when it is copied.
 
 Writing: `SafetensorsWriter` lays out a whole safetensors file from a plan (name -> shape, dtype),
 writes the header first and then memory-maps one tensor's byte range at a time (`region`). A

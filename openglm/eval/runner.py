@@ -160,9 +160,10 @@ class _Evaluation:
         for subtask in self.subtasks:
             prompts = [subtask.prompt(i, self.shots, self.seed) for i in range(len(subtask.evaluated))]
             outputs = []
-            for start in range(0, len(prompts), 16):
-                outputs += self.scorer.generate(prompts[start : start + 16], self.config.max_new_tokens, subtask.stop)
-                self.bar.update(len(prompts[start : start + 16]))
+            step = self.scorer.batch_size  # the scorer decodes this many rows together
+            for start in range(0, len(prompts), step):
+                outputs += self.scorer.generate(prompts[start : start + step], self.config.max_new_tokens, subtask.stop)
+                self.bar.update(len(prompts[start : start + step]))
             samples = []
             for example, output in zip(subtask.evaluated, outputs, strict=True):
                 answer = subtask.postprocess(output)

@@ -113,7 +113,7 @@ class ModelScorer:
         width = max(map(len, rows))
         tail = torch.tensor([r + [self.special.pad] * (width - len(r)) for r in rows])
         full = torch.cat([torch.tensor(shared, dtype=torch.long).expand(len(rows), -1), tail], dim=1)
-        if not share_prefix or not shared:
+        if not share_prefix or not shared or len(rows) == 1:  # one row: nothing to share, one forward
             return self.model(full, return_hidden=True)[:, len(shared) :]
         prefix_len, positions, blocks = self._layout(full)
         cache = self._prefill(shared, len(rows), full.shape[1])
