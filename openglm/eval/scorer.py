@@ -18,6 +18,7 @@ everything after `<sop>` is causal. Contexts too long for the model lose tokens 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from openglm.eval.lm import LMScore, score_tokens
-from openglm.generation import GenerationConfig, infill_batch
+from openglm.generation import GenerationConfig, _Batch, _Prefill, infill_batch
+from openglm.generation import _prefill as generation_prefill
 from openglm.model import GLM, KVCache, derive_positions, derive_prefix_len
 from openglm.tokenizer import GLMTokenizer
 
@@ -173,27 +175,29 @@ class ModelScorer:
         texts = []
         for index, (context, limit) in enumerate(zip(contexts, max_new_tokens, strict=True)):
             request = self._request(context, [[0] * limit], unidirectional, mask)
-            shared, tokens = request.shared, [request.rows[0][0]]
-            cache = self._prefill(shared, 1, len(shared) + limit) if shared else None
-            while len(tokens) <= limit:
-                prefix_len, positions, blocks = self._layout(torch.tensor([shared + tokens]))
-                if cache is None:
-                    hidden = self.model(torch.tensor([tokens]), return_hidden=True)[:, -1]
-                else:
-                    new = torch.tensor([tokens[-1:]])
-                    hidden = self.model(new, positions[:, -1:], blocks[:, -1:], prefix_len, cache=cache, return_hidden=True)[
-                        :, -1
-                    ]
-                logits = self.model.logits(hidden).float()
+            batch = _Batch(self.model, [self._prefill_layout([*request.shared, request.rows[0][0]], unidirectional)], limit)
+            logits = batch.step(batch.first)
+            tokens: list[int] = []
+            while True:
                 logits[:, banned] = float("-inf")
                 token = int(logits.argmax())
                 if token in (self.special.eop, self.special.eos):
                     break
                 tokens.append(token)
-                if until is not None and until(index, self.tokenizer.decode(tokens[1:])):
+                if len(tokens) == limit or (until is not None and until(index, self.tokenizer.decode(tokens))):
                     break
-            texts.append(self.tokenizer.decode(tokens[1:]))
+                logits = batch.step(torch.tensor([[token]]))
+            texts.append(self.tokenizer.decode(tokens))
         return texts
+
+    def _prefill_layout(self, prefix: list[int], unidirectional: bool) -> _Prefill:
+        """The generation engine's first forward for a `_prefix` row: where Part A ends and which
+        position the decoded tokens take, as generation derives them."""
+        if self.causal:
+            return generation_prefill(self.config, prefix)
+        if unidirectional:  # [gMASK] <sop> context: a [gMASK] continuation whose Part B starts with the context
+            return dataclasses.replace(generation_prefill(self.config, prefix[:1]), tokens=prefix)
+        return generation_prefill(self.config, prefix[:-1])  # context [MASK|gMASK]; <sop> is added back
 
     def generate(self, contexts: Sequence[str], max_new_tokens: int, stop: str | None) -> list[str]:
         """Greedy generation with the library's KV-cached decoder: a GLM model fills a [gMASK]
