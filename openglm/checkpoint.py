@@ -161,6 +161,17 @@ def _check_sha256(checkpoint: Path, files: dict[str, str]) -> None:
             raise CheckpointError(f"{file}: damaged (sha256 differs from the one recorded at save time)")
 
 
+def write_quantization(folder: Path, record: dict[str, Any], *, atomic: bool = False) -> None:
+    """Write `record` (`openglm.quantize.make_record`) as folder/quantization.json together with
+    the sha256 of every file now in `folder` (so call it once every other file is in place);
+    `atomic` writes through `write_text_atomic`."""
+    text = json.dumps(dict(record, files=_file_hashes(folder)), indent=2) + "\n"
+    if atomic:
+        write_text_atomic(folder / QUANT_FILE, text)
+    else:
+        (folder / QUANT_FILE).write_text(text)
+
+
 def save_quantized_checkpoint(
     out: str | Path,
     config: GLMConfig,
@@ -180,7 +191,7 @@ def save_quantized_checkpoint(
         config.save(tmp / CONFIG_FILE)
         save_file({name: t.detach().contiguous() for name, t in tensors.items()}, tmp / WEIGHTS_FILE)
         tokenizer.save(tmp / TOKENIZER_FILE)
-        (tmp / QUANT_FILE).write_text(json.dumps(dict(record, files=_file_hashes(tmp)), indent=2) + "\n")
+        write_quantization(tmp, record)
 
     _write_dir_atomic(out, fill)
     return out

@@ -44,7 +44,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -96,6 +96,26 @@ def _num_groups(in_features: int, group_size: int | None) -> int:
     if not isinstance(group_size, int) or group_size <= 0 or in_features % group_size:
         raise ValueError(f"group_size {group_size!r} must be a positive divisor of in_features ({in_features})")
     return in_features // group_size
+
+
+def quantized_layout(out_features: int, in_features: int, bits: int, group_size: int | None) -> dict[str, tuple[tuple[int, int], torch.dtype]]:
+    """Shape and dtype of the portable `qweight` and `scales` (in that order, as a checkpoint holds
+    them) of a [out, in] linear: int8 [out, in] (bits 8) or uint8 [out, in // 2] (bits 4), and
+    bfloat16 [out, groups]. Raises ValueError for bad bits or group sizes; an even in_features for
+    INT4 is the caller's to check."""
+    _qmax(bits)
+    groups = _num_groups(in_features, group_size)
+    width = in_features // 2 if bits == 4 else in_features
+    return {
+        "qweight": ((out_features, width), torch.uint8 if bits == 4 else torch.int8),
+        "scales": ((out_features, groups), torch.bfloat16),
+    }
+
+
+def is_quantized_weight(name: str) -> bool:
+    """Whether the parameter `name` (of a GLM state dict) is the weight of a block linear that
+    GLM-130B quantizes, e.g. `layers.3.mlp.dense_h_to_4h.weight`."""
+    return name.endswith(".weight") and _TARGET.fullmatch(name.removesuffix(".weight")) is not None
 
 
 def _bf16_ceil(x: torch.Tensor) -> torch.Tensor:
@@ -329,15 +349,15 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits = bits
         self.group_size = group_size  # as given (a group as wide as the layer is per channel)
-        self.groups = _num_groups(in_features, group_size)
+        layout = quantized_layout(out_features, in_features, bits, group_size)
+        (qshape, qdtype), (scale_shape, _) = layout["qweight"], layout["scales"]
+        self.groups = scale_shape[1]
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.int4_block: int | None = None  # INT4: the row block of the kernel layout, when in it
         self.kernel_group: int | None = None  # INT4 kernel layout: the group size handed to the kernel
-        width = in_features // 2 if bits == 4 else in_features
-        dtype = torch.uint8 if bits == 4 else torch.int8
         # Non-persistent: _save_to_state_dict writes the portable layout instead.
-        self.register_buffer("qweight", torch.zeros(out_features, width, dtype=dtype), persistent=False)
-        self.register_buffer("scale_bits", torch.zeros(out_features, self.groups, dtype=torch.int16), persistent=False)
+        self.register_buffer("qweight", torch.zeros(qshape, dtype=qdtype), persistent=False)
+        self.register_buffer("scale_bits", torch.zeros(scale_shape, dtype=torch.int16), persistent=False)
         self.register_buffer("kernel_scale_bits", None, persistent=False)
 
     # construction ---------------------------------------------------------------------------
@@ -376,16 +396,16 @@ class QuantizedLinear(nn.Module):
 
     def check_quantized(self, qweight: torch.Tensor, scales: torch.Tensor) -> str | None:
         """What is wrong with portable-layout (qweight, scales) for this layer, or None."""
-        width = self.in_features // 2 if self.bits == 4 else self.in_features
-        qdtype = torch.uint8 if self.bits == 4 else torch.int8
+        layout = quantized_layout(self.out_features, self.in_features, self.bits, self.group_size)
+        (qshape, qdtype), (scale_shape, scale_dtype) = layout["qweight"], layout["scales"]
         if qweight.dtype != qdtype:
             return f"qweight has dtype {qweight.dtype}, INT{self.bits} expects {qdtype}"
-        if tuple(qweight.shape) != (self.out_features, width):
-            return f"qweight has shape {tuple(qweight.shape)}, expected {(self.out_features, width)}"
-        if scales.dtype != torch.bfloat16:
-            return f"scales have dtype {scales.dtype}, expected torch.bfloat16"
-        if tuple(scales.shape) != (self.out_features, self.groups):
-            return f"scales have shape {tuple(scales.shape)}, expected {(self.out_features, self.groups)} (group_size {self.group_size})"
+        if tuple(qweight.shape) != qshape:
+            return f"qweight has shape {tuple(qweight.shape)}, expected {qshape}"
+        if scales.dtype != scale_dtype:
+            return f"scales have dtype {scales.dtype}, expected {scale_dtype}"
+        if tuple(scales.shape) != scale_shape:
+            return f"scales have shape {tuple(scales.shape)}, expected {scale_shape} (group_size {self.group_size})"
         if not torch.isfinite(scales).all() or (scales < 0).any():
             return "scales must be finite and non-negative"
         return None
@@ -578,6 +598,12 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
 
+def make_record(bits: int, group_size: int | None, modules: Iterable[str]) -> dict[str, Any]:
+    """The quantization.json record of `modules` quantized to INT`bits` with `group_size` (the
+    checkpoint writer adds the sha256 of every file, see `openglm.checkpoint.write_quantization`)."""
+    return {"format": 1, "bits": bits, "group_size": group_size, "scale_dtype": "bfloat16", "modules": sorted(modules)}
+
+
 def quantization_record(model: nn.Module) -> dict[str, Any]:
     """The bits, group size and module names of a quantized model (written as quantization.json)."""
     layers = quantized_layers(model)
@@ -587,7 +613,7 @@ def quantization_record(model: nn.Module) -> dict[str, Any]:
     if len(specs) != 1:
         raise ValueError(f"mixed quantization settings are not supported: {sorted(specs, key=str)}")
     bits, group_size = specs.pop()
-    return {"format": 1, "bits": bits, "group_size": group_size, "scale_dtype": "bfloat16", "modules": sorted(layers)}
+    return make_record(bits, group_size, layers)
 
 
 @dataclass(frozen=True)

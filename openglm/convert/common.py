@@ -9,7 +9,6 @@ sink (a memory-mapped safetensors file, or a model's parameters).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -20,10 +19,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from openglm.checkpoint import CONFIG_FILE, QUANT_FILE, TOKENIZER_FILE, WEIGHTS_FILE, _file_hashes, write_text_atomic
+from openglm.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, write_quantization
 from openglm.config import GLMConfig
 from openglm.convert.store import ConvertError, Plan, SafetensorsWriter, Sink, TensorFile, open_tensors
-from openglm.quantize import QUANTIZED_LINEARS, SUPPORTED_BITS, quantize_weight
+from openglm.quantize import SUPPORTED_BITS, is_quantized_weight, make_record, quantize_weight, quantized_layout
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +103,6 @@ def _copy(handle: TensorFile, name: str, source_index: tuple[slice, ...], sink: 
     return part.numel() * part.element_size()
 
 
-def _is_block_linear_weight(name: str) -> bool:
-    """Whether `name` is the weight of a block linear that GLM-130B quantizes."""
-    parts = name.split(".", 2)
-    return len(parts) == 3 and parts[0] == "layers" and parts[2].removesuffix(".weight") in QUANTIZED_LINEARS and name.endswith(".weight")
-
-
 def quantize_file(float_file: Path, out_file: Path, bits: int, group_size: int | None) -> dict[str, object]:
     """Quantize the block linears of a float safetensors file tensor by tensor into `out_file`
     (the layout `openglm.quantize.load_quantized` reads); returns the quantization record."""
@@ -120,7 +113,7 @@ def quantize_file(float_file: Path, out_file: Path, bits: int, group_size: int |
         modules = []
         for name in handle.names():
             shape = handle.shape(name)
-            if not _is_block_linear_weight(name):
+            if not is_quantized_weight(name):
                 plan[name] = (shape, handle.dtype(name))
                 continue
             out_features, in_features = shape
@@ -128,13 +121,16 @@ def quantize_file(float_file: Path, out_file: Path, bits: int, group_size: int |
                 raise ConvertError(f"{float_file}: tensor {name}: group size {group_size} does not divide its {in_features} inputs")
             module = name.removesuffix(".weight")
             modules.append(module)
-            width = in_features // 2 if bits == 4 else in_features
-            plan[f"{module}.qweight"] = ((out_features, width), torch.uint8 if bits == 4 else torch.int8)
-            plan[f"{module}.scales"] = ((out_features, in_features // group_size if group_size else 1), torch.bfloat16)
+            try:
+                layout = quantized_layout(out_features, in_features, bits, group_size)
+            except ValueError as err:
+                raise ConvertError(f"{float_file}: tensor {name}: {err}") from None
+            for suffix, spec in layout.items():
+                plan[f"{module}.{suffix}"] = spec
         writer = SafetensorsWriter(out_file, plan)
         for name in tqdm(handle.names(), desc=f"INT{bits}", unit="tensor", disable=None):
             tensor = handle.tensor(name)
-            if _is_block_linear_weight(name):
+            if is_quantized_weight(name):
                 module = name.removesuffix(".weight")
                 try:
                     qweight, scales = quantize_weight(tensor, bits, group_size)
@@ -144,7 +140,7 @@ def quantize_file(float_file: Path, out_file: Path, bits: int, group_size: int |
                 writer.write(f"{module}.scales", scales)
             else:
                 writer.write(name, tensor)
-    return {"format": 1, "bits": bits, "group_size": group_size, "scale_dtype": "bfloat16", "modules": sorted(modules)}
+    return make_record(bits, group_size, modules)
 
 
 def write_openglm(source: Source, folder: Path, bits: int | None = None, group_size: int | None = None, tokenizer: Path | None = None) -> None:
@@ -162,4 +158,4 @@ def write_openglm(source: Source, folder: Path, bits: int | None = None, group_s
     if bits is not None:
         record = quantize_file(float_file, folder / WEIGHTS_FILE, bits, group_size)
         float_file.unlink()
-        write_text_atomic(folder / QUANT_FILE, json.dumps(dict(record, files=_file_hashes(folder)), indent=2) + "\n")
+        write_quantization(folder, record, atomic=True)
