@@ -289,16 +289,7 @@ class GLM(nn.Module):
                 raise ValueError("position_ids are required when continuing from a KV cache")
             position_ids, derived_blocks = derive_positions(input_ids, prefix_len, self.config)
             block_position_ids = derived_blocks if block_position_ids is None else block_position_ids
-        # Angles in (at least) fp32; the cos/sin tables then take the activations' dtype, so the
-        # rotation itself runs in bf16/fp16 like every other elementwise op of the block.
-        dtype = self.word_embeddings.weight.dtype
-        rope_dtype = torch.promote_types(torch.float32, dtype)
-        rope = self.rotary(position_ids, rope_dtype)
-        if self.config.position_encoding == "rope2d":
-            if block_position_ids is None:
-                block_position_ids = torch.zeros_like(position_ids)
-            rope = rope + self.rotary(block_position_ids, rope_dtype)
-        rope = tuple(table.to(dtype) for table in rope)
+        rope = self._rope_tables(position_ids, block_position_ids, self.word_embeddings.weight.dtype)
         if padding_mask is not None and padding_mask.shape != (input_ids.shape[0], offset + seq):
             raise ValueError(f"padding_mask has shape {tuple(padding_mask.shape)}, expected {(input_ids.shape[0], offset + seq)}")
         mask = self._mask(prefix_len, offset, seq, padding_mask)
@@ -309,6 +300,17 @@ class GLM(nn.Module):
             cache.length = offset + seq
         h = self.final_layernorm(h)
         return h if return_hidden else self.logits(h)
+
+    def _rope_tables(self, position_ids: torch.Tensor, block_position_ids: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """cos, sin (and with 2-D RoPE the block positions' cos, sin). Angles in (at least) fp32; the
+        tables then take the activations' dtype, so the rotation itself runs in bf16/fp16 like
+        every other elementwise op of the block."""
+        rope_dtype = torch.promote_types(torch.float32, dtype)
+        rope = self.rotary(position_ids, rope_dtype)
+        if self.config.position_encoding == "rope2d":
+            blocks = torch.zeros_like(position_ids) if block_position_ids is None else block_position_ids
+            rope = rope + self.rotary(blocks, rope_dtype)
+        return tuple(table.to(dtype) for table in rope)
 
     def _mask(self, prefix_len: torch.Tensor, offset: int, seq: int, padding_mask: torch.Tensor | None = None) -> torch.Tensor | None:
         """None where SDPA's causal (or no-mask) fast path is exact."""

@@ -50,13 +50,8 @@ class GLMStage(nn.Module):
         self.normalizer = 1  # the step's target count, set before each step
         self.checkpoint_layers = False  # recompute each block's activations in backward
 
-    @property
-    def output_weight(self) -> torch.Tensor:
-        return self.word_embeddings.weight if self.lm_head is None else self.lm_head.weight
-
-    def num_parameters(self) -> int:
-        """Parameters of the whole model (not of this rank's shard)."""
-        return sum(p.numel() for p in self.parameters())
+    output_weight = GLM.output_weight
+    num_parameters = GLM.num_parameters  # of the whole model, not of this rank's shard
 
     def forward(
         self,
@@ -69,12 +64,7 @@ class GLMStage(nn.Module):
         """Token ids (first stage) or hidden states in; hidden states out, or on the last stage
         the step-normalised loss of this micro-batch (shape [1], so pipelining can concatenate)."""
         h = GLM.embed(self, x) if self.first else x
-        dtype = h.dtype
-        rope_dtype = torch.promote_types(torch.float32, dtype)
-        rope = self.rotary(position_ids, rope_dtype)
-        if self.config.position_encoding == "rope2d":
-            rope = rope + self.rotary(block_position_ids, rope_dtype)
-        rope = tuple(table.to(dtype) for table in rope)
+        rope = GLM._rope_tables(self, position_ids, block_position_ids, h.dtype)
         mask = GLM._mask(self, prefix_len, 0, h.shape[1])
         for layer in self.layers.values():
             if self.checkpoint_layers and self.training:
