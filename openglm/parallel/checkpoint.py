@@ -38,6 +38,7 @@ from openglm.model import GLM
 from openglm.parallel.parallelize import geglu_row_order, is_geglu_input
 from openglm.tokenizer import GLMTokenizer
 from openglm.train.optim import build_optimizer
+from openglm.train.trainer import TRAINER_STATE_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def export_checkpoint(source: Path, run_dir: Path) -> Path:
         "loss_scaler": state["loss_scaler"],
         "torch_rng": torch.tensor(state["torch_rng"], dtype=torch.uint8),
     }
-    trainer_state = {k: state[k] for k in ("data_position", "tokens_seen", "train_config", "spikes")}
+    trainer_state = {k: state[k] for k in TRAINER_STATE_KEYS}
     weights = {n: p.detach() for n, p in params.items()}
     return ckpt.save_checkpoint(run_dir, int(state["step"]), config, weights, tokenizer, trainer_state, optimizer_state)
 

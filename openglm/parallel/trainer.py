@@ -304,10 +304,9 @@ class ParallelTrainer(Trainer):
     # -------------------------------------------------------------------------- checkpoints
     def save(self) -> Path:
         state = {
-            "data_position": self.data_position,
-            "tokens_seen": self.tokens_seen,
+            **self._trainer_state(),
+            # Overrides the value, keeping the key's place: the run directory, not this rank's out_dir.
             "train_config": dataclasses.replace(self.config, out_dir=str(self.run_dir)).to_dict(),
-            "spikes": self.spikes.state_dict(),
             "loss_scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
             "torch_rng": torch.get_rng_state().tolist(),
             "layout": dataclasses.asdict(self.layout),
@@ -329,13 +328,7 @@ class ParallelTrainer(Trainer):
 
     def _load_training_state(self, checkpoint: Path) -> None:
         state = load_distributed(checkpoint, self.model, self.optimizer, self.model_config, self.layout.tp)
-        if state["loss_scaler"] is not None and self.precision.scaler is not None:
-            self.precision.scaler.load_state_dict(state["loss_scaler"])
-        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
-        self.step = int(state["step"])
-        self.data_position = int(state["data_position"])
-        self.tokens_seen = int(state["tokens_seen"])
-        self.spikes.load_state_dict(state["spikes"])
+        self._restore_state(state, state["loss_scaler"], torch.tensor(state["torch_rng"], dtype=torch.uint8))
         log.info("resumed from %s (saved as %s) at step %d", checkpoint, state.get("layout"), self.step)
 
 

@@ -42,6 +42,9 @@ def default_cache_dir() -> Path:
 
 LOGIT_ROW_BUCKET = 256
 
+# The trainer state every checkpoint stores beside "step" (`Trainer._trainer_state`'s keys, in order).
+TRAINER_STATE_KEYS = ("data_position", "tokens_seen", "train_config", "spikes")
+
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, normalizer: int) -> torch.Tensor:
     """Output layer and summed fp32 cross-entropy (targets of -100 ignored) in one function, so
@@ -262,13 +265,27 @@ class Trainer:
         return summary
 
     # --------------------------------------------------------------------------- checkpoints
-    def save(self) -> Path:
-        state = {
+    def _trainer_state(self) -> dict[str, Any]:
+        """The trainer state a checkpoint stores beside its step (keys: TRAINER_STATE_KEYS)."""
+        return {
             "data_position": self.data_position,
             "tokens_seen": self.tokens_seen,
             "train_config": self.config.to_dict(),
             "spikes": self.spikes.state_dict(),
         }
+
+    def _restore_state(self, state: dict[str, Any], scaler_state: dict[str, Any] | None, rng_state: torch.Tensor) -> None:
+        """The resume tail shared by every checkpoint format: loss scaler, RNG, step and trainer state."""
+        if scaler_state is not None and self.precision.scaler is not None:
+            self.precision.scaler.load_state_dict(scaler_state)
+        torch.set_rng_state(rng_state)
+        self.step = int(state["step"])
+        self.data_position = int(state["data_position"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.spikes.load_state_dict(state["spikes"])
+
+    def save(self) -> Path:
+        state = self._trainer_state()
         optimizer_state = {
             "optimizer": self.optimizer.state_dict(),
             "loss_scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
@@ -300,11 +317,5 @@ class Trainer:
             self.optimizer.load_state_dict(payload["optimizer"])
         except (OSError, RuntimeError, KeyError, ValueError) as err:
             raise ckpt.CheckpointError(f"{optimizer_path}: cannot restore the optimizer ({err})") from None
-        if payload["loss_scaler"] is not None and self.precision.scaler is not None:
-            self.precision.scaler.load_state_dict(payload["loss_scaler"])
-        torch.set_rng_state(payload["torch_rng"])
-        self.step = int(state["step"])
-        self.data_position = int(state["data_position"])
-        self.tokens_seen = int(state["tokens_seen"])
-        self.spikes.load_state_dict(state["spikes"])
+        self._restore_state(state, payload["loss_scaler"], payload["torch_rng"])
         log.info("resumed from %s at step %d", checkpoint, self.step)
