@@ -268,9 +268,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GL
 
         model = load_quantized(checkpoint, config, quantization)
     else:
-        with torch.device("meta"):
-            model = GLM(config)
-        model.to_empty(device="cpu")
+        model = GLM.empty(config)
         load_weights(checkpoint, dict(model.named_parameters()))
     tokenizer_path = checkpoint / TOKENIZER_FILE
     if not tokenizer_path.is_file() and (checkpoint / SP_TOKENIZER_FILE).is_file():

@@ -218,6 +218,14 @@ class GLM(nn.Module):
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
+    @classmethod
+    def empty(cls, config: GLMConfig) -> GLM:
+        """A model with uninitialised CPU weights, to load a checkpoint into: built on the meta
+        device, so the random initialisation of every weight (minutes at GLM-130B scale) is skipped."""
+        with torch.device("meta"):
+            model = cls(config)
+        return model.to_empty(device="cpu")
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """DeepNorm init: Xavier normal with gain (2N)^-0.5 on value, output and FFN weights;

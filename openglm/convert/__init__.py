@@ -146,9 +146,7 @@ def load_source(source: Source, dtype: torch.dtype = torch.float32) -> GLM:
     from openglm.model import GLM
 
     _, total = scan(source)
-    with torch.device("meta"):
-        model = GLM(source.config)
-    model.to_empty(device="cpu")
+    model = GLM.empty(source.config)
     transfer(source, ModelSink(dict(model.named_parameters())), total)
     return model.to(dtype).eval()
 

@@ -122,7 +122,7 @@ def export_checkpoint(source: Path, run_dir: Path) -> Path:
     config = GLMConfig.load(source / ckpt.CONFIG_FILE)
     tokenizer = GLMTokenizer.from_file(source / ckpt.TOKENIZER_FILE)
     train_config = TrainConfig.from_dict(state["train_config"])
-    model = GLM(config)
+    model = GLM.empty(config)  # every weight is loaded below
     params = dict(model.named_parameters())
     optimizer = build_optimizer(list(params.values()), train_config)
     moments = {name: {"step": torch.zeros(()), **{k: torch.zeros_like(p) for k in OPTIMIZER_KEYS}} for name, p in params.items()}
