@@ -64,8 +64,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _umasked(mode: int) -> int:
+    """`mode` less the process umask: what open() and mkdir() would give, which mkstemp (0600) and
+    mkdtemp (0700) do not."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.chmod(tmp, _umasked(0o666))
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
         handle.flush()
@@ -77,6 +86,7 @@ def _write_dir_atomic(final: Path, fill: Callable[[Path], None]) -> None:
     """Build a directory with `fill(tmp)` under a temporary name beside `final`, then rename it into
     place (replacing `final`), so a crash never leaves a half-written directory at `final`."""
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    os.chmod(tmp, _umasked(0o777))
     try:
         fill(tmp)
         if final.exists():

@@ -394,6 +394,18 @@ def test_sat_quantize_while_converting_equals_quantizing_the_float_model(sat_dir
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_converted_files_get_the_usual_permissions(sat_dir, tmp_path: Path) -> None:
+    """Written through temporary files and folders (mkstemp: 0600, mkdtemp: 0700), the output still
+    gets what a plain open() / mkdir() gives under the umask, like `openglm quantize` output."""
+    out = convert(sat_dir[0], tmp_path / "int8", bits=8, tokenizer=BUNDLED_TOKENIZER)
+    plain_file, plain_dir = tmp_path / "plain.txt", tmp_path / "plain"
+    plain_file.write_text("x")
+    plain_dir.mkdir()
+    assert out.stat().st_mode & 0o777 == plain_dir.stat().st_mode & 0o777
+    for name in ("config.json", "quantization.json"):
+        assert (out / name).stat().st_mode & 0o777 == plain_file.stat().st_mode & 0o777, name
+
+
 # ----------------------------------------------------------------------------- errors
 def test_errors_name_the_file_and_tensor(sat_dir, chatglm_dir, tmp_path: Path) -> None:
     _, full = sat_dir
