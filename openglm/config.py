@@ -92,6 +92,11 @@ class GLMConfig:
         return self.hidden_size // self.num_heads
 
     @property
+    def rotary_dim(self) -> int:
+        """Width of one RoPE rotation: the whole head (1-D), or each half of it (2-D)."""
+        return self.head_dim // 2 if self.position_encoding == "rope2d" else self.head_dim
+
+    @property
     def alpha(self) -> float:
         return self.deepnorm_alpha if self.deepnorm_alpha is not None else math.sqrt(2 * self.num_layers)
 

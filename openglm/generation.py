@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from openglm.config import ConfigError, GLMConfig, SpecialTokens
+from openglm.decoding import DecodeStep
 from openglm.model import GLM, KVCache
 
 logger = logging.getLogger(__name__)
@@ -486,17 +487,24 @@ class _Batch:
         )
         self._causal = config.objective == "causal"
         self._padded = any(pads)
+        self._decode = DecodeStep(model) if DecodeStep.usable(model) else None
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # every column's rotary tables, made on first use
         pad_id = config.special_tokens.pad
         self.first = torch.tensor([[pad_id] * n + p.tokens for n, p in zip(pads, prefills, strict=True)], device=device)
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Feed `ids` [rows, n] after the cached tokens; fp32 logits [rows, V] of the last position."""
         start, length = self.cache.length, ids.shape[1]
+        # Unpadded batches keep the model's mask-free fast paths (and single prompts their exact old numbers).
+        padding = self.padding[:, : start + length] if self._padded else None
+        if length == 1 and self._decode is not None:
+            if self._rope is None:
+                self._rope = self.model._rope_tables(*self.layout.positions(0, self.cache.capacity), self.cache.keys.dtype)
+            rope = (self._rope[0][:, start : start + 1], self._rope[1][:, start : start + 1])
+            return self._decode(ids, rope, self.cache, padding).float()
         position_ids, block_position_ids = self.layout.positions(start, length)
         layout = self.layout
         prefix = torch.zeros_like(layout.pad) if self._causal else layout.pad + layout.prefix_len
-        # Unpadded batches keep the model's mask-free fast paths (and single prompts their exact old numbers).
-        padding = self.padding[:, : start + length] if self._padded else None
         with _eval_mode(self._modules), torch.no_grad():
             hidden = self.model(ids, position_ids, block_position_ids, prefix, self.cache, return_hidden=True, padding_mask=padding)
             return self.model.logits(hidden[:, -1]).float()
@@ -509,6 +517,8 @@ class _Batch:
         self.padding = self.padding[index]
         self.layout = self.layout.select(index)
         self._padded = bool(self.layout.pad.any())
+        if self._rope is not None:
+            self._rope = (self._rope[0][index], self._rope[1][index])
 
     def extend(self, other: _Batch, room: int) -> None:
         """Append `other`'s rows (prefilled on their own) so that all decode together: continuous
@@ -527,6 +537,7 @@ class _Batch:
         )
         self.padding = torch.arange(length + room, device=self.padding.device)[None] >= self.layout.pad[:, None]
         self._padded = bool(self.layout.pad.any())
+        self._rope = None
 
     def _moved(self, length: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys, values (capacity positions) and per-row padding with the cached tokens ending at

@@ -91,32 +91,38 @@ def derive_positions(input_ids: torch.Tensor, prefix_len: torch.Tensor, config: 
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding in the rotate-half layout used by GLM-130B and ChatGLM-6B.
 
-    The frequencies are recomputed in fp32 on each call (a few dozen numbers) rather than kept as a
-    buffer, so casting the model to bf16/fp16 never degrades them.
+    The inverse frequencies are kept in float64, outside the state dict and out of reach of
+    `model.to(bf16)`, so casting the model never degrades them; each call takes them in its dtype.
     """
 
     def __init__(self, dim: int, base: float, fp16_inv_freq: bool) -> None:
         super().__init__()
-        self.dim, self.base, self.fp16_inv_freq = dim, base, fp16_inv_freq
+        self.dim = dim
+        # On the CPU explicitly: `GLM.empty` builds modules under the meta device.
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
+        self._inv_freq = inv_freq.half().double() if fp16_inv_freq else inv_freq
+        self._cast: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for positions [batch, seq] -> each [batch, 1, seq, dim], in `dtype` (at least fp32)."""
-        exponents = torch.arange(0, self.dim, 2, dtype=dtype, device=positions.device) / self.dim
-        inv_freq = 1.0 / (self.base**exponents)
-        if self.fp16_inv_freq:
-            inv_freq = inv_freq.half().to(dtype)
-        freqs = positions.to(dtype)[..., None] * inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        """cos and sin for positions [batch, seq] -> each [batch, seq, dim], in `dtype` (at least fp32)."""
+        key = (dtype, positions.device)
+        if key not in self._cast:
+            self._cast[key] = self._inv_freq.to(positions.device, dtype)
+        freqs = positions.to(dtype)[..., None] * self._cast[key]
+        emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """RoPE, `x * cos + rotate_half(x) * sin` on every `rotary_dim` slice of the last dimension (one
+    slice: 1-D RoPE; two: 2-D). rotate_half(x) * sin equals roll(x, rotary_dim / 2) * signed_sin,
+    with the first half of each slice of sin negated (`GLM._rope_tables`): one roll and one fused
+    multiply-add instead of chunk, negate, concatenate, multiply and add."""
+    if rotary_dim == x.shape[-1]:
+        rolled = x.roll(rotary_dim // 2, -1)
+    else:
+        rolled = x.unflatten(-1, (-1, rotary_dim)).roll(rotary_dim // 2, -1).flatten(-2)
+    return torch.addcmul(x * cos, rolled, signed_sin)
 
 
 class SelfAttention(nn.Module):
@@ -126,16 +132,9 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
-        self.rope_2d = config.position_encoding == "rope2d"
+        self.rotary_dim = config.rotary_dim
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.dense_bias)
-
-    def _rotate(self, x: torch.Tensor, rope: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        if not self.rope_2d:
-            return apply_rotary(x, rope[0], rope[1])
-        # 2-D: the first half of each head turns with the position, the second with the block position.
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((apply_rotary(x1, rope[0], rope[1]), apply_rotary(x2, rope[2], rope[3])), dim=-1)
 
     def forward(
         self,
@@ -146,9 +145,12 @@ class SelfAttention(nn.Module):
         layer: int = 0,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape
-        qkv = self.query_key_value(x).view(batch, seq, self.num_heads, 3 * self.head_dim).transpose(1, 2)
-        q, k, v = qkv.split(self.head_dim, dim=-1)
-        q, k = self._rotate(q, rope), self._rotate(k, rope)
+        # -1: under tensor parallelism (applied from outside) a rank holds only its heads.
+        qkv = self.query_key_value(x).view(batch, seq, -1, 3, self.head_dim)
+        # Queries and keys turn together: they are adjacent in each head's [q | k | v].
+        qk = apply_rotary(qkv[:, :, :, :2], *rope, rotary_dim=self.rotary_dim)
+        q, k = qk.transpose(1, 2).unbind(3)  # [batch, heads, seq, head_dim]
+        v = qkv[:, :, :, 2].transpose(1, 2)
         if cache is not None:
             start, end = cache.length, cache.length + seq
             cache.keys[layer, :, :, start:end] = k
@@ -159,7 +161,6 @@ class SelfAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        # -1, not `hidden`: under tensor parallelism (applied from outside) a rank holds only its heads.
         return self.dense(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -198,9 +199,9 @@ class GLMBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, ...], mask: torch.Tensor | None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         y = self.input_layernorm(h)
-        h = self.alpha * y + self.attention(y, rope, mask, cache, layer)
+        h = torch.add(self.attention(y, rope, mask, cache, layer), y, alpha=self.alpha)  # alpha * y + f(y), one op
         z = self.post_attention_layernorm(h)
-        return self.alpha * z + self.mlp(z)
+        return torch.add(self.mlp(z), z, alpha=self.alpha)
 
 
 class GLM(nn.Module):
@@ -213,8 +214,7 @@ class GLM(nn.Module):
         self.layers = nn.ModuleList(GLMBlock(config) for _ in range(config.num_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        rotary_dim = config.head_dim // 2 if config.position_encoding == "rope2d" else config.head_dim
-        self.rotary = RotaryEmbedding(rotary_dim, config.rope_base, config.rope_fp16_inv_freq)
+        self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_base, config.rope_fp16_inv_freq)
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -309,16 +309,21 @@ class GLM(nn.Module):
         h = self.final_layernorm(h)
         return h if return_hidden else self.logits(h)
 
-    def _rope_tables(self, position_ids: torch.Tensor, block_position_ids: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """cos, sin (and with 2-D RoPE the block positions' cos, sin). Angles in (at least) fp32; the
-        tables then take the activations' dtype, so the rotation itself runs in bf16/fp16 like
-        every other elementwise op of the block."""
+    def _rope_tables(self, position_ids: torch.Tensor, block_position_ids: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin (see `apply_rotary`), [batch, seq, 1, 1, head_dim] to broadcast over
+        heads and the query/key pair; with 2-D RoPE the second half of each head follows the block
+        positions. Angles in (at least) fp32; the tables then take the activations' dtype, so the
+        rotation itself runs in bf16/fp16 like every other elementwise op of the block."""
         rope_dtype = torch.promote_types(torch.float32, dtype)
-        rope = self.rotary(position_ids, rope_dtype)
+        cos, sin = self.rotary(position_ids, rope_dtype)
         if self.config.position_encoding == "rope2d":
             blocks = torch.zeros_like(position_ids) if block_position_ids is None else block_position_ids
-            rope = rope + self.rotary(blocks, rope_dtype)
-        return tuple(table.to(dtype) for table in rope)
+            block_cos, block_sin = self.rotary(blocks, rope_dtype)
+            cos, sin = torch.cat((cos, block_cos), -1), torch.cat((sin, block_sin), -1)
+        half = self.config.rotary_dim // 2
+        sign = torch.tensor([-1.0, 1.0], dtype=rope_dtype, device=sin.device).repeat_interleave(half)
+        signed_sin = (sin.unflatten(-1, (-1, 2 * half)) * sign).flatten(-2)
+        return cos[:, :, None, None].to(dtype), signed_sin[:, :, None, None].to(dtype)
 
     def _mask(self, prefix_len: torch.Tensor, offset: int, seq: int, padding_mask: torch.Tensor | None = None) -> torch.Tensor | None:
         """None where SDPA's causal (or no-mask) fast path is exact."""

@@ -1,0 +1,109 @@
+"""Tests for openglm.decoding: the one-token decode step computes exactly what GLM.forward computes
+(same logits and same cache writes, bit for bit) for every model variant, padded batches, bf16 and
+quantized layers; models it cannot stand in for are refused."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+
+from openglm.config import model_preset
+from openglm.decoding import DecodeStep
+from openglm.model import GLM, KVCache
+from openglm.quantize import quantize_model
+
+PROMPT = 9  # cached tokens before the decoded one
+
+
+def make_model(**overrides: Any) -> GLM:
+    torch.manual_seed(0)
+    return GLM(model_preset("micro", **overrides)).eval()
+
+
+def prefilled(model: GLM, rows: int, padded: bool) -> tuple[KVCache, torch.Tensor | None, torch.Tensor]:
+    """A cache holding PROMPT tokens per row (row r left-padded by r tokens when `padded`), the
+    padding mask over PROMPT + 1 columns, and the prefix lengths."""
+    config = model.config
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(10, config.vocab_size, (rows, PROMPT), generator=generator)
+    pads = torch.arange(rows) if padded else torch.zeros(rows, dtype=torch.long)
+    ids[:, -1] = config.special_tokens.sop
+    padding = torch.arange(PROMPT + 1)[None] >= pads[:, None]
+    prefix = pads + PROMPT - 1
+    positions = (torch.arange(PROMPT)[None] - pads[:, None]).clamp(min=0)
+    cache = KVCache.empty(config, rows, PROMPT + 4, model.word_embeddings.weight.dtype)
+    with torch.no_grad():
+        model(ids, positions, torch.zeros_like(positions), prefix, cache, padding_mask=padding[:, :PROMPT] if padded else None)
+    return cache, (padding if padded else None), prefix
+
+
+def assert_step_equals_forward(model: GLM, rows: int = 3, padded: bool = False) -> None:
+    cache, padding, prefix = prefilled(model, rows, padded)
+    reference_cache = copy.deepcopy(cache)
+    ids = torch.randint(10, model.config.vocab_size, (rows, 1), generator=torch.Generator().manual_seed(2))
+    positions = torch.full((rows, 1), PROMPT - 2) - (torch.arange(rows)[:, None] if padded else 0)
+    blocks = torch.full((rows, 1), 2)
+    with torch.no_grad():
+        hidden = model(ids, positions, blocks, prefix, reference_cache, return_hidden=True, padding_mask=padding)
+        expected = model.logits(hidden[:, -1])
+    rope = model._rope_tables(positions, blocks, model.word_embeddings.weight.dtype)
+    logits = DecodeStep(model)(ids, rope, cache, padding)
+    assert logits.shape == (rows, model.config.vocab_size) and logits.abs().max() > 0.1
+    assert torch.equal(logits, expected)
+    assert cache.length == reference_cache.length == PROMPT + 1
+    assert torch.equal(cache.keys[:, :, :, : PROMPT + 1], reference_cache.keys[:, :, :, : PROMPT + 1])
+    assert torch.equal(cache.values[:, :, :, : PROMPT + 1], reference_cache.values[:, :, :, : PROMPT + 1])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"position_encoding": "rope2d"},
+        {"ffn_type": "gelu", "gelu_approximate": "tanh", "tie_word_embeddings": False},
+        {"objective": "causal"},
+        {"position_encoding": "rope2d", "qkv_bias": False, "dense_bias": False},
+    ],
+    ids=["glm-130b-like", "rope2d", "gelu-untied", "causal", "no-biases"],
+)
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_step_equals_the_model_forward(overrides: dict[str, Any], padded: bool) -> None:
+    assert_step_equals_forward(make_model(**overrides), padded=padded)
+
+
+def test_step_equals_the_model_forward_in_bf16() -> None:
+    assert_step_equals_forward(make_model().to(torch.bfloat16), padded=True)
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(8, None), (4, 32)])
+def test_step_equals_the_model_forward_with_quantized_layers(bits: int, group_size: int | None) -> None:
+    model = quantize_model(make_model(), bits, group_size).to(torch.bfloat16)
+    assert_step_equals_forward(model, rows=1)
+
+
+def test_a_full_cache_is_refused() -> None:
+    model = make_model()
+    cache = KVCache.empty(model.config, 1, 2, torch.float32)
+    cache.length = 2
+    one = torch.ones(1, 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="KV cache holds 2 positions; 3 requested"):
+        DecodeStep(model)(one, model._rope_tables(one, one, torch.float32), cache)
+
+
+def test_only_plain_unhooked_glm_models_are_usable() -> None:
+    model = make_model()
+    assert DecodeStep.usable(model)
+    handle = model.layers[1].mlp.register_forward_hook(lambda *_: None)
+    assert not DecodeStep.usable(model)  # the hook would never see a decode step
+    handle.remove()
+    assert DecodeStep.usable(model)
+
+    class Traced(GLM):
+        def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return super().forward(*args, **kwargs)
+
+    assert not DecodeStep.usable(Traced(model.config))
+    assert not DecodeStep.usable(torch.nn.Linear(2, 2))
