@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openglm.model import GLM, KVCache, apply_rotary
+from openglm.model import GLM, KVCache, apply_rotary, ffn_activation
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
@@ -112,12 +112,7 @@ class DecodeStep:
             # [rows, heads, 1, head_dim] -> [rows, 1, hidden]: with one query, the heads' order is the hidden order.
             h = torch.add(block.dense(out.reshape(rows, 1, -1)), y, alpha=alpha)
             z = torch.layer_norm(h, self.hidden, *block.norm2, eps)
-            u = block.h_to_4h(z)
-            if self.geglu:
-                u1, u2 = u.chunk(2, dim=-1)
-                u = u1 * F.gelu(u2, approximate=self.approximate)
-            else:
-                u = F.gelu(u, approximate=self.approximate)
+            u = ffn_activation(block.h_to_4h(z), self.geglu, self.approximate)
             h = torch.add(block.four_h_to_h(u), z, alpha=alpha)
         cache.length = start + 1
         h = torch.layer_norm(h[:, 0], self.hidden, *self.final_norm, eps)

@@ -177,13 +177,15 @@ class FeedForward(nn.Module):
         self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.dense_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.dense_h_to_4h(x)
-        if self.geglu:
-            h1, h2 = h.chunk(2, dim=-1)
-            h = h1 * F.gelu(h2, approximate=self.approximate)
-        else:
-            h = F.gelu(h, approximate=self.approximate)
-        return self.dense_4h_to_h(h)
+        return self.dense_4h_to_h(ffn_activation(self.dense_h_to_4h(x), self.geglu, self.approximate))
+
+
+def ffn_activation(h: torch.Tensor, geglu: bool, approximate: str) -> torch.Tensor:
+    """GeGLU on the two halves of `h` (h1 * GeLU(h2)), or GeLU of all of it."""
+    if geglu:
+        h1, h2 = h.chunk(2, dim=-1)
+        return h1 * F.gelu(h2, approximate=approximate)
+    return F.gelu(h, approximate=approximate)
 
 
 class GLMBlock(nn.Module):
