@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from openglm import kernels
 from openglm.config import GLMConfig
 
 
@@ -349,7 +350,7 @@ class GLM(nn.Module):
         return self.word_embeddings.weight if self.lm_head is None else self.lm_head.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.output_weight)
+        return kernels.linear(hidden, self.output_weight)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
