@@ -291,15 +291,21 @@ class _Rules:
         self.stop_strings = config.stop_strings
         if self.stop_strings and tokenizer is None:
             raise ValueError("stop_strings are matched on text; use generate/infill/stream, which have a tokenizer")
-        self._never = torch.tensor(sorted({*tokens.mask_ids, tokens.sop}), device=device)
+        self.never_ids = frozenset({*tokens.mask_ids, tokens.sop})
+        self._never = torch.tensor(sorted(self.never_ids), device=device)
         self._stops = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=device)
+
+    def only_never_ids(self, histories: Sequence[Sequence[int]]) -> bool:
+        """Whether `never_ids` is the only constraint on rows that generated `histories` so far."""
+        n, minimum = self.config.no_repeat_ngram_size, self.config.min_new_tokens
+        return not n and all(len(history) >= minimum for history in histories)
 
     def constrain(self, logits: torch.Tensor, histories: Sequence[Sequence[int]]) -> torch.Tensor:
         """Logits [rows, V] of rows that generated `histories` so far, forbidden tokens at -inf."""
         scores = logits.index_fill(-1, self._never, float("-inf"))
-        n, minimum = self.config.no_repeat_ngram_size, self.config.min_new_tokens
-        if not n and all(len(history) >= minimum for history in histories):
+        if self.only_never_ids(histories):
             return scores  # no per-row rule applies: skip building a [rows, V] mask every step
+        n, minimum = self.config.no_repeat_ngram_size, self.config.min_new_tokens
         banned = torch.zeros_like(scores, dtype=torch.bool)
         for row, history in enumerate(histories):
             if len(history) < minimum:
@@ -500,7 +506,7 @@ class _Batch:
         if length == 1 and self._decode is not None:
             if self._rope is None:
                 self._rope = self.model._rope_tables(*self.layout.positions(0, self.cache.capacity), self.cache.keys.dtype)
-            rope = (self._rope[0][:, start : start + 1], self._rope[1][:, start : start + 1])
+            rope = (self._rope[0].narrow(1, start, 1), self._rope[1].narrow(1, start, 1))
             return self._decode(ids, rope, self.cache, padding).float()
         position_ids, block_position_ids = self.layout.positions(start, length)
         layout = self.layout
@@ -580,7 +586,12 @@ def _run(model: GLM, jobs: Sequence[_Job], config: GenerationConfig, rules: _Rul
 
 def _pick(logits: torch.Tensor, jobs: Sequence[_Job], config: GenerationConfig, rules: _Rules) -> list[int]:
     """The next token of each job (one row of `logits` each), within the rules."""
-    scores = rules.constrain(logits, [job.text.tokens for job in jobs])
+    histories = [job.text.tokens for job in jobs]
+    if config.is_greedy and rules.only_never_ids(histories):
+        chosen = logits.argmax(-1).tolist()
+        if rules.never_ids.isdisjoint(chosen):
+            return chosen  # each row's argmax is allowed, so it is also the argmax of the constrained row
+    scores = rules.constrain(logits, histories)
     return sample_next(scores, config, [job.generator for job in jobs]).tolist()
 
 
