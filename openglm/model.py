@@ -131,7 +131,6 @@ class SelfAttention(nn.Module):
 
     def __init__(self, config: GLMConfig) -> None:
         super().__init__()
-        self.num_heads = config.num_heads
         self.head_dim = config.head_dim
         self.rotary_dim = config.rotary_dim
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
@@ -140,7 +139,7 @@ class SelfAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, ...],
+        rope: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor | None,
         cache: KVCache | None = None,
         layer: int = 0,
@@ -200,7 +199,7 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_eps)
         self.mlp = FeedForward(config)
 
-    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, ...], mask: torch.Tensor | None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         y = self.input_layernorm(h)
         h = torch.add(self.attention(y, rope, mask, cache, layer), y, alpha=self.alpha)  # alpha * y + f(y), one op
         z = self.post_attention_layernorm(h)

@@ -110,8 +110,7 @@ def apply_tensor_parallel(stage: GLMStage, mesh: DeviceMesh) -> None:
     if stage.lm_head is not None:
         plan["lm_head"] = ColwiseParallel(use_local_output=False)
     for name, block in stage.layers.items():
-        attention, mlp = block.attention, block.mlp
-        attention.num_heads = config.num_heads // tp
+        mlp = block.mlp
         if config.ffn_type == "geglu":
             order = geglu_row_order(config.ffn_hidden_size, tp)
             with torch.no_grad():
