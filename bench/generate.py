@@ -11,6 +11,10 @@ prompts of `--prompt-tokens` tokens, at batch 1 and batch 8:
 * HF: `GPT2LMHeadModel.generate` (SDPA attention) of the same width, depth, heads and vocab, random
   weights, in fp32 and bf16 (`model.to(torch.bfloat16)`), the same token ids as input.
 
+With one thread, openglm's fp32 and bf16 batch-1 decoding goes through its native one-row kernel
+(`openglm.native`, compiled with the system C compiler on first use; the header says whether it
+was on); `OPENGLM_NATIVE=0 python bench/generate.py` times the op-by-op PyTorch step instead.
+
 Decode tokens/s excludes prefill: each timed repeat runs a configuration once with 1 new token
 (prefill and the first token) and once with `1 + --new-tokens`; decode tokens/s is
 batch * new_tokens / (median over repeats of the difference). Prefill tokens/s (batch * prompt
@@ -58,6 +62,7 @@ import torch
 from torch import nn
 
 import openglm
+from openglm import native
 from openglm.checkpoint import CheckpointError, load_config, load_model, resolve_checkpoint, verify_files
 from openglm.config import GLMConfig, TrainConfig
 from openglm.data.corpus import bundled_corpus_paths, iter_documents
@@ -386,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{group_size or 'per channel'}; torch {torch.__version__}, {torch.get_num_threads()} threads; shapes: "
           + ", ".join(f"{s.name} {s.layers} x {s.hidden}, {s.heads} heads, vocab {s.vocab}" for s in [TINY, *([WIDE] if args.wide else [])]))
     print("vs HF b1: openglm decode tokens/s at batch 1 over HF's in the same compute precision (INT8/INT4 compute in bf16)")
+    kernel = native.library() is not None
+    print(f"openglm's native one-row decode kernel (fp32/bf16 at batch 1 with 1 thread): {'on' if kernel else 'off (see the log)'}")
     if bpb is not None:
         print(f"held-out bits per byte: {args.model} ({args.bpb_tokens} tokens per language at most); INT8/INT4 run in bf16")
     print()
@@ -399,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "torch": torch.__version__,
-                   "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+                   "threads": torch.get_num_threads(), "native_kernel": kernel, "machine": platform.processor() or platform.machine(),
                    "rows": rows, "bits_per_byte": bpb, "targets": results, "seconds": elapsed}
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
     return 0

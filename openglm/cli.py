@@ -140,6 +140,9 @@ def generate(
         int | None, typer.Option("--quantize", help="quantize the block linears to 8 or 4 bits on load (a float checkpoint)")
     ] = None,
     group_size: Annotated[int | None, typer.Option(help="with --quantize: one scale per this many inputs (default: per channel)")] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="torch intra-op threads; with 1, one prompt at a time decodes through the native kernel")
+    ] = None,
 ) -> None:
     """Fill the blanks of PROMPT (a prompt without one is continued via \\[gMASK]).
 
@@ -171,6 +174,12 @@ def generate(
         raise _fail(_option_error(err)) from None
     if prompt is not None and input_file is not None:
         raise _fail("give a PROMPT or --input-file, not both")
+    if threads is not None:
+        if threads < 1:
+            raise _fail("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(threads)
     if output_file is not None and input_file is None:
         raise _fail("--output-file needs --input-file")
     if stream and input_file is not None:

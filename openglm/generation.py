@@ -507,7 +507,7 @@ class _Batch:
             if self._rope is None:
                 self._rope = self.model._rope_tables(*self.layout.positions(0, self.cache.capacity), self.cache.keys.dtype)
             rope = (self._rope[0].narrow(1, start, 1), self._rope[1].narrow(1, start, 1))
-            return self._decode(ids, rope, self.cache, padding).float()
+            return self._decode(ids, rope, self.cache, padding)
         position_ids, block_position_ids = self.layout.positions(start, length)
         layout = self.layout
         prefix = torch.zeros_like(layout.pad) if self._causal else layout.pad + layout.prefix_len

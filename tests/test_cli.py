@@ -107,6 +107,11 @@ def test_generate_prompt_stream_and_strategy_options(checkpoint: Path) -> None:
     assert result.stdout == openglm.generate(model, tokenizer, prompt, max_new_tokens=5, temperature=0) + "\n"
     streamed = invoke("--model", str(checkpoint), "--max-new-tokens", "5", "--stream", prompt)
     assert streamed.exit_code == 0 and streamed.stdout == result.stdout
+    try:  # two threads: PyTorch's op-by-op step instead of the native one-row kernel, the same text
+        threaded = invoke("--model", str(checkpoint), "--max-new-tokens", "5", "--threads", "2", prompt)
+        assert threaded.exit_code == 0 and threaded.stdout == result.stdout and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
     options = ["--num-beams", "2", "--length-penalty", "0.5", "--no-repeat-ngram-size", "2", "--min-new-tokens", "2", "--stop", "X", "--stop", "的"]
     beam = invoke("--model", str(checkpoint), "--max-new-tokens", "6", *options, "曹操[gMASK]")
     expected = openglm.generate(
@@ -165,6 +170,7 @@ def test_generate_file_mode_writes_jsonl_in_input_order(checkpoint: Path, tmp_pa
         (["--output-file", "x.jsonl", "hi"], "error: --output-file needs --input-file"),
         (["--input-file", "x.txt", "--stream"], "error: --stream prints one prompt's text"),
         (["--input-file", "does-not-exist.txt"], "does-not-exist.txt: cannot be read"),
+        (["--threads", "0", "hi"], "error: --threads must be at least 1"),
     ],
 )
 def test_generate_bad_input_gives_one_line_errors(checkpoint: Path, args: list[str], message: str) -> None:

@@ -51,10 +51,10 @@ def assert_step_equals_forward(model: GLM, rows: int = 3, padded: bool = False, 
         hidden = model(ids, positions, blocks, prefix, reference_cache, return_hidden=True, padding_mask=padding)
         expected = model.logits(hidden[:, -1])
     rope = model._rope_tables(positions, blocks, model.word_embeddings.weight.dtype)
-    logits = DecodeStep(model)(ids, rope, cache, padding)
-    assert logits.shape == (rows, model.config.vocab_size) and logits.abs().max() > 0.1
+    logits = DecodeStep(model, native=False)(ids, rope, cache, padding)
+    assert logits.dtype == torch.float32 and logits.shape == (rows, model.config.vocab_size) and logits.abs().max() > 0.1
     assert cache.length == reference_cache.length == PROMPT + 1
-    pairs = [(logits, expected), *((c[:, :, :, : PROMPT + 1], r[:, :, :, : PROMPT + 1]) for c, r in
+    pairs = [(logits, expected.float()), *((c[:, :, :, : PROMPT + 1], r[:, :, :, : PROMPT + 1]) for c, r in
              ((cache.keys, reference_cache.keys), (cache.values, reference_cache.values)))]
     for got, want in pairs:
         if exact:

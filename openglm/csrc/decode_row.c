@@ -1,0 +1,249 @@
+/* One decode step of one sequence through a GLM: the whole of `GLM.forward` for one new token after a
+ * KV cache, in one call.
+ *
+ * Why native: at batch 1 a small model's step is a chain of ~200 tiny tensor ops, and on a CPU each
+ * op costs several microseconds of dispatch plus cold caches (the weights stream through the cache
+ * between them). Here the step is straight C over the weights in place: each weight is read once,
+ * everything between the matrix-vector products stays in fp32 in L1.
+ *
+ * Weights and the cache are fp32 or bf16 (all of one dtype); arithmetic and activations are fp32
+ * (bf16 values are widened exactly; new keys/values are rounded to the cache's dtype, nearest-even).
+ * openglm/native.py builds the structs below from a model and checks every shape and stride first;
+ * this file trusts them. Compiled on first use with the system C compiler (-O3 -march=native).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef struct {
+    const void *weight; /* [out_features, in_features], row-major */
+    const void *bias;   /* [out_features] or NULL */
+    int64_t out_features, in_features;
+} glm_linear;
+
+typedef struct {
+    const void *norm1_weight, *norm1_bias;
+    glm_linear qkv; /* per head [q | k | v], each head_dim rows */
+    glm_linear dense;
+    const void *norm2_weight, *norm2_bias;
+    glm_linear up;   /* GeGLU: [x1 | x2] -> x1 * gelu(x2) */
+    glm_linear down;
+} glm_layer;
+
+typedef struct {
+    int64_t hidden, heads, head_dim, rotary_dim, ffn_hidden, layers, vocab;
+    int32_t geglu, tanh_gelu, bf16;
+    float alpha, eps;
+    const void *embedding; /* [vocab, hidden] */
+    const void *final_norm_weight, *final_norm_bias;
+    glm_linear head; /* [vocab, hidden] (the embedding when tied) */
+    const glm_layer *layers_array;
+} glm_model;
+
+typedef struct {
+    void *keys, *values; /* this row's [layers, heads, capacity, head_dim] views, element strides below */
+    int64_t layer_stride, head_stride, position_stride;
+} glm_cache;
+
+typedef uint16_t bf16_t;
+
+static inline float bf16_to_float(bf16_t x) {
+    uint32_t bits = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline bf16_t float_to_bf16(float f) { /* round to nearest even, as torch's .to(torch.bfloat16) */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((bits >> 16) | 0x40u); /* quiet NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (bf16_t)(bits >> 16);
+}
+
+static inline float load(const void *p, int64_t i, int bf16) {
+    return bf16 ? bf16_to_float(((const bf16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* y = W x + b, the weights streamed once. With AVX-512: eight output rows per pass share each
+ * load of x, 16 lanes each (bf16 widened to fp32 exactly, by a shift), masked loads for the tail.
+ * Otherwise portable loops that the compiler vectorises (`omp simd` lets it reorder the sums, as
+ * any BLAS does). */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+
+static inline __m512 load16(const void *p, int64_t i, __mmask16 k, int bf16) {
+    if (bf16) {
+        const __m256i half = _mm256_maskz_loadu_epi16(k, (const bf16_t *)p + i);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+    }
+    return _mm512_maskz_loadu_ps(k, (const float *)p + i);
+}
+
+static inline void dot_rows(const void *w, int64_t n, const float *x, float *y, const int rows, const int bf16) {
+    __m512 acc[8];
+#pragma GCC unroll 8
+    for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 xv = _mm512_loadu_ps(x + i);
+#pragma GCC unroll 8
+        for (int r = 0; r < rows; r++) acc[r] = _mm512_fmadd_ps(load16(w, r * n + i, 0xffff, bf16), xv, acc[r]);
+    }
+    if (i < n) {
+        const __mmask16 k = (__mmask16)((1u << (n - i)) - 1u);
+        const __m512 xv = _mm512_maskz_loadu_ps(k, x + i);
+#pragma GCC unroll 8
+        for (int r = 0; r < rows; r++) acc[r] = _mm512_fmadd_ps(load16(w, r * n + i, k, bf16), xv, acc[r]);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < rows; r++) y[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+static void linear(const glm_linear *l, const float *x, float *y, int bf16) {
+    const int64_t n = l->in_features, out = l->out_features, size = bf16 ? 2 : 4;
+    const char *w = l->weight;
+    int64_t o = 0;
+    if (bf16) {
+        for (; o + 8 <= out; o += 8) dot_rows(w + o * n * size, n, x, y + o, 8, 1);
+        for (; o < out; o++) dot_rows(w + o * n * size, n, x, y + o, 1, 1);
+    } else {
+        for (; o + 8 <= out; o += 8) dot_rows(w + o * n * size, n, x, y + o, 8, 0);
+        for (; o < out; o++) dot_rows(w + o * n * size, n, x, y + o, 1, 0);
+    }
+    if (l->bias)
+        for (o = 0; o < out; o++) y[o] += load(l->bias, o, bf16);
+}
+#else
+static void linear(const glm_linear *l, const float *x, float *y, int bf16) {
+    const int64_t n = l->in_features, out = l->out_features;
+    for (int64_t o = 0; o < out; o++) {
+        float a = 0;
+        if (bf16) {
+            const bf16_t *w = (const bf16_t *)l->weight + o * n;
+#pragma omp simd reduction(+ : a)
+            for (int64_t i = 0; i < n; i++) a += bf16_to_float(w[i]) * x[i];
+        } else {
+            const float *w = (const float *)l->weight + o * n;
+#pragma omp simd reduction(+ : a)
+            for (int64_t i = 0; i < n; i++) a += w[i] * x[i];
+        }
+        y[o] = a + (l->bias ? load(l->bias, o, bf16) : 0.0f);
+    }
+}
+#endif
+
+static void layer_norm(const float *x, const void *weight, const void *bias, int64_t n, float eps, int bf16, float *y) {
+    double mean = 0, var = 0;
+    for (int64_t i = 0; i < n; i++) mean += x[i];
+    mean /= (double)n;
+    for (int64_t i = 0; i < n; i++) var += ((double)x[i] - mean) * ((double)x[i] - mean);
+    const float inv_std = (float)(1.0 / sqrt(var / (double)n + eps)), m = (float)mean;
+    for (int64_t i = 0; i < n; i++)
+        y[i] = (x[i] - m) * inv_std * (weight ? load(weight, i, bf16) : 1.0f) + (bias ? load(bias, i, bf16) : 0.0f);
+}
+
+static inline float gelu(float x, int tanh_gelu) {
+    if (tanh_gelu) return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+    return 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
+}
+
+/* RoPE on one head vector: every rotary_dim slice turns its halves, x*cos + roll(x, half)*signed_sin
+ * (signed_sin has the first half of each slice negated, as GLM._rope_tables makes it). */
+static void rotate(const float *x, const void *cos, const void *signed_sin, int64_t head_dim, int64_t rotary_dim, int bf16, float *out) {
+    const int64_t half = rotary_dim / 2;
+    for (int64_t s = 0; s < head_dim; s += rotary_dim)
+        for (int64_t i = 0; i < rotary_dim; i++) {
+            const int64_t partner = s + (i < half ? i + half : i - half);
+            out[s + i] = x[s + i] * load(cos, s + i, bf16) + x[partner] * load(signed_sin, s + i, bf16);
+        }
+}
+
+static void store(void *p, int64_t i, float v, int bf16) {
+    if (bf16)
+        ((bf16_t *)p)[i] = float_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+
+/* Softmax attention of one query over keys 0..start (those with mask[t] != 0, or all when mask is
+ * NULL) of one head; the new key and value are already in the cache at `start`. */
+static void attend(const float *q, const void *keys, const void *values, int64_t position_stride, int64_t start,
+                   const uint8_t *mask, int64_t head_dim, int bf16, float *scores, float *out) {
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    float best = -INFINITY;
+    for (int64_t t = 0; t <= start; t++) {
+        if (mask && !mask[t]) {
+            scores[t] = -INFINITY;
+            continue;
+        }
+        float dot = 0;
+        for (int64_t i = 0; i < head_dim; i++) dot += q[i] * load(keys, t * position_stride + i, bf16);
+        scores[t] = dot * scale;
+        if (scores[t] > best) best = scores[t];
+    }
+    float total = 0;
+    for (int64_t t = 0; t <= start; t++) {
+        scores[t] = scores[t] == -INFINITY ? 0.0f : expf(scores[t] - best);
+        total += scores[t];
+    }
+    for (int64_t i = 0; i < head_dim; i++) out[i] = 0;
+    for (int64_t t = 0; t <= start; t++) {
+        if (scores[t] == 0.0f) continue;
+        const float p = scores[t] / total;
+        for (int64_t i = 0; i < head_dim; i++) out[i] += p * load(values, t * position_stride + i, bf16);
+    }
+}
+
+/* fp32 scratch floats that openglm_decode_row needs for a cache of `capacity` positions. */
+int64_t openglm_scratch_floats(const glm_model *m, int64_t capacity) {
+    const glm_layer *l = &m->layers_array[0];
+    return 4 * m->hidden + l->qkv.out_features + l->up.out_features + 2 * m->head_dim + capacity;
+}
+
+/* Logits [vocab] (fp32) of `token` fed at position `start` of one row, whose cache holds the
+ * positions before it; writes the token's keys and values at `start`. `cos`/`signed_sin`: the
+ * row's rotary tables at that position ([head_dim], the model's dtype); `mask`: the row's padding
+ * mask over positions 0..start (nonzero: a real token), or NULL. */
+void openglm_decode_row(const glm_model *m, int64_t token, const void *cos, const void *signed_sin, const glm_cache *cache,
+                        int64_t start, const uint8_t *mask, float *logits, float *scratch) {
+    const int bf16 = m->bf16;
+    const int64_t hidden = m->hidden, head_dim = m->head_dim, heads = m->heads;
+    const int64_t ffn = m->ffn_hidden;
+    const glm_layer *first = &m->layers_array[0];
+    float *h = scratch, *y = h + hidden, *attention = y + hidden, *branch = attention + hidden;
+    float *qkv = branch + hidden, *up = qkv + first->qkv.out_features, *query = up + first->up.out_features;
+    float *key = query + head_dim, *scores = key + head_dim;
+
+    for (int64_t i = 0; i < hidden; i++) h[i] = load(m->embedding, token * hidden + i, bf16);
+    for (int64_t index = 0; index < m->layers; index++) {
+        const glm_layer *l = &m->layers_array[index];
+        layer_norm(h, l->norm1_weight, l->norm1_bias, hidden, m->eps, bf16, y);
+        linear(&l->qkv, y, qkv, bf16);
+        for (int64_t j = 0; j < heads; j++) {
+            const float *head = qkv + j * 3 * head_dim;
+            rotate(head, cos, signed_sin, head_dim, m->rotary_dim, bf16, query);
+            rotate(head + head_dim, cos, signed_sin, head_dim, m->rotary_dim, bf16, key);
+            const int64_t offset = index * cache->layer_stride + j * cache->head_stride;
+            const int64_t at = offset + start * cache->position_stride;
+            for (int64_t i = 0; i < head_dim; i++) {
+                store(cache->keys, at + i, key[i], bf16);
+                store(cache->values, at + i, head[2 * head_dim + i], bf16);
+            }
+            const size_t bytes = bf16 ? sizeof(bf16_t) : sizeof(float);
+            attend(query, (const char *)cache->keys + offset * bytes, (const char *)cache->values + offset * bytes,
+                   cache->position_stride, start, mask, head_dim, bf16, scores, attention + j * head_dim);
+        }
+        /* DeepNorm: h = f(y) + alpha * y, y the normalised input of the sublayer. */
+        linear(&l->dense, attention, branch, bf16);
+        for (int64_t i = 0; i < hidden; i++) h[i] = branch[i] + m->alpha * y[i];
+        layer_norm(h, l->norm2_weight, l->norm2_bias, hidden, m->eps, bf16, y);
+        linear(&l->up, y, up, bf16);
+        for (int64_t i = 0; i < ffn; i++) up[i] = m->geglu ? up[i] * gelu(up[ffn + i], m->tanh_gelu) : gelu(up[i], m->tanh_gelu);
+        linear(&l->down, up, branch, bf16);
+        for (int64_t i = 0; i < hidden; i++) h[i] = branch[i] + m->alpha * y[i];
+    }
+    layer_norm(h, m->final_norm_weight, m->final_norm_bias, hidden, m->eps, bf16, y);
+    linear(&m->head, y, logits, bf16);
+}

@@ -1,0 +1,296 @@
+"""Tests for openglm.native: the compiled one-row decode step computes GLM.forward's logits and cache
+writes (checked against a float64 run of the same weights, and at least as close to it as the
+op-by-op PyTorch step), for every model variant, padded rows, odd shapes and bf16; generation with
+it equals generation without it; and whatever it cannot run is refused or falls back."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import openglm.model
+from openglm import native
+from openglm.config import model_preset
+from openglm.decoding import DecodeStep
+from openglm.generation import GenerationConfig, generate_tokens
+from openglm.model import GLM, KVCache
+from openglm.quantize import quantize_model
+
+PROMPT = 11  # cached positions before the decoded token (PAD of them padding in padded runs)
+PAD = 3
+
+# Skipped only without a compiler; with one, a kernel that fails to build fails these tests.
+pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler to build the native kernel")
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """DecodeStep takes the (single-threaded) kernel only when PyTorch runs one intra-op thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(dtype: torch.dtype = torch.float32, **overrides: Any) -> GLM:
+    torch.manual_seed(0)
+    model = GLM(model_preset("micro", **overrides)).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so that a dropped term shows
+        for name, parameter in model.named_parameters():
+            if "layernorm" in name or name.endswith("bias"):
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+    return model.to(dtype)
+
+
+def decode_once(model: GLM, padded: bool, use_native: bool) -> tuple[torch.Tensor, KVCache]:
+    """Prefill PROMPT positions of one row (the first PAD of them padding when `padded`) with the
+    model's own forward, then decode one token: logits [1, V] and the cache."""
+    config = model.config
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(10, config.vocab_size, (1, PROMPT), generator=generator)
+    ids[0, -1] = config.special_tokens.sop
+    pads = PAD if padded else 0
+    padding = torch.arange(PROMPT + 1)[None] >= pads
+    positions = (torch.arange(PROMPT)[None] - pads).clamp(min=0)
+    cache = KVCache.empty(config, 1, PROMPT + 3, model.word_embeddings.weight.dtype)
+    prefix = torch.tensor([PROMPT - 1])
+    with torch.no_grad():
+        model(ids, positions, torch.zeros_like(positions), prefix, cache, padding_mask=padding[:, :PROMPT] if padded else None)
+    token = torch.tensor([[config.vocab_size - 7]])
+    position, block = torch.tensor([[PROMPT - 2 - pads]]), torch.tensor([[2]])
+    rope = model._rope_tables(position, block, model.word_embeddings.weight.dtype)
+    step = DecodeStep(model, native=use_native)
+    assert (step.native is not None) == use_native
+    logits = step(token, rope, cache, padding if padded else None)
+    return logits, cache
+
+
+def float64_reference(model: GLM, padded: bool) -> tuple[torch.Tensor, KVCache]:
+    """The same prefill and step through GLM.forward in float64 (from the model's weights as they
+    are, so bf16 weights are compared with themselves, not with rounded-away fp32 ones)."""
+    wide = copy.deepcopy(model).double()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native.RowDecoder, "build", classmethod(lambda cls, model: None))
+        config = wide.config
+        generator = torch.Generator().manual_seed(1)
+        ids = torch.randint(10, config.vocab_size, (1, PROMPT), generator=generator)
+        ids[0, -1] = config.special_tokens.sop
+        pads = PAD if padded else 0
+        padding = torch.arange(PROMPT + 1)[None] >= pads
+        positions = (torch.arange(PROMPT)[None] - pads).clamp(min=0)
+        cache = KVCache.empty(config, 1, PROMPT + 3, torch.float64)
+        with torch.no_grad():
+            wide(ids, positions, torch.zeros_like(positions), torch.tensor([PROMPT - 1]), cache,
+                 padding_mask=padding[:, :PROMPT] if padded else None)
+            token = torch.tensor([[config.vocab_size - 7]])
+            hidden = wide(token, torch.tensor([[PROMPT - 2 - pads]]), torch.tensor([[2]]), torch.tensor([PROMPT - 1]), cache,
+                          return_hidden=True, padding_mask=padding if padded else None)
+            return wide.logits(hidden[:, -1]), cache
+
+
+def error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want).abs().max() / want.abs().max())
+
+
+VARIANTS = {
+    "glm-130b-like": {},
+    "rope2d": {"position_encoding": "rope2d"},
+    "gelu-tanh-untied": {"ffn_type": "gelu", "gelu_approximate": "tanh", "tie_word_embeddings": False},
+    "causal": {"objective": "causal"},
+    "no-biases": {"position_encoding": "rope2d", "qkv_bias": False, "dense_bias": False},
+    # Widths that are not multiples of the kernel's 16 lanes or 8 rows; 2-D RoPE over 10-wide slices.
+    "odd-shapes": {"hidden_size": 80, "num_heads": 4, "ffn_hidden_size": 200, "position_encoding": "rope2d", "vocab_size": 1003},
+}
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fp32_step_matches_float64(variant: str, padded: bool, one_thread: None) -> None:
+    model = make_model(**VARIANTS[variant])
+    logits, cache = decode_once(model, padded, use_native=True)
+    reference, reference_cache = float64_reference(model, padded)
+    assert logits.dtype == torch.float32 and logits.shape == (1, model.config.vocab_size)
+    assert cache.length == reference_cache.length == PROMPT + 1
+    assert error(logits, reference) < 1e-5
+    new = slice(PROMPT, PROMPT + 1)  # the decoded token's key and value, written by the kernel
+    assert error(cache.keys[:, :, :, new], reference_cache.keys[:, :, :, new]) < 1e-5
+    assert error(cache.values[:, :, :, new], reference_cache.values[:, :, :, new]) < 1e-5
+    torch_logits, _ = decode_once(model, padded, use_native=False)
+    assert torch.equal(logits.argmax(-1), torch_logits.argmax(-1))
+
+
+@pytest.mark.parametrize("variant", ["glm-130b-like", "gelu-tanh-untied", "odd-shapes"])
+def test_bf16_step_is_at_least_as_close_to_float64_as_the_pytorch_step(variant: str, one_thread: None) -> None:
+    """The kernel keeps activations in fp32 between its bf16 weight reads; PyTorch's bf16 step
+    rounds every intermediate to bf16. Against float64 on the same bf16 weights the kernel must be
+    no further off, and within a few bf16 roundings."""
+    model = make_model(torch.bfloat16, **VARIANTS[variant])
+    logits, cache = decode_once(model, padded=True, use_native=True)
+    torch_logits, torch_cache = decode_once(model, padded=True, use_native=False)
+    reference, _ = float64_reference(model, padded=True)
+    assert error(logits, reference) <= error(torch_logits, reference)
+    assert error(logits, reference) < 2**-6
+    new = slice(PROMPT, PROMPT + 1)
+    for got, want in ((cache.keys, torch_cache.keys), (cache.values, torch_cache.values)):
+        assert got.dtype == torch.bfloat16
+        assert error(got[:, :, :, new], want[:, :, :, new].double()) < 2**-5
+
+
+def test_incremental_logits_equal_full_recompute(one_thread: None) -> None:
+    """Eight tokens decoded one at a time by the kernel, each step's logits against GLM.forward over
+    the whole sequence so far, without a cache (fp32, tight tolerance)."""
+    model = make_model()
+    config = model.config
+    ids = torch.randint(10, config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(4))
+    ids[0, -2:] = torch.tensor([config.special_tokens.gmask, config.special_tokens.sop])
+    prefix = torch.tensor([8])
+    cache = KVCache.empty(config, 1, 9 + 8, torch.float32)
+    step = DecodeStep(model)
+    assert step.native is not None
+    with torch.no_grad():
+        logits = model(ids, cache=cache)[:, -1]
+    for _ in range(8):
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+        position, block = (p[:, -1:] for p in openglm.model.derive_positions(ids, prefix, config))
+        logits = step(ids[:, -1:], model._rope_tables(position, block, torch.float32), cache)
+        with torch.no_grad():
+            full = model(ids, prefix_len=prefix)[:, -1]
+        assert (logits - full).abs().max() <= 1e-5 * full.abs().max()
+    assert cache.length == 17
+
+
+def test_patched_logits_keep_the_pytorch_step() -> None:
+    """Anything that changes `model.logits` (a test's capture, a subclass) must see every step."""
+    model = make_model()
+    model.logits = lambda hidden: GLM.logits(model, hidden)  # type: ignore[method-assign]
+    assert native.RowDecoder.build(model) is None
+
+    class Scaled(GLM):
+        def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+            return 2 * super().logits(hidden)
+
+    assert native.RowDecoder.build(Scaled(model.config)) is None
+
+
+def test_padding_is_never_attended(one_thread: None) -> None:
+    """Whatever sits in the padded positions of the cache cannot change the result."""
+    model = make_model()
+    config = model.config
+    cache = KVCache.empty(config, 1, PROMPT + 3, torch.float32)
+    cache.keys.normal_(), cache.values.normal_()
+    ids = torch.randint(10, config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    padding = torch.arange(PROMPT + 1)[None] >= PAD
+    positions = (torch.arange(PROMPT)[None] - PAD).clamp(min=0)
+    with torch.no_grad():
+        model(ids, positions, torch.zeros_like(positions), torch.tensor([PROMPT - 1]), cache, padding_mask=padding[:, :PROMPT])
+    rope = model._rope_tables(torch.tensor([[PROMPT - PAD]]), torch.tensor([[0]]), torch.float32)
+    step = DecodeStep(model)
+    results = []
+    for fill in (0.0, 1e4):
+        trial = copy.deepcopy(cache)
+        trial.keys[:, :, :, :PAD] = fill
+        trial.values[:, :, :, :PAD] = fill
+        results.append(step(torch.tensor([[42]]), rope, trial, padding))
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_generation_with_the_kernel_equals_generation_without(dtype: torch.dtype, one_thread: None,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make_model(dtype)
+    config = model.config
+    context = torch.randint(10, config.vocab_size, (12,), generator=torch.Generator().manual_seed(3)).tolist()
+    context[-1] = config.special_tokens.gmask
+    calls: list[int] = []
+    original = native.RowDecoder.__call__
+
+    def counted(self: native.RowDecoder, *args: Any) -> torch.Tensor:
+        calls.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(native.RowDecoder, "__call__", counted)
+    generation = GenerationConfig(max_new_tokens=24, temperature=0, stop_token_ids=())
+    with_kernel = list(generate_tokens(model, context, generation))
+    assert len(with_kernel) == 24 and len(calls) == 23  # all but the first token, which the prefill gives
+    monkeypatch.setattr(native.RowDecoder, "build", classmethod(lambda cls, model: None))
+    assert list(generate_tokens(model, context, generation)) == with_kernel
+    assert len(calls) == 23
+
+
+def test_more_threads_take_the_pytorch_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make_model()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(native.RowDecoder, "__call__", lambda *args: pytest.fail("kernel called with 2 threads"))
+        logits, _ = decode_once(model, padded=False, use_native=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert logits.shape == (1, model.config.vocab_size)
+
+
+def test_what_the_kernel_does_not_cover_is_refused() -> None:
+    assert native.RowDecoder.build(make_model()) is not None
+    assert native.RowDecoder.build(make_model(torch.bfloat16)) is not None
+    assert native.RowDecoder.build(make_model(torch.float16)) is None
+    assert native.RowDecoder.build(quantize_model(make_model(), 8).to(torch.bfloat16)) is None
+    assert native.RowDecoder.build(make_model().to("meta")) is None
+
+
+def test_bad_calls_are_clear_errors(one_thread: None) -> None:
+    model = make_model()
+    kernel = native.RowDecoder.build(model)
+    assert kernel is not None
+    config = model.config
+    rope = model._rope_tables(torch.tensor([[0]]), torch.tensor([[0]]), torch.float32)
+    cache = KVCache.empty(config, 1, 4, torch.float32)
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        kernel(config.vocab_size, rope, cache, None)
+    with pytest.raises(ValueError, match="keys and values of shape"):
+        kernel(5, rope, KVCache.empty(config, 2, 4, torch.float32), None)
+    with pytest.raises(ValueError, match="rotary tables"):
+        kernel(5, (rope[0][..., :4], rope[1]), cache, None)
+    with pytest.raises(ValueError, match="padding_mask has shape"):
+        kernel(5, rope, cache, torch.ones(1, 3, dtype=torch.bool))
+    cache.length = 4
+    with pytest.raises(ValueError, match="KV cache holds 4 positions; 5 requested"):
+        kernel(5, rope, cache, None)
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, **env})
+
+
+PROBE = "import logging; logging.basicConfig(); from openglm import native; print(native.library() is not None)"
+
+
+def test_the_kernel_compiles_into_the_cache_dir_once(tmp_path: Path) -> None:
+    first = run_python(PROBE, OPENGLM_CACHE_DIR=str(tmp_path))
+    assert first.stdout.strip() == "True", first.stderr
+    built = list((tmp_path / "native").glob("decode_row-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    second = run_python(PROBE, OPENGLM_CACHE_DIR=str(tmp_path))
+    assert second.stdout.strip() == "True" and built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert list((tmp_path / "native").iterdir()) == built  # no temporary files left behind
+
+
+def test_without_a_compiler_or_when_disabled_decoding_falls_back(tmp_path: Path) -> None:
+    code = PROBE + "; import openglm.decoding as d, openglm.model as m, openglm.config as c; " \
+        "print(d.DecodeStep(m.GLM(c.model_preset('micro'))).native is None)"
+    missing = run_python(code, OPENGLM_CACHE_DIR=str(tmp_path), CC="/nonexistent/cc")
+    assert missing.stdout.split() == ["False", "True"], missing.stderr
+    assert "no C compiler" in missing.stderr
+    disabled = run_python(code, OPENGLM_CACHE_DIR=str(tmp_path), OPENGLM_NATIVE="0")
+    assert disabled.stdout.split() == ["False", "True"], disabled.stderr
+    assert not (tmp_path / "native").exists()
