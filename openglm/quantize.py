@@ -485,7 +485,9 @@ class QuantizedLinear(nn.Module):
         limit = KERNEL_MAX_ROWS.get((self.bits, x.dtype), 0)
         if not 0 < rows <= limit or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
             return False  # the kernels have no autograd; gradients go through F.linear
-        return self.groups == 1 if self.bits == 8 else self.int4_block is not None
+        if self.bits == 8:  # _weight_int8pack_mm gives wrong results, or crashes, unless in_features % 16 == 0
+            return self.groups == 1 and self.in_features % 16 == 0
+        return self.int4_block is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)

@@ -195,6 +195,20 @@ def test_int4_kernel_layout_round_trips(out_features: int, in_features: int) -> 
     assert torch.equal(layer.dequantize(), dequantize_weight(qweight, scales, 4))
 
 
+@pytest.mark.parametrize("in_features", [24, 200])
+@pytest.mark.parametrize("rows", [1, 3, 10])
+def test_int8_widths_the_kernel_gets_wrong_fall_back(in_features: int, rows: int) -> None:
+    """torch 2.13's _weight_int8pack_mm needs in_features % 16 == 0: at 24 or 200 it returned wrong
+    numbers (1-3 rows) or crashed (10 rows), measured; those widths take the dequantize path."""
+    linear, layer = make_layer(in_features, 48, 8, None)
+    x = torch.randn(rows, in_features, dtype=torch.bfloat16)
+    assert not layer.uses_kernel(x)
+    with torch.inference_mode():
+        out = layer(x)
+        reference = F.linear(x, layer.dequantize(torch.bfloat16), layer.bias.bfloat16())
+    assert rel_err(out, reference) < 1e-2 and rel_err(out, linear.bfloat16()(x)) < 2e-2
+
+
 @pytest.mark.parametrize(("out_features", "in_features"), [(20, 64), (32, 48)])
 def test_shapes_the_int4_kernel_rejects_fall_back(out_features: int, in_features: int) -> None:
     linear, layer = make_layer(in_features, out_features, 4, None)
