@@ -11,7 +11,7 @@ prompts of `--prompt-tokens` tokens, at batch 1 and batch 8:
 * HF: `GPT2LMHeadModel.generate` (SDPA attention) of the same width, depth, heads and vocab, random
   weights, in fp32 and bf16 (`model.to(torch.bfloat16)`), the same token ids as input.
 
-With one thread, openglm's fp32 and bf16 batch-1 decoding goes through its native one-row kernel
+With one thread, openglm's batch-1 decoding (every precision) goes through its native one-row kernel
 (`openglm.native`, compiled with the system C compiler on first use; the header says whether it
 was on); `OPENGLM_NATIVE=0 python bench/generate.py` times the op-by-op PyTorch step instead.
 
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{s.name} {s.layers} x {s.hidden}, {s.heads} heads, vocab {s.vocab}" for s in [TINY, *([WIDE] if args.wide else [])]))
     print("vs HF b1: openglm decode tokens/s at batch 1 over HF's in the same compute precision (INT8/INT4 compute in bf16)")
     kernel = native.library() is not None
-    print(f"openglm's native one-row decode kernel (fp32/bf16 at batch 1 with 1 thread): {'on' if kernel else 'off (see the log)'}")
+    print(f"openglm's native one-row decode kernel (batch 1 with 1 thread): {'on' if kernel else 'off (see the log)'}")
     if bpb is not None:
         print(f"held-out bits per byte: {args.model} ({args.bpb_tokens} tokens per language at most); INT8/INT4 run in bf16")
     print()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -289,3 +290,9 @@ def train_preset(name: str, **overrides: Any) -> TrainConfig:
     }
     base = presets.get(name, TrainConfig(out_dir=f"runs/{name}"))
     return dataclasses.replace(base, **overrides)
+
+
+def cache_dir() -> Path:
+    """Where openglm keeps files it can rebuild (token shards, the compiled decode kernel):
+    `$OPENGLM_CACHE`, else `~/.cache/openglm`."""
+    return Path(os.environ.get("OPENGLM_CACHE", Path.home() / ".cache" / "openglm"))

@@ -10,8 +10,9 @@ the same order (RoPE through the model's own tables and `apply_rotary`), so the 
 matrix-vector product (equal to within bf16 rounding).
 
 One row with PyTorch at one intra-op thread goes further: the whole step is one call into the
-native kernel (`openglm.native`, fp32/bf16 models it covers), which agrees with float64 to 1e-5 in
-fp32 and keeps bf16 models' activations in fp32 (tested); everything else runs the path above.
+native kernel (`openglm.native`: fp32, bf16 and INT8/INT4 models), which agrees with float64 to
+1e-5 in fp32 and keeps bf16 and quantized models' activations in fp32 (tested); everything else
+runs the path above.
 """
 
 from __future__ import annotations

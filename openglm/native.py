@@ -4,11 +4,13 @@ At batch 1 on a CPU a small model's decode step is mostly per-op overhead: ~200 
 microseconds each, each starting on caches that the weights just streamed through. One C call per
 token that reads each weight once and keeps everything else in fp32 in L1 made the `tiny` step
 1.9x faster in fp32 and 2.4x in bf16 than `DecodeStep`'s op-by-op path (measured, one thread).
+The block linears may be float or quantized (`QuantizedLinear`'s INT8, INT4 and torch-kernel INT4
+layouts), all read in place: the kernel holds pointers into the model, never copies.
 
 The C source ships with the package and is compiled with the system C compiler (`$CC`, else `cc`)
-at `-O3 -march=native` into a per-user cache (`$OPENGLM_CACHE_DIR`, else `$XDG_CACHE_HOME/openglm`
-or `~/.cache/openglm`), keyed by the source, the compiler and the CPU, so a library built for one
-CPU is never loaded on another. Without a compiler (or with `OPENGLM_NATIVE=0`) `library()` is None
+at `-O3 -march=native` into openglm's cache (`config.cache_dir()`: `$OPENGLM_CACHE`, else
+`~/.cache/openglm`), keyed by the source, the compiler and the CPU, so a library built for one CPU
+is never loaded on another. Without a compiler (or with `OPENGLM_NATIVE=0`) `library()` is None
 and decoding runs op by op in PyTorch, with one log line saying why.
 """
 
@@ -29,7 +31,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from openglm.config import cache_dir
 from openglm.model import GLM, KVCache
+from openglm.quantize import QuantizedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +43,12 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 
 class _Linear(ctypes.Structure):
-    _fields_ = [("weight", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("out_features", ctypes.c_int64), ("in_features", ctypes.c_int64)]
+    _fields_ = [("weight", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("out_features", ctypes.c_int64), ("in_features", ctypes.c_int64),
+                ("kind", ctypes.c_int32), ("block", ctypes.c_int32), ("scales", ctypes.c_void_p), ("group", ctypes.c_int64)]
+
+
+FLOAT_WEIGHT, INT8_ROWS, INT4_ROWS, INT4_TILED = range(4)  # glm_linear.kind
+MAX_TILE = 128  # rows of an INT4 tile the kernel's buffers hold
 
 
 class _Layer(ctypes.Structure):
@@ -62,12 +71,6 @@ class _Model(ctypes.Structure):
 class _Cache(ctypes.Structure):
     _fields_ = [("keys", ctypes.c_void_p), ("values", ctypes.c_void_p),
                 ("layer_stride", ctypes.c_int64), ("head_stride", ctypes.c_int64), ("position_stride", ctypes.c_int64)]
-
-
-def cache_dir() -> Path:
-    if os.environ.get("OPENGLM_CACHE_DIR"):
-        return Path(os.environ["OPENGLM_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "openglm"
 
 
 def _cpu_signature() -> str:
@@ -139,11 +142,35 @@ def _plain(tensor: torch.Tensor | None, dtype: torch.dtype, shape: tuple[int, ..
             and tensor.dtype == dtype and tuple(tensor.shape) == shape and tensor.is_contiguous())
 
 
+def _quantized_layout(module: QuantizedLinear) -> tuple[int, int, int, int] | None:
+    """(kind, block, scales pointer, group) of a quantized layer whose tensors are laid out as
+    `csrc/decode_row.c` reads them, else None."""
+    out_features, in_features = module.out_features, module.in_features
+    if module.int4_block is not None:  # torch's INT4 kernel layout, scales in its [in / group, out, 2] table
+        block, group, table = module.int4_block, module.kernel_group, module.kernel_scale_bits
+        if group is None or table is None or in_features % group or not (2 <= block <= MAX_TILE and block % 2 == 0):
+            return None
+        if (out_features % block) % 2 or not _plain(table, torch.int16, (in_features // group, out_features, 2)):
+            return None
+        if not _plain(module.qweight, torch.uint8, (out_features, in_features // 2)):
+            return None
+        return INT4_TILED, block, table.data_ptr(), group
+    scales = module.scale_bits
+    if scales is None or not _plain(scales, torch.int16, (out_features, module.groups)):
+        return None
+    group = in_features // module.groups
+    if module.bits == 8 and _plain(module.qweight, torch.int8, (out_features, in_features)):
+        return INT8_ROWS, 0, scales.data_ptr(), group
+    if module.bits == 4 and group % 2 == 0 and _plain(module.qweight, torch.uint8, (out_features, in_features // 2)):
+        return INT4_ROWS, 0, scales.data_ptr(), group
+    return None
+
+
 class RowDecoder:
     """`GLM.forward` for one new token of a one-row batch, as one native call. Built by `build`,
-    which says None for any model the kernel does not cover exactly (quantized or sharded layers, a
-    dtype other than fp32/bf16, non-CPU tensors, patched `logits`); it holds the model, so the
-    pointers stay valid."""
+    which says None for any model the kernel does not cover exactly (sharded layers, a dtype other
+    than fp32/bf16, non-CPU tensors, patched `logits`, a quantized layout it does not read); it
+    holds the model, so the pointers stay valid."""
 
     def __init__(self, lib: ctypes.CDLL, model: GLM, struct: _Model, layers: ctypes.Array[_Layer]) -> None:
         self.lib, self.model, self.struct, self._layers = lib, model, struct, layers
@@ -163,11 +190,18 @@ class RowDecoder:
             return None  # logits patched or overridden: the PyTorch step calls them, the kernel could not
 
         def linear(module: nn.Module, out_features: int, in_features: int) -> _Linear | None:
-            if type(module) is not nn.Linear or not _plain(module.weight, dtype, (out_features, in_features)):
+            bias = getattr(module, "bias", None)
+            if bias is not None and not _plain(bias, dtype, (out_features,)):
                 return None
-            if module.bias is not None and not _plain(module.bias, dtype, (out_features,)):
-                return None
-            return _Linear(module.weight.data_ptr(), None if module.bias is None else module.bias.data_ptr(), out_features, in_features)
+            bias_pointer = None if bias is None else bias.data_ptr()
+            if type(module) is nn.Linear:
+                if not _plain(module.weight, dtype, (out_features, in_features)):
+                    return None
+                return _Linear(module.weight.data_ptr(), bias_pointer, out_features, in_features, FLOAT_WEIGHT)
+            if type(module) is QuantizedLinear and (module.out_features, module.in_features) == (out_features, in_features):
+                layout = _quantized_layout(module)
+                return None if layout is None else _Linear(module.qweight.data_ptr(), bias_pointer, out_features, in_features, *layout)
+            return None
 
         def norm(module: nn.Module) -> tuple[int, int | None] | None:
             if type(module) is not nn.LayerNorm or not _plain(module.weight, dtype, (hidden,)):
@@ -197,7 +231,7 @@ class RowDecoder:
         struct = _Model(hidden, config.num_heads, head_dim, config.rotary_dim, ffn, config.num_layers, config.vocab_size,
                         int(geglu), int(config.gelu_approximate == "tanh"), int(dtype == torch.bfloat16), config.alpha,
                         config.layernorm_eps, model.word_embeddings.weight.data_ptr(), *final,
-                        _Linear(head.data_ptr(), None, config.vocab_size, hidden), array)
+                        _Linear(head.data_ptr(), None, config.vocab_size, hidden, FLOAT_WEIGHT), array)
         return cls(lib, model, struct, array)
 
     def __call__(self, token: int, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, padding_mask: torch.Tensor | None) -> torch.Tensor:

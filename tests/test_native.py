@@ -19,11 +19,12 @@ import torch
 
 import openglm.model
 from openglm import native
+from openglm import quantize as quant
 from openglm.config import model_preset
 from openglm.decoding import DecodeStep
 from openglm.generation import GenerationConfig, generate_tokens
 from openglm.model import GLM, KVCache
-from openglm.quantize import quantize_model
+from openglm.quantize import QuantizedLinear, quantize_model, quantized_layers
 
 PROMPT = 11  # cached positions before the decoded token (PAD of them padding in padded runs)
 PAD = 3
@@ -51,26 +52,34 @@ def make_model(dtype: torch.dtype = torch.float32, **overrides: Any) -> GLM:
     return model.to(dtype)
 
 
-def decode_once(model: GLM, padded: bool, use_native: bool) -> tuple[torch.Tensor, KVCache]:
-    """Prefill PROMPT positions of one row (the first PAD of them padding when `padded`) with the
-    model's own forward, then decode one token: logits [1, V] and the cache."""
+def prefilled(model: GLM, padded: bool) -> tuple[KVCache, torch.Tensor | None]:
+    """A cache of PROMPT positions of one row (the first PAD of them padding when `padded`), filled
+    by the model's own forward in its dtype, and the padding mask over PROMPT + 1 positions."""
     config = model.config
-    generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(10, config.vocab_size, (1, PROMPT), generator=generator)
+    ids = torch.randint(10, config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(1))
     ids[0, -1] = config.special_tokens.sop
-    pads = PAD if padded else 0
-    padding = torch.arange(PROMPT + 1)[None] >= pads
-    positions = (torch.arange(PROMPT)[None] - pads).clamp(min=0)
+    padding = torch.arange(PROMPT + 1)[None] >= (PAD if padded else 0)
+    positions = (torch.arange(PROMPT)[None] - (PAD if padded else 0)).clamp(min=0)
     cache = KVCache.empty(config, 1, PROMPT + 3, model.word_embeddings.weight.dtype)
-    prefix = torch.tensor([PROMPT - 1])
     with torch.no_grad():
-        model(ids, positions, torch.zeros_like(positions), prefix, cache, padding_mask=padding[:, :PROMPT] if padded else None)
-    token = torch.tensor([[config.vocab_size - 7]])
-    position, block = torch.tensor([[PROMPT - 2 - pads]]), torch.tensor([[2]])
-    rope = model._rope_tables(position, block, model.word_embeddings.weight.dtype)
+        model(ids, positions, torch.zeros_like(positions), torch.tensor([PROMPT - 1]), cache,
+              padding_mask=padding[:, :PROMPT] if padded else None)
+    return cache, (padding if padded else None)
+
+
+def next_token(model: GLM, padded: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decoded token after `prefilled`, its position and its block position."""
+    position = PROMPT - 2 - (PAD if padded else 0)
+    return torch.tensor([[model.config.vocab_size - 7]]), torch.tensor([[position]]), torch.tensor([[2]])
+
+
+def decode_once(model: GLM, padded: bool, use_native: bool) -> tuple[torch.Tensor, KVCache]:
+    """Prefill, then decode one token through DecodeStep: logits [1, V] and the cache."""
+    cache, padding = prefilled(model, padded)
+    token, position, block = next_token(model, padded)
     step = DecodeStep(model, native=use_native)
     assert (step.native is not None) == use_native
-    logits = step(token, rope, cache, padding if padded else None)
+    logits = step(token, model._rope_tables(position, block, model.word_embeddings.weight.dtype), cache, padding)
     return logits, cache
 
 
@@ -78,23 +87,11 @@ def float64_reference(model: GLM, padded: bool) -> tuple[torch.Tensor, KVCache]:
     """The same prefill and step through GLM.forward in float64 (from the model's weights as they
     are, so bf16 weights are compared with themselves, not with rounded-away fp32 ones)."""
     wide = copy.deepcopy(model).double()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(native.RowDecoder, "build", classmethod(lambda cls, model: None))
-        config = wide.config
-        generator = torch.Generator().manual_seed(1)
-        ids = torch.randint(10, config.vocab_size, (1, PROMPT), generator=generator)
-        ids[0, -1] = config.special_tokens.sop
-        pads = PAD if padded else 0
-        padding = torch.arange(PROMPT + 1)[None] >= pads
-        positions = (torch.arange(PROMPT)[None] - pads).clamp(min=0)
-        cache = KVCache.empty(config, 1, PROMPT + 3, torch.float64)
-        with torch.no_grad():
-            wide(ids, positions, torch.zeros_like(positions), torch.tensor([PROMPT - 1]), cache,
-                 padding_mask=padding[:, :PROMPT] if padded else None)
-            token = torch.tensor([[config.vocab_size - 7]])
-            hidden = wide(token, torch.tensor([[PROMPT - 2 - pads]]), torch.tensor([[2]]), torch.tensor([PROMPT - 1]), cache,
-                          return_hidden=True, padding_mask=padding if padded else None)
-            return wide.logits(hidden[:, -1]), cache
+    cache, padding = prefilled(wide, padded)
+    token, position, block = next_token(wide, padded)
+    with torch.no_grad():
+        hidden = wide(token, position, block, torch.tensor([PROMPT - 1]), cache, return_hidden=True, padding_mask=padding)
+        return wide.logits(hidden[:, -1]), cache
 
 
 def error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -181,6 +178,68 @@ def test_patched_logits_keep_the_pytorch_step() -> None:
     assert native.RowDecoder.build(Scaled(model.config)) is None
 
 
+def dequantized_copy(model: GLM) -> GLM:
+    """The model with each quantized layer replaced by an nn.Linear holding the weight it computes
+    with (`dequantize`: exact in fp32), for the float64 reference."""
+    plain = copy.deepcopy(model)
+    for name, layer in quantized_layers(plain).items():
+        linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        linear.weight.data = layer.dequantize(torch.float32)
+        if layer.bias is not None:
+            linear.bias.data = layer.bias.data.float()
+        parent, attribute = name.rsplit(".", 1)
+        setattr(plain.get_submodule(parent), attribute, linear)
+    return plain
+
+
+def retile_int4(layer: QuantizedLinear, block: int) -> None:
+    """Put an INT4 layer into the kernel layout with another row block (32: what AVX2 CPUs get), so
+    the kernel's generic tile loop runs here too; `_untile_int4` checks the tiling."""
+    assert layer.int4_block is not None
+    unsigned = quant._untile_int4(layer.qweight, layer.int4_block)  # [out, in], q + 8
+    out_features, in_features = unsigned.shape
+    full = out_features // block * block
+    tiles = unsigned[:full].view(full // block, 2, block // 2, in_features)
+    packed = [(tiles[:, 0] | tiles[:, 1] << 4).transpose(1, 2).reshape(full, in_features // 2)]
+    if full < out_features:
+        rest = unsigned[full:].view(-1, 2, in_features)
+        packed.append((rest[:, 0] | rest[:, 1] << 4).t().reshape(out_features - full, in_features // 2))
+    retiled = torch.cat(packed).contiguous()
+    assert torch.equal(quant._untile_int4(retiled, block), unsigned)
+    layer.qweight, layer.int4_block = retiled, block
+
+
+QUANTIZED = {  # (bits, group size, model overrides, the layout of the first QKV layer)
+    "int8-per-channel": (8, None, {}, native.INT8_ROWS),
+    "int8-groups": (8, 16, {}, native.INT8_ROWS),
+    "int8-odd-widths": (8, None, VARIANTS["odd-shapes"], native.INT8_ROWS),  # FFN in 200: not 16 lanes
+    "int4-tiled": (4, 32, {}, native.INT4_TILED),
+    "int4-tiled-short-last-tile": (4, None, {"hidden_size": 96, "num_heads": 4, "ffn_hidden_size": 160}, native.INT4_TILED),
+    "int4-tiled-block-32": (4, 32, {"hidden_size": 96, "num_heads": 4, "ffn_hidden_size": 160}, native.INT4_TILED),
+    "int4-rows": (4, 16, {}, native.INT4_ROWS),  # groups of 16: the torch kernel's layout does not take them
+    "int4-odd-widths": (4, None, VARIANTS["odd-shapes"], native.INT4_ROWS),
+}
+
+
+@pytest.mark.parametrize("case", list(QUANTIZED))
+def test_quantized_step_is_at_least_as_close_to_float64_as_the_pytorch_step(case: str, one_thread: None,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    bits, group_size, overrides, kind = QUANTIZED[case]
+    model = quantize_model(make_model(**overrides), bits, group_size).to(torch.bfloat16)
+    if case.endswith("block-32"):
+        for layer in quantized_layers(model).values():
+            retile_int4(layer, 32)
+        # torch's own INT4 kernel reads this CPU's block (64), so PyTorch dequantizes instead.
+        monkeypatch.setattr(QuantizedLinear, "uses_kernel", lambda self, x: False)
+    kernel = native.RowDecoder.build(model)
+    assert kernel is not None and kernel.struct.layers_array[0].qkv.kind == kind
+    logits, _ = decode_once(model, padded=True, use_native=True)
+    torch_logits, _ = decode_once(model, padded=True, use_native=False)
+    reference, _ = float64_reference(dequantized_copy(model), padded=True)
+    assert error(logits, reference) <= error(torch_logits, reference)
+    assert error(logits, reference) < 2**-6
+
+
 def test_padding_is_never_attended(one_thread: None) -> None:
     """Whatever sits in the padded positions of the cache cannot change the result."""
     model = make_model()
@@ -242,7 +301,6 @@ def test_what_the_kernel_does_not_cover_is_refused() -> None:
     assert native.RowDecoder.build(make_model()) is not None
     assert native.RowDecoder.build(make_model(torch.bfloat16)) is not None
     assert native.RowDecoder.build(make_model(torch.float16)) is None
-    assert native.RowDecoder.build(quantize_model(make_model(), 8).to(torch.bfloat16)) is None
     assert native.RowDecoder.build(make_model().to("meta")) is None
 
 
@@ -275,12 +333,12 @@ PROBE = "import logging; logging.basicConfig(); from openglm import native; prin
 
 
 def test_the_kernel_compiles_into_the_cache_dir_once(tmp_path: Path) -> None:
-    first = run_python(PROBE, OPENGLM_CACHE_DIR=str(tmp_path))
+    first = run_python(PROBE, OPENGLM_CACHE=str(tmp_path))
     assert first.stdout.strip() == "True", first.stderr
     built = list((tmp_path / "native").glob("decode_row-*.so"))
     assert len(built) == 1
     stamp = built[0].stat().st_mtime_ns
-    second = run_python(PROBE, OPENGLM_CACHE_DIR=str(tmp_path))
+    second = run_python(PROBE, OPENGLM_CACHE=str(tmp_path))
     assert second.stdout.strip() == "True" and built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
     assert list((tmp_path / "native").iterdir()) == built  # no temporary files left behind
 
@@ -288,9 +346,9 @@ def test_the_kernel_compiles_into_the_cache_dir_once(tmp_path: Path) -> None:
 def test_without_a_compiler_or_when_disabled_decoding_falls_back(tmp_path: Path) -> None:
     code = PROBE + "; import openglm.decoding as d, openglm.model as m, openglm.config as c; " \
         "print(d.DecodeStep(m.GLM(c.model_preset('micro'))).native is None)"
-    missing = run_python(code, OPENGLM_CACHE_DIR=str(tmp_path), CC="/nonexistent/cc")
+    missing = run_python(code, OPENGLM_CACHE=str(tmp_path), CC="/nonexistent/cc")
     assert missing.stdout.split() == ["False", "True"], missing.stderr
     assert "no C compiler" in missing.stderr
-    disabled = run_python(code, OPENGLM_CACHE_DIR=str(tmp_path), OPENGLM_NATIVE="0")
+    disabled = run_python(code, OPENGLM_CACHE=str(tmp_path), OPENGLM_NATIVE="0")
     assert disabled.stdout.split() == ["False", "True"], disabled.stderr
     assert not (tmp_path / "native").exists()

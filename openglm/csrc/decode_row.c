@@ -6,8 +6,10 @@
  * between them). Here the step is straight C over the weights in place: each weight is read once,
  * everything between the matrix-vector products stays in fp32 in L1.
  *
- * Weights and the cache are fp32 or bf16 (all of one dtype); arithmetic and activations are fp32
- * (bf16 values are widened exactly; new keys/values are rounded to the cache's dtype, nearest-even).
+ * Float weights, norms, biases and the cache are fp32 or bf16 (all of one dtype); the block linears
+ * may instead be INT8/INT4 with bf16 scales (the layouts of openglm/quantize.py, see glm_linear).
+ * Arithmetic and activations are fp32 (bf16 values are widened exactly; new keys/values are rounded
+ * to the cache's dtype, nearest-even).
  * openglm/native.py builds the structs below from a model and checks every shape and stride first;
  * this file trusts them. Compiled on first use with the system C compiler (-O3 -march=native).
  */
@@ -15,11 +17,26 @@
 #include <stdint.h>
 #include <string.h>
 
+enum { FLOAT_WEIGHT = 0, INT8_ROWS = 1, INT4_ROWS = 2, INT4_TILED = 3 };
+
 typedef struct {
-    const void *weight; /* [out_features, in_features], row-major */
-    const void *bias;   /* [out_features] or NULL */
+    const void *weight; /* by kind, below */
+    const void *bias;   /* [out_features] in the model's dtype, or NULL */
     int64_t out_features, in_features;
+    int32_t kind;
+    int32_t block;           /* INT4_TILED: rows per tile */
+    const uint16_t *scales;  /* bf16 bits: [out, in / group] (INT8_ROWS, INT4_ROWS); [in / group, out, 2] (INT4_TILED) */
+    int64_t group;           /* inputs per scale */
 } glm_linear;
+/* Weight kinds (openglm/quantize.py makes them):
+ * FLOAT_WEIGHT  the model's dtype, [out, in] row-major.
+ * INT8_ROWS     int8 [out, in]; w = q * scale[o, i / group].
+ * INT4_ROWS     `pack_int4`: uint8 [out, in / 2], inputs 2i and 2i+1 in the low and high nibble
+ *               (two's complement); w = q * scale[o, i / group].
+ * INT4_TILED    torch's CPU INT4 kernel layout: rows in tiles of `block`, each tile [in, block / 2]
+ *               bytes whose low nibble is row j and high nibble row j + block / 2 (in the last,
+ *               shorter tile: rows 2j and 2j + 1); nibbles are q + 8; the scale of (o, i) is the
+ *               first of the bf16 pair at [i / group, o]. */
 
 typedef struct {
     const void *norm1_weight, *norm1_bias;
@@ -101,7 +118,7 @@ static inline void dot_rows(const void *w, int64_t n, const float *x, float *y, 
     for (int r = 0; r < rows; r++) y[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-static void linear(const glm_linear *l, const float *x, float *y, int bf16) {
+static void float_linear(const glm_linear *l, const float *x, float *y, int bf16) {
     const int64_t n = l->in_features, out = l->out_features, size = bf16 ? 2 : 4;
     const char *w = l->weight;
     int64_t o = 0;
@@ -116,7 +133,7 @@ static void linear(const glm_linear *l, const float *x, float *y, int bf16) {
         for (o = 0; o < out; o++) y[o] += load(l->bias, o, bf16);
 }
 #else
-static void linear(const glm_linear *l, const float *x, float *y, int bf16) {
+static void float_linear(const glm_linear *l, const float *x, float *y, int bf16) {
     const int64_t n = l->in_features, out = l->out_features;
     for (int64_t o = 0; o < out; o++) {
         float a = 0;
@@ -133,6 +150,164 @@ static void linear(const glm_linear *l, const float *x, float *y, int bf16) {
     }
 }
 #endif
+
+/* The quantized kinds: plain loops over the integers that the compiler vectorises; each group's
+ * integer-weighted sum is scaled once. */
+static void int8_rows_linear(const glm_linear *l, const float *x, float *y) {
+    const int64_t n = l->in_features, group = l->group, groups = n / group;
+    for (int64_t o = 0; o < l->out_features; o++) {
+        const int8_t *w = (const int8_t *)l->weight + o * n;
+        float total = 0;
+        for (int64_t g = 0; g < groups; g++) {
+            float a = 0;
+#pragma omp simd reduction(+ : a)
+            for (int64_t i = g * group; i < (g + 1) * group; i++) a += (float)w[i] * x[i];
+            total += a * bf16_to_float(l->scales[o * groups + g]);
+        }
+        y[o] = total;
+    }
+}
+
+static void int4_rows_linear(const glm_linear *l, const float *x, float *y) {
+    const int64_t n = l->in_features, group = l->group, groups = n / group;
+    for (int64_t o = 0; o < l->out_features; o++) {
+        const uint8_t *w = (const uint8_t *)l->weight + o * (n / 2);
+        float total = 0;
+        for (int64_t g = 0; g < groups; g++) {
+            float a = 0;
+#pragma omp simd reduction(+ : a)
+            for (int64_t b = g * group / 2; b < (g + 1) * group / 2; b++) {
+                const int low = (int)(w[b] & 15u) - (int)((w[b] & 0x08u) << 1), high = (int)(w[b] >> 4) - (int)((w[b] & 0x80u) >> 3);
+                a += (float)low * x[2 * b] + (float)high * x[2 * b + 1];
+            }
+            total += a * bf16_to_float(l->scales[o * groups + g]);
+        }
+        y[o] = total;
+    }
+}
+
+/* One tile of `rows` rows starting at row `first`, `rows / 2` bytes per input; `paired`: rows 2j and
+ * 2j + 1 share byte j (the last tile), else rows j and j + rows / 2. */
+static void int4_tile(const glm_linear *l, const uint8_t *tile, int64_t first, int64_t rows, int paired, const float *x, float *y) {
+    const int64_t n = l->in_features, group = l->group, half = rows / 2, out = l->out_features;
+    float total[128], low[64], high[64];
+    for (int64_t j = 0; j < rows; j++) total[j] = 0;
+    for (int64_t g = 0; g < n / group; g++) {
+        for (int64_t j = 0; j < half; j++) low[j] = high[j] = 0;
+        for (int64_t i = g * group; i < (g + 1) * group; i++) {
+            const uint8_t *bytes = tile + i * half;
+            const float xi = x[i];
+#pragma omp simd
+            for (int64_t j = 0; j < half; j++) {
+                low[j] += (float)((int)(bytes[j] & 15u) - 8) * xi;
+                high[j] += (float)((int)(bytes[j] >> 4) - 8) * xi;
+            }
+        }
+        const uint16_t *scale = l->scales + 2 * (g * out + first);
+        for (int64_t j = 0; j < half; j++) {
+            const int64_t a = paired ? 2 * j : j, b = paired ? 2 * j + 1 : j + half;
+            total[a] += low[j] * bf16_to_float(scale[2 * a]);
+            total[b] += high[j] * bf16_to_float(scale[2 * b]);
+        }
+    }
+    for (int64_t j = 0; j < rows; j++) y[first + j] = total[j];
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+/* INT8, groups a multiple of 16 wide: eight rows per pass; each group's vector sums are scaled
+ * into the totals, one horizontal sum per row at the end. */
+static inline void int8_dot_rows(const glm_linear *l, int64_t first, const float *x, float *y, const int rows) {
+    const int64_t n = l->in_features, group = l->group, groups = n / group;
+    const int8_t *w = (const int8_t *)l->weight + first * n;
+    __m512 total[8], acc[8];
+#pragma GCC unroll 8
+    for (int r = 0; r < rows; r++) total[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+#pragma GCC unroll 8
+        for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
+        for (int64_t i = g * group; i < (g + 1) * group; i += 16) {
+            const __m512 xv = _mm512_loadu_ps(x + i);
+#pragma GCC unroll 8
+            for (int r = 0; r < rows; r++) {
+                const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + r * n + i)));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), xv, acc[r]);
+            }
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < rows; r++)
+            total[r] = _mm512_fmadd_ps(acc[r], _mm512_set1_ps(bf16_to_float(l->scales[(first + r) * groups + g])), total[r]);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < rows; r++) y[first + r] = _mm512_reduce_add_ps(total[r]);
+}
+
+static void int8_rows_linear_avx512(const glm_linear *l, const float *x, float *y) {
+    int64_t o = 0;
+    for (; o + 8 <= l->out_features; o += 8) int8_dot_rows(l, o, x, y, 8);
+    for (; o < l->out_features; o++) int8_dot_rows(l, o, x, y, 1);
+}
+
+/* One full 64-row INT4 tile: per input, 32 bytes hold rows 0..31 (low nibbles) and 32..63 (high). */
+static void int4_tile64(const glm_linear *l, const uint8_t *tile, int64_t first, const float *x, float *y) {
+    const int64_t group = l->group, out = l->out_features;
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
+    const __m512i eight = _mm512_set1_epi32(8);
+    __m512 total[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t g = 0; g < l->in_features / group; g++) {
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t i = g * group; i < (g + 1) * group; i++) {
+            const __m256i bytes = _mm256_loadu_si256((const __m256i *)(tile + i * 32));
+            const __m256i low = _mm256_and_si256(bytes, nibble), high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), nibble);
+            const __m128i parts[4] = {_mm256_castsi256_si128(low), _mm256_extracti128_si256(low, 1),
+                                      _mm256_castsi256_si128(high), _mm256_extracti128_si256(high, 1)};
+            const __m512 xv = _mm512_set1_ps(x[i]);
+            for (int k = 0; k < 4; k++) {
+                const __m512i q = _mm512_sub_epi32(_mm512_cvtepu8_epi32(parts[k]), eight);
+                acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), xv, acc[k]);
+            }
+        }
+        for (int k = 0; k < 4; k++) { /* the (scale, zero) bf16 pairs of 16 rows as 16 int32: scale in the low half */
+            const __m512i pairs = _mm512_loadu_si512((const void *)(l->scales + 2 * (g * out + first + 16 * k)));
+            total[k] = _mm512_fmadd_ps(acc[k], _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16)), total[k]);
+        }
+    }
+    for (int k = 0; k < 4; k++) _mm512_storeu_ps(y + first + 16 * k, total[k]);
+}
+#endif
+
+static void int4_tiled_linear(const glm_linear *l, const float *x, float *y) {
+    const int64_t block = l->block, out = l->out_features, full = out / block * block, bytes = l->in_features / 2;
+    const uint8_t *w = l->weight;
+    for (int64_t first = 0; first < full; first += block) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+        if (block == 64) {
+            int4_tile64(l, w + first * bytes, first, x, y);
+            continue;
+        }
+#endif
+        int4_tile(l, w + first * bytes, first, block, 0, x, y);
+    }
+    if (full < out) int4_tile(l, w + full * bytes, full, out - full, 1, x, y);
+}
+
+static void linear(const glm_linear *l, const float *x, float *y, int bf16) {
+    switch (l->kind) {
+    case INT8_ROWS:
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+        if (l->group % 16 == 0) {
+            int8_rows_linear_avx512(l, x, y);
+            break;
+        }
+#endif
+        int8_rows_linear(l, x, y);
+        break;
+    case INT4_ROWS: int4_rows_linear(l, x, y); break;
+    case INT4_TILED: int4_tiled_linear(l, x, y); break;
+    default: float_linear(l, x, y, bf16); return; /* adds its own bias */
+    }
+    if (l->bias)
+        for (int64_t o = 0; o < l->out_features; o++) y[o] += load(l->bias, o, bf16);
+}
 
 static void layer_norm(const float *x, const void *weight, const void *bias, int64_t n, float eps, int bf16, float *y) {
     double mean = 0, var = 0;

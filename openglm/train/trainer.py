@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from openglm import checkpoint as ckpt
-from openglm.config import ConfigError, GLMConfig, TrainConfig
+from openglm.config import ConfigError, GLMConfig, TrainConfig, cache_dir
 from openglm.data.blank_infill import BlankInfillingDataset, collate
 from openglm.data.corpus import TokenStream, bundled_corpus_paths, document_language, prepare_corpus
 from openglm.data.mip import MIPDataset, MixedDataset
@@ -34,10 +33,6 @@ log = logging.getLogger(__name__)
 
 class SampleSource(Protocol):
     def sample(self, index: int) -> dict[str, Any]: ...
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("OPENGLM_CACHE", Path.home() / ".cache" / "openglm"))
 
 
 LOGIT_ROW_BUCKET = 256
@@ -133,7 +128,7 @@ class Trainer:
     def _build_data(self) -> tuple[SampleSource, SampleSource]:
         config, model_config = self.config, self.model_config
         paths = [Path(p) for p in config.data] or bundled_corpus_paths()
-        shards = prepare_corpus(paths, self.tokenizer, default_cache_dir() / "shards", val_fraction=config.val_fraction, seed=config.seed)
+        shards = prepare_corpus(paths, self.tokenizer, cache_dir() / "shards", val_fraction=config.val_fraction, seed=config.seed)
 
         train: SampleSource = BlankInfillingDataset.from_config(TokenStream(shards, "train"), model_config, config)
         if config.mip_data:
