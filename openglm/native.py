@@ -115,18 +115,30 @@ def library() -> ctypes.CDLL | None:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60, check=False).stdout
         key = hashlib.sha256("\0".join((SOURCE.read_text(), compiler, version, " ".join(FLAGS), _cpu_signature())).encode()).hexdigest()[:16]
         target = cache_dir() / "native" / f"decode_row-{key}.so"
-        if not target.exists():
-            started = time.perf_counter()
-            try:
-                _compile(compiler, target)
-            except PermissionError:
-                target = Path(tempfile.mkdtemp(prefix="openglm-native-")) / target.name
-                _compile(compiler, target)
-            logger.info("compiled the native decode kernel in %.1f s: %s", time.perf_counter() - started, target)
-        lib = ctypes.CDLL(str(target))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        try:
+            return _load(target) if target.exists() else _build(compiler, target)
+        except (OSError, AttributeError) as err:  # a damaged cached library: build it again, once
+            logger.warning("rebuilding the native decode kernel: %s did not load (%s)", target, err)
+            target.unlink(missing_ok=True)
+            return _build(compiler, target)
+    except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as err:
         logger.warning("native decode kernel unavailable (%s); one-row decoding runs op by op in PyTorch (slower)", err)
         return None
+
+
+def _build(compiler: str, target: Path) -> ctypes.CDLL:
+    started = time.perf_counter()
+    try:
+        _compile(compiler, target)
+    except PermissionError:  # an unwritable cache: a private temporary folder instead
+        target = Path(tempfile.mkdtemp(prefix="openglm-native-")) / target.name
+        _compile(compiler, target)
+    logger.info("compiled the native decode kernel in %.1f s: %s", time.perf_counter() - started, target)
+    return _load(target)
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
     lib.openglm_scratch_floats.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64]
     lib.openglm_scratch_floats.restype = ctypes.c_int64
     lib.openglm_decode_row.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,

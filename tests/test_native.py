@@ -341,6 +341,10 @@ def test_the_kernel_compiles_into_the_cache_dir_once(tmp_path: Path) -> None:
     second = run_python(PROBE, OPENGLM_CACHE=str(tmp_path))
     assert second.stdout.strip() == "True" and built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
     assert list((tmp_path / "native").iterdir()) == built  # no temporary files left behind
+    built[0].write_bytes(b"not a shared library")  # e.g. a disk that filled up mid-write elsewhere
+    damaged = run_python(PROBE, OPENGLM_CACHE=str(tmp_path))
+    assert damaged.stdout.strip() == "True" and "rebuilding the native decode kernel" in damaged.stderr
+    assert built[0].stat().st_size > 1000
 
 
 def test_without_a_compiler_or_when_disabled_decoding_falls_back(tmp_path: Path) -> None:
