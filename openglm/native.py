@@ -198,6 +198,8 @@ class RowDecoder:
         hidden, head_dim = config.hidden_size, config.head_dim
         if lib is None or dtype not in DTYPES or config.num_heads * head_dim != hidden:
             return None
+        if config.rotary_dim % 2 or head_dim % config.rotary_dim:
+            return None  # RoPE turns whole slices of the head in halves
         if "logits" in vars(model) or type(model).logits is not GLM.logits:
             return None  # logits patched or overridden: the PyTorch step calls them, the kernel could not
 
