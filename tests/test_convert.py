@@ -21,6 +21,7 @@ import openglm
 from openglm.cli import app
 from openglm.convert import ChatGLMTokenizer, ConvertError, convert, detect_format
 from openglm.convert import chatglm as chatglm_layout
+from openglm.convert.store import TorchFileWriter
 from openglm.data.corpus import bundled_corpus_paths
 from openglm.generation import GenerationConfig, generate_tokens
 from openglm.quantize import quantize_model
@@ -379,6 +380,25 @@ def test_sat_merge_split_merge_round_trips_bit_exactly(sat_dir, tmp_path: Path) 
         a = torch.load(direct / "1" / name, weights_only=True)["module"]
         b = torch.load(tmp_path / "tp2" / "1" / name, weights_only=True)["module"]
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("key", [None, "module"])
+def test_torch_file_writer_writes_what_torch_save_writes(tmp_path: Path, key: str | None) -> None:
+    """The streamed SAT shard writer: laid out first, filled region by region, read back by a plain
+    torch.load (and a memory-mapped one) as the tensors written, dtypes and empty tensors included."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(300, 70, generator=generator).half(), "b": torch.randn(5, generator=generator),
+               "empty": torch.zeros(0, 3, dtype=torch.bfloat16), "ids": torch.arange(7)}
+    path = tmp_path / "shard.pt"
+    with TorchFileWriter(path, {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}, key=key) as writer:
+        for name, tensor in tensors.items():
+            with writer.region(name) as region:
+                region.copy_(tensor)
+    for mmap in (False, True):
+        loaded = torch.load(path, weights_only=True, mmap=mmap)
+        loaded = loaded if key is None else loaded[key]
+        assert list(loaded) == list(tensors)
+        assert all(loaded[name].dtype == t.dtype and torch.equal(loaded[name], t) for name, t in tensors.items())
 
 
 @pytest.mark.parametrize(("bits", "group_size"), [(8, None), (4, 16)])

@@ -27,13 +27,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from openglm.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_config, read_quantization, write_text_atomic
 from openglm.config import MODEL_PRESETS, ConfigError, GLMConfig, SpecialTokens
 from openglm.convert.common import Piece, Source, parameter_shapes
-from openglm.convert.store import ConvertError, TensorFile, check_names, check_shape, open_tensors, read_json
+from openglm.convert.store import ConvertError, TensorFile, TorchFileWriter, check_names, check_shape, open_tensors, read_json
 
 log = logging.getLogger(__name__)
 
@@ -221,14 +220,11 @@ def export(checkpoint: Path, folder: Path, tp: int, iteration: str = "1") -> Non
     with open_tensors(checkpoint / WEIGHTS_FILE) as handle:
         check_names(handle, shapes, checkpoint / CONFIG_FILE)
         for rank in tqdm(range(tp), desc="writing shards", unit="shard", disable=None):
-            module: dict[str, torch.Tensor] = {}
-            for name, shape in shapes.items():
-                local, parts = pieces(name, shape, rank, tp)
-                tensor = torch.empty(local, dtype=handle.dtype(name))
-                for _, index, local_index in parts:
-                    handle.read_into(name, index, tensor[local_index])
-                module[PREFIX + name] = tensor
-            torch.save({"module": module}, folder / iteration / SHARD.format(rank))
-            del module
+            plan = {PREFIX + name: (pieces(name, shape, rank, tp)[0], handle.dtype(name)) for name, shape in shapes.items()}
+            with TorchFileWriter(folder / iteration / SHARD.format(rank), plan, key="module") as shard:
+                for name, shape in shapes.items():
+                    with shard.region(PREFIX + name) as tensor:
+                        for _, index, local_index in pieces(name, shape, rank, tp)[1]:
+                            handle.read_into(name, index, tensor[local_index])
     write_text_atomic(folder / LATEST, iteration)
     write_text_atomic(folder / SAT_CONFIG, json.dumps(data, indent=2) + "\n")

@@ -9,7 +9,7 @@ Writing: `SafetensorsWriter` lays out a whole safetensors file from a plan (name
 writes the header first and then memory-maps one tensor's byte range at a time (`region`). A
 tensor can therefore be filled piece by piece from several source shards (a tensor-parallel
 checkpoint holds a slice of every tensor in every shard) while only one source shard and one
-output tensor are resident.
+output tensor are resident. `TorchFileWriter` does the same for a `torch.save` file (SAT shards).
 """
 
 from __future__ import annotations
@@ -53,9 +53,10 @@ class ConvertError(CheckpointError):
 
 
 def _release_pages(tensor: torch.Tensor) -> None:
-    """Drop the resident pages of a tensor memory-mapped from a file we only read: the kernel
-    re-reads them from the file if they are touched again, so this is always safe, and it keeps a
-    finished tensor's pages from counting against this process until the whole file is closed."""
+    """Drop the resident pages of a tensor memory-mapped from a file (read-only, or shared and
+    already written: the page cache keeps the data): the kernel re-reads them from the file if they
+    are touched again, so this is always safe, and it keeps a finished tensor's pages from counting
+    against this process until the whole file is closed."""
     if _LIBC is None or tensor.numel() == 0:
         return
     page = mmap.PAGESIZE
@@ -249,6 +250,45 @@ class SafetensorsWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         with self.region(name) as target:
             target.copy_(tensor)
+
+
+class TorchFileWriter:
+    """A file as `torch.save({key: tensors})` (or `torch.save(tensors)`) writes it, laid out from a
+    plan and filled one tensor region at a time, so writing never holds more than one tensor:
+    `torch.serialization.skip_data` writes the pickle and reserves each tensor's bytes (the
+    placeholders are never touched, so they take no memory), then the file is memory-mapped shared
+    and each region is written in place and its pages released. Use it as a context manager."""
+
+    def __init__(self, path: Path, plan: Plan, key: str | None = None) -> None:
+        self.path = path
+        placeholders = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in plan.items()}
+        with torch.serialization.skip_data():
+            torch.save(placeholders if key is None else {key: placeholders}, path)
+        del placeholders
+        previous = torch.serialization.get_default_mmap_options()
+        torch.serialization.set_default_mmap_options(mmap.MAP_SHARED)
+        try:
+            loaded = torch.load(path, mmap=True, weights_only=True)
+        finally:
+            torch.serialization.set_default_mmap_options(previous)
+        self._tensors: dict[str, torch.Tensor] | None = loaded if key is None else loaded[key]
+
+    def __enter__(self) -> TorchFileWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._tensors = None  # unmaps the file; its pages are already in the page cache
+
+    @contextmanager
+    def region(self, name: str) -> Iterator[torch.Tensor]:
+        """The tensor `name` as a writable view of the file; its pages are released when the
+        block ends (they are in the file: a shared mapping writes through the page cache)."""
+        assert self._tensors is not None, "the writer is closed"
+        tensor = self._tensors[name]
+        try:
+            yield tensor
+        finally:
+            _release_pages(tensor)
 
 
 class ModelSink:
