@@ -188,7 +188,7 @@ class RowDecoder:
         self.lib, self.model, self.struct, self._layers = lib, model, struct, layers
         self.dtype = model.word_embeddings.weight.dtype
         self.vocab = model.config.vocab_size
-        self._scratch = torch.empty(0)
+        self._scratch, self._scratch_capacity = torch.empty(0), -1
 
     @classmethod
     def build(cls, model: GLM) -> RowDecoder | None:
@@ -259,7 +259,7 @@ class RowDecoder:
         keys, values = cache.keys, cache.values
         config = self.model.config
         shape = (config.num_layers, 1, config.num_heads, cache.capacity, config.head_dim)
-        if tuple(keys.shape) != shape or not (_plain(keys, self.dtype, shape) and _plain(values, self.dtype, shape)):
+        if not (_plain(keys, self.dtype, shape) and _plain(values, self.dtype, shape)):
             raise ValueError(f"the native decode step needs contiguous {self.dtype} keys and values of shape {shape}")
         if start >= cache.capacity:
             raise ValueError(f"KV cache holds {cache.capacity} positions; {start + 1} requested")
@@ -272,9 +272,9 @@ class RowDecoder:
             if tuple(padding_mask.shape) != (1, start + 1):
                 raise ValueError(f"padding_mask has shape {tuple(padding_mask.shape)}, expected {(1, start + 1)}")
             mask = padding_mask.reshape(-1).to(torch.bool).contiguous()
-        needed = self.lib.openglm_scratch_floats(ctypes.byref(self.struct), cache.capacity)
-        if self._scratch.numel() < needed:
-            self._scratch = torch.empty(needed)
+        if cache.capacity > self._scratch_capacity:  # once per cache size, not per token
+            self._scratch = torch.empty(self.lib.openglm_scratch_floats(ctypes.byref(self.struct), cache.capacity))
+            self._scratch_capacity = cache.capacity
         strides = keys.stride()
         layout = _Cache(keys.data_ptr(), values.data_ptr(), strides[0], strides[2], strides[3])
         logits = torch.empty(1, self.vocab)
