@@ -66,7 +66,10 @@ def causal_samples() -> tuple[list[dict], list[list[tuple[int, int]]]]:
 def reference_loss(model: GLM, batch: dict[str, torch.Tensor], targets: list[list[tuple[int, int]]]) -> torch.Tensor:
     """Mean cross-entropy of the full logits at the given (row, index) -> target, in float64."""
     logits = model(
-        batch["input_ids"], position_ids=batch["position_ids"], block_position_ids=batch["block_position_ids"], prefix_len=batch["prefix_len"]
+        batch["input_ids"],
+        position_ids=batch["position_ids"],
+        block_position_ids=batch["block_position_ids"],
+        prefix_len=batch["prefix_len"],
     )
     assert logits.dtype == torch.float64
     terms = [-F.log_softmax(logits[row, index], -1)[target] for row, pairs in enumerate(targets) for index, target in pairs]
@@ -112,7 +115,10 @@ def test_the_reference_tells_a_shifted_target_row_apart() -> None:
 
 
 def write_mip(path: Path) -> Path:
-    lines = [{"prompt": "Question: what is two plus two?", "response": "Four."}, {"prompt": "三国演义的作者是谁？", "response": "罗贯中。"}]
+    lines = [
+        {"prompt": "Question: what is two plus two?", "response": "Four."},
+        {"prompt": "三国演义的作者是谁？", "response": "罗贯中。"},
+    ]
     path.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
     return path
 
@@ -124,7 +130,14 @@ def test_train_step_reports_the_reference_loss_and_gradient_norm(objective: str,
     norm the norm of the reference's gradient."""
     mip = {"mip_data": str(write_mip(tmp_path / "mip.jsonl")), "mip_share": 0.5} if objective == "glm" else {}
     config = TrainConfig(
-        out_dir=str(tmp_path / "run"), precision="fp32", batch_size=4, micro_batch_size=2, max_steps=1, warmup_steps=1, egs_alpha=1.0, **mip
+        out_dir=str(tmp_path / "run"),
+        precision="fp32",
+        batch_size=4,
+        micro_batch_size=2,
+        max_steps=1,
+        warmup_steps=1,
+        egs_alpha=1.0,
+        **mip,
     )
     trainer = Trainer(model_preset("micro", max_seq_len=32, objective=objective), config)
     batch = trainer._batch(trainer.train_data, 0, 4)
