@@ -25,8 +25,10 @@ def compute_dtype(precision: str) -> torch.dtype:
 
 @dataclass
 class DynamicLossScaler:
-    """Megatron/Apex-style dynamic loss scale: on inf/nan skip the step and (after `hysteresis`
-    consecutive overflows) halve the scale; after `window` clean steps double it."""
+    """Megatron's DynamicGradScaler: an inf/nan skips the step and restarts the clean-step
+    window; the `hysteresis`-th overflow since the last growth halves the scale, and so does every
+    further one until the scale grows again (after `window` clean steps in a row, which also
+    restores the hysteresis)."""
 
     scale: float = 2.0**16
     window: int = 1000
@@ -44,7 +46,6 @@ class DynamicLossScaler:
             self.overflows_left -= 1
             if self.overflows_left <= 0:
                 self.scale = max(self.scale / 2.0, self.min_scale)
-                self.overflows_left = self.hysteresis
             return
         self.clean_steps += 1
         if self.clean_steps % self.window == 0:
