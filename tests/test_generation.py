@@ -462,6 +462,51 @@ def test_beam_search_matches_reference(monkeypatch: pytest.MonkeyPatch, beams: i
     assert got == [reference_beam_search(model, c, beams, 6, penalty) for c in contexts]
 
 
+def bigram_model(table: dict[int, dict[int, float]], floor: float = -30.0) -> GLM:
+    """A micro GLM whose next-token logits depend only on the last token: `table[last][next]`
+    (`floor` where not given). Zero attention and FFN outputs leave every layer a per-token
+    normalisation; the (untied) output layer is then solved so that each token's final hidden
+    state maps onto its row of the table exactly."""
+    model = make_model(seed=0, vocab_size=ABC.vocab_size, tie_word_embeddings=False)
+    vocab = ABC.vocab_size
+    with torch.no_grad():
+        for block in model.layers:
+            block.attention.dense.weight.zero_()
+            block.mlp.dense_4h_to_h.weight.zero_()
+        hidden = model(torch.arange(vocab)[None], return_hidden=True)[0].double()  # [vocab, hidden]
+        logits = torch.full((vocab, vocab), floor, dtype=torch.float64)
+        for last, row in table.items():
+            for token, value in row.items():
+                logits[last, token] = value
+        model.lm_head.weight.copy_((torch.linalg.pinv(hidden) @ logits).T)
+        torch.testing.assert_close(model(torch.arange(vocab)[None])[0].double(), logits, rtol=0, atol=1e-3)
+    return model
+
+
+def test_beam_search_admits_a_finished_hypothesis_only_among_the_first_beams() -> None:
+    """Two beams. After <sop> the ranks are <eop>, a, <eos>, b: <eos> at rank 2 == num_beams must
+    not become a finished hypothesis (HF, and the reference: rank < num_beams). If it did, two
+    finished hypotheses would fill the list at step 1 and stop the search at step 2 (no live beam
+    beats the worse one), returning the empty text, where the search goes on to "aca", whose
+    third token is almost certain."""
+    a, b, c = (ABC.stoi[ch] for ch in "abc")
+    model = bigram_model(
+        {
+            TOKENS.sop: {TOKENS.eop: 0.0, a: -0.05, TOKENS.eos: -0.1, b: -0.15},
+            a: {c: 0.0, a: -0.01, b: -0.02, TOKENS.eop: -0.03, TOKENS.eos: -0.04},
+            b: {c: 0.0, a: -0.01, b: -0.02, TOKENS.eop: -0.03, TOKENS.eos: -0.04},
+            c: {a: 0.0},
+        }
+    )
+    context = ABC.encode("ab[gMASK]")
+    first = allowed_logprobs(model, [*context, TOKENS.sop], set())
+    assert sorted(range(ABC.vocab_size), key=lambda t: -first[t])[:4] == [TOKENS.eop, a, TOKENS.eos, b]
+    expected = reference_beam_search(model, context, 2, 3, 1.0)
+    assert expected == [a, c, a]
+    config = GenerationConfig(max_new_tokens=3, num_beams=2, length_penalty=1.0, temperature=0)
+    assert run_jobs(model, [context], config)[0] == expected
+
+
 GREEDY_VARIANTS = [
     {},
     {"length_penalty": 2.0, "min_new_tokens": 3},
