@@ -4,9 +4,9 @@ stop strings and streaming.
 The pieces build on each other and each can be used (and tested) alone:
 
 - `filter_logits` / `sample_next` pick tokens from logits and know nothing of the model.
-- `_Rules` says what may be generated at a step (never mask tokens or <sop>, no stop token before
-  `min_new_tokens`, no repeated n-gram), the same for every strategy, so greedy decoding and beam
-  search with one beam pick the same tokens.
+- `_Rules` says what may be generated at a step (never mask tokens, <sop>, <pad> or an id the
+  tokenizer cannot decode; no stop token before `min_new_tokens`, no repeated n-gram), the same for
+  every strategy, so greedy decoding and beam search with one beam pick the same tokens.
 - `_Batch` decodes rows of different lengths together with one KV cache (left padding, below).
 - `_run` decodes one Part B for each of a batch of contexts: `_sample` (greedy or sampling) or
   `_beam` (beam search), yielding after every step so streaming can follow it.
@@ -37,7 +37,7 @@ import collections
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, overload
@@ -166,6 +166,9 @@ class Tokenizer(Protocol):
     @property
     def special_tokens(self) -> SpecialTokens: ...
 
+    @property
+    def vocab_size(self) -> int: ...
+
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str: ...
@@ -275,12 +278,26 @@ def _held_back(text: str, stop_strings: Sequence[str]) -> int:
     return longest
 
 
+def never_generated_ids(model_config: GLMConfig, tokenizer_vocab_size: int | None, stop_ids: Iterable[int] = ()) -> frozenset[int]:
+    """Ids no decoder may choose: mask tokens and <sop> (written back into the context they would
+    become new blanks or a false Part B start), <pad> (unless it is a stop token), and every id
+    the tokenizer has no text for. Checkpoints pad their embedding past the tokenizer (ChatGLM-6B,
+    GLM-130B, a model trained with a smaller tokenizer), and those rows' logits are not -inf."""
+    tokens = model_config.special_tokens
+    never = {*tokens.mask_ids, tokens.sop}
+    if tokens.pad not in set(stop_ids):
+        never.add(tokens.pad)
+    if tokenizer_vocab_size is not None:
+        never.update(range(tokenizer_vocab_size, model_config.vocab_size))
+    return frozenset(never)
+
+
 class _Rules:
     """What may be generated and what ends a Part B, shared by every strategy.
 
     Constraints set logits to -inf before the softmax, so sampling and beam scores both use the
-    model's distribution renormalised over the allowed tokens. Mask tokens and <sop> are never
-    allowed: written back into the context they would become new blanks or a false Part B start.
+    model's distribution renormalised over the allowed tokens; `never_generated_ids` are never
+    allowed.
     """
 
     def __init__(self, model_config: GLMConfig, config: GenerationConfig, tokenizer: Tokenizer | None, device: torch.device) -> None:
@@ -291,7 +308,7 @@ class _Rules:
         self.stop_strings = config.stop_strings
         if self.stop_strings and tokenizer is None:
             raise ValueError("stop_strings are matched on text; use generate/infill/stream, which have a tokenizer")
-        self.never_ids = frozenset({*tokens.mask_ids, tokens.sop})
+        self.never_ids = never_generated_ids(model_config, None if tokenizer is None else tokenizer.vocab_size, self.stop_ids)
         self._never = torch.tensor(sorted(self.never_ids), device=device)
         self._stops = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=device)
 
@@ -702,7 +719,8 @@ def generate_tokens(
     generator: torch.Generator | None = None,
 ) -> Iterator[int]:
     """Decode one Part B with a KV cache, yielding each new token id as soon as it is chosen (beam
-    search: all at the end). Token level: no tokenizer, so no stop strings.
+    search: all at the end). Token level: no tokenizer, so no stop strings, and of the ids past a
+    tokenizer's vocabulary none is known to mask (`never_generated_ids` without one).
 
     For a GLM model `context_ids` is Part A and must hold the blank being filled (see
     `find_blank`); other unfilled blanks may stay in it. <sop> is appended and Part A + <sop> is

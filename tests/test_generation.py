@@ -33,7 +33,7 @@ from openglm.generation import (
 from openglm.model import GLM, derive_positions, derive_prefix_len
 
 TOKENS = SpecialTokens()
-NEVER_GENERATED = {*TOKENS.mask_ids, TOKENS.sop}
+NEVER_GENERATED = {*TOKENS.mask_ids, TOKENS.sop, TOKENS.pad}
 STOPS = {TOKENS.eop, TOKENS.eos}
 
 

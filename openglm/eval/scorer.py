@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from openglm.eval.lm import LMScore, score_tokens
-from openglm.generation import GenerationConfig, _Batch, _Prefill, infill_batch
+from openglm.generation import GenerationConfig, _Batch, _Prefill, infill_batch, never_generated_ids
 from openglm.generation import _prefill as generation_prefill
 from openglm.model import GLM, KVCache, derive_positions, derive_prefix_len
 from openglm.tokenizer import GLMTokenizer
@@ -169,9 +169,11 @@ class ModelScorer:
         """Greedy decoding of up to `max_new_tokens[i]` tokens after each context, in the same row
         layouts as `loglikelihoods` (so it also serves GLM's unidirectional mode, which the
         blank-filling API has no form for), one context at a time with a KV cache. A row stops
-        at <eop>/<eos>, or once `until(i, text so far)` is true; padding, mask tokens and <sop>
-        are never chosen."""
-        banned = [self.special.pad, *self.special.mask_ids, self.special.sop]
+        at <eop>/<eos>, or once `until(i, text so far)` is true; what generation never chooses
+        (`never_generated_ids`: padding, mask tokens, <sop>, ids the tokenizer cannot decode) is
+        never chosen here either."""
+        stops = (self.special.eop, self.special.eos)
+        banned = sorted(never_generated_ids(self.config, self.tokenizer.vocab_size, stops))
         texts = []
         for index, (context, limit) in enumerate(zip(contexts, max_new_tokens, strict=True)):
             request = self._request(context, [[0] * limit], unidirectional, mask)
@@ -181,7 +183,7 @@ class ModelScorer:
             while True:
                 logits[:, banned] = float("-inf")
                 token = int(logits.argmax())
-                if token in (self.special.eop, self.special.eos):
+                if token in stops:
                     break
                 tokens.append(token)
                 if len(tokens) == limit or (until is not None and until(index, self.tokenizer.decode(tokens))):
