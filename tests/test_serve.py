@@ -5,13 +5,16 @@ the engine under it without HTTP: continuous batching (`openglm.generation.Engin
 prompt what `generate` gives it alone however requests arrive, and the sort-free nucleus agrees
 with the sorted definition.
 
-A random `micro` model with the bundled tokenizer keeps it fast; the `slow` server's model sleeps
-in every forward so that requests stay in flight long enough to queue, time out or be abandoned.
+A random `micro` model with the bundled tokenizer keeps it fast. Nothing races real time: where a
+test needs requests in flight (to queue, time out or be abandoned) it pauses the server's decode
+loop and runs its steps one by one (`Batcher.pause` / `advance` / `resume`), and waits only for
+states that hold still while the loop is paused.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +33,7 @@ from openglm.config import model_preset
 from openglm.generation import Engine, GenerationConfig, Submission, _outside_nucleus, infill
 from openglm.model import GLM
 from openglm.serve import create_app, serve_in_thread
+from openglm.serve.batcher import Batcher
 from openglm.tokenizer import GLMTokenizer
 
 NAME = "micro"
@@ -59,18 +63,29 @@ def model(tokenizer: GLMTokenizer) -> GLM:
 
 
 @pytest.fixture(scope="module")
-def url(model: GLM, tokenizer: GLMTokenizer) -> Iterator[str]:
-    with serve_in_thread(create_app(model, tokenizer, model_name=NAME)) as base:
-        yield base
+def server(model: GLM, tokenizer: GLMTokenizer) -> Iterator[tuple[Batcher, str]]:
+    app = create_app(model, tokenizer, model_name=NAME)
+    with serve_in_thread(app) as base:
+        yield app.state.batcher, base
 
 
 @pytest.fixture(scope="module")
-def slow(tokenizer: GLMTokenizer) -> Iterator[str]:
-    """One row at a time, one request may wait, 1.5 s per request, 20 ms per forward."""
-    model = micro_model(tokenizer, seed=1)
-    model.register_forward_pre_hook(lambda *_: time.sleep(0.02))
-    with serve_in_thread(create_app(model, tokenizer, model_name=NAME, max_batch=1, max_queue=1, timeout=1.5)) as base:
-        yield base
+def url(server: tuple[Batcher, str]) -> str:
+    return server[1]
+
+
+@pytest.fixture
+def gated(tokenizer: GLMTokenizer) -> Iterator[tuple[Batcher, str]]:
+    """One row at a time, one request may wait; the decode loop starts paused (the test runs its
+    steps) and is resumed at the end."""
+    app = create_app(micro_model(tokenizer, seed=1), tokenizer, model_name=NAME, max_batch=1, max_queue=1, timeout=TIMEOUT)
+    batcher: Batcher = app.state.batcher
+    batcher.pause()
+    with serve_in_thread(app) as base:
+        try:
+            yield batcher, base
+        finally:
+            batcher.resume()
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +107,15 @@ def sse_frames(response: httpx.Response) -> list[str]:
     return [f.removeprefix("data: ") for f in frames]
 
 
-def wait_for(url: str, key: str, value: int, within: float) -> float:
-    """Seconds until /healthz reports `key` == value (fails after `within`)."""
-    start = time.monotonic()
-    while (elapsed := time.monotonic() - start) < within:
-        if httpx.get(url + "/healthz").json()[key] == value:
-            return elapsed
-        time.sleep(0.02)
-    raise AssertionError(f"/healthz {key} did not become {value} within {within} s")
+def wait_for(url: str, key: str, value: int, within: float = 20.0) -> None:
+    """Until /healthz reports `key` == value. Only for states that, once reached, hold (a paused
+    decode loop changes nothing); `within` is how long to wait before calling the test failed,
+    never a bound on how fast the server is."""
+    deadline = time.monotonic() + within
+    while httpx.get(url + "/healthz").json()[key] != value:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"/healthz {key} did not become {value} within {within} s")
+        time.sleep(0.01)
 
 
 REQUESTS = [  # (prompts, options), arriving one every other step
@@ -258,24 +274,45 @@ def test_infill_blanks_beams_and_stream(url: str, model: GLM, tokenizer: GLMToke
     assert final["blanks"][0]["mask"] == "[gMASK]"
 
 
-def test_concurrent_requests_share_forward_passes(url: str, model: GLM, tokenizer: GLMTokenizer) -> None:
+def test_concurrent_requests_share_forward_passes(server: tuple[Batcher, str], model: GLM, tokenizer: GLMTokenizer) -> None:
+    """12 requests queued while the loop is paused, then decoded together: the server runs exactly
+    the steps (and rows) of an engine given all 12 at once, far fewer steps than rows."""
+    batcher, url = server
+
     def metric(name: str) -> float:
         families = text_string_to_metric_families(httpx.get(url + "/metrics").text)
         return next(s.value for f in families for s in f.samples if s.name == name)
 
-    steps, rows = metric("openglm_decode_steps_total"), metric("openglm_decode_rows_total")
     bodies = [
         {"prompt": f"{p} {i}", "max_tokens": 10 + i, "temperature": [0, 0.7][i % 2], "seed": i, "echo": True}
         for i, p in enumerate(PROMPTS * 4)
     ]
-    with ThreadPoolExecutor(len(bodies)) as pool:
-        results = list(pool.map(lambda b: post(url, "/v1/completions", b), bodies))
-    for body, response in zip(bodies, results, strict=True):
+    configs = [GenerationConfig(max_new_tokens=b["max_tokens"], temperature=b["temperature"], seed=b["seed"]) for b in bodies]
+    engine = Engine(model, tokenizer)
+    for body, config in zip(bodies, configs, strict=True):
+        engine.add(engine.prepare([body["prompt"]], config))
+    expected_steps = expected_rows = 0
+    while engine.busy:
+        engine.step()
+        expected_steps += 1
+        expected_rows += engine.step_rows
+    assert expected_rows > 2 * expected_steps  # 12 requests decoded in shared steps, not one by one
+
+    steps, rows = metric("openglm_decode_steps_total"), metric("openglm_decode_rows_total")
+    batcher.pause()
+    try:
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            futures = [pool.submit(post, url, "/v1/completions", body) for body in bodies]
+            wait_for(url, "queue_depth", len(bodies))
+            batcher.resume()
+            results = [future.result() for future in futures]
+    finally:
+        batcher.resume()
+    for body, config, response in zip(bodies, configs, results, strict=True):
         assert response.status_code == 200
-        options = {"max_new_tokens": body["max_tokens"], "temperature": body["temperature"], "seed": body["seed"]}
-        assert response.json()["choices"][0]["text"] == openglm.generate(model, tokenizer, body["prompt"], **options)
-    mean_batch = (metric("openglm_decode_rows_total") - rows) / (metric("openglm_decode_steps_total") - steps)
-    assert mean_batch > 2, mean_batch  # 12 requests decoded in shared steps, not one by one
+        assert response.json()["choices"][0]["text"] == openglm.generate(model, tokenizer, body["prompt"], config)
+    assert metric("openglm_decode_steps_total") - steps == expected_steps
+    assert metric("openglm_decode_rows_total") - rows == expected_rows
 
 
 BAD = [
@@ -350,41 +387,67 @@ def test_metrics_prometheus_format(url: str) -> None:
     assert ("openglm_time_to_first_token_seconds_bucket", (("le", "+Inf"), ("route", "/v1/completions"))) in samples
 
 
-LONG = {"prompt": "x", "max_tokens": 120, "min_tokens": 120, "temperature": 0}  # 20 ms x 120 steps on `slow`
+LONG = {"prompt": "x", "max_tokens": 120, "min_tokens": 120, "temperature": 0}  # many steps: never done by accident
+TIMEOUT = 60.0  # the gated server's request timeout: far longer than any wait of these tests
 
 
-def test_full_queue_answers_429_with_retry_after(slow: str) -> None:
+def test_full_queue_answers_429_with_retry_after(gated: tuple[Batcher, str]) -> None:
+    batcher, url = gated
     with ThreadPoolExecutor(2) as pool:
-        running = pool.submit(post, slow, "/v1/completions", {**LONG, "max_tokens": 40, "min_tokens": 40})
-        wait_for(slow, "active_rows", 1, within=5)
-        waiting = pool.submit(post, slow, "/v1/completions", {**LONG, "max_tokens": 2, "min_tokens": 0})
-        wait_for(slow, "queue_depth", 1, within=5)
-        refused = post(slow, "/v1/completions", LONG)
+        batcher.advance(1)  # the first request joins the batch and decodes one token; then the loop waits
+        running = pool.submit(post, url, "/v1/completions", {**LONG, "max_tokens": 40, "min_tokens": 40})
+        wait_for(url, "active_rows", 1)
+        waiting = pool.submit(post, url, "/v1/completions", {**LONG, "max_tokens": 2, "min_tokens": 0})
+        wait_for(url, "queue_depth", 1)  # the one place in the queue is taken
+        refused = post(url, "/v1/completions", LONG)
         assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
         assert "queue is full" in refused.json()["error"]["message"]
+        batcher.resume()
         assert running.result().status_code == 200 and waiting.result().status_code == 200
-    wait_for(slow, "active_rows", 0, within=5)
+    wait_for(url, "active_rows", 0)
 
 
-def test_timeout_gives_504_and_frees_the_batch(slow: str) -> None:
-    start = time.monotonic()
-    response = post(slow, "/v1/completions", LONG)
-    assert response.status_code == 504 and "timed out after 1.5 s" in response.json()["error"]["message"]
-    assert time.monotonic() - start < 2.4  # 120 steps would take 2.4 s and more
-    wait_for(slow, "active_rows", 0, within=1)
-    with httpx.stream("POST", slow + "/v1/completions", json={**LONG, "stream": True}) as streamed:
-        frames = sse_frames(streamed)
-    assert frames[-1] == "[DONE]" and json.loads(frames[-2])["error"]["type"] == "timeout"
-    wait_for(slow, "active_rows", 0, within=1)
+def test_timeout_gives_504_and_frees_the_batch(tokenizer: GLMTokenizer) -> None:
+    """A request that joined the batch and then gets no further step (the loop is paused) can only
+    end by its deadline: 504, and its row leaves the batch although no step runs."""
+    app = create_app(micro_model(tokenizer, seed=1), tokenizer, model_name=NAME, max_batch=1, max_queue=1, timeout=1.0)
+    batcher: Batcher = app.state.batcher
+    batcher.pause()
+    with serve_in_thread(app) as url:
+        try:
+            batcher.advance(1)
+            response = post(url, "/v1/completions", LONG)
+            assert response.status_code == 504 and "timed out after 1 s" in response.json()["error"]["message"]
+            assert batcher.stats.steps == 1  # it was decoding: one step ran
+            wait_for(url, "active_rows", 0)
+            batcher.advance(1)
+            with httpx.stream("POST", url + "/v1/completions", json={**LONG, "stream": True}) as streamed:
+                frames = sse_frames(streamed)
+            assert frames[-1] == "[DONE]" and json.loads(frames[-2])["error"]["type"] == "timeout"
+            assert batcher.stats.steps == 2
+            wait_for(url, "active_rows", 0)
+        finally:
+            batcher.resume()
 
 
-def test_client_disconnect_cancels_its_work(slow: str) -> None:
-    with httpx.stream("POST", slow + "/v1/completions", json={**LONG, "stream": True}) as response:
-        next(response.iter_lines())  # the first token arrived: the request is decoding
-    assert wait_for(slow, "active_rows", 0, within=1.0) < 1.0
-    with pytest.raises(httpx.ReadTimeout):
-        post(slow, "/v1/completions", LONG, timeout=0.3)
-    wait_for(slow, "active_rows", 0, within=1.2)  # noticed at the next 0.5 s check
+def test_client_disconnect_cancels_its_work(gated: tuple[Batcher, str]) -> None:
+    """A decoding request whose client goes away leaves the batch although the loop is paused
+    (only a cancellation can free it then), streamed or not."""
+    batcher, url = gated
+    batcher.advance(1)
+    with httpx.stream("POST", url + "/v1/completions", json={**LONG, "stream": True}) as response:
+        assert response.status_code == 200
+        wait_for(url, "active_rows", 1)
+    wait_for(url, "active_rows", 0)  # noticed at the server's next check of the connection
+    batcher.advance(1)
+    body = json.dumps(LONG).encode()
+    address = httpx.URL(url)
+    with socket.create_connection((address.host, address.port)) as client:  # a plain request, then hang up
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: {address.host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        client.sendall(head.encode() + body)
+        wait_for(url, "active_rows", 1)
+    wait_for(url, "active_rows", 0)
+    assert batcher.stats.steps == 2 and not batcher.engine.busy
 
 
 def test_stopped_batcher_answers_503(model: GLM, tokenizer: GLMTokenizer) -> None:

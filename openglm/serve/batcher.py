@@ -74,6 +74,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._stopping = False
         self._engine_queued = self._engine_rows = 0  # the engine's numbers, written by the worker only
+        self._permits: int | None = None  # engine steps the worker may still run (`pause`); None: no limit
         self._thread = threading.Thread(target=self._work, name="openglm-batcher", daemon=True)
         self._thread.start()
 
@@ -110,6 +111,26 @@ class Batcher:
         """Part Bs decoding (as of the worker's last step)."""
         return self._engine_rows
 
+    def pause(self) -> None:
+        """Run no engine step (and take in no new request) until `advance` or `resume`; cancelled
+        requests still leave at once. Lets a test (or an operator) drive the decode loop step by
+        step instead of racing it."""
+        with self._cond:
+            self._permits = 0
+
+    def advance(self, steps: int = 1) -> None:
+        """While paused: take in the queued requests and run `steps` more engine steps (each as soon
+        as there is work for it)."""
+        with self._cond:
+            if self._permits is not None:
+                self._permits += steps
+                self._cond.notify()
+
+    def resume(self) -> None:
+        with self._cond:
+            self._permits = None
+            self._cond.notify()
+
     def close(self, timeout: float = 10.0) -> None:
         """Refuse new work, fail what is queued or running, stop the worker."""
         with self._cond:
@@ -120,11 +141,12 @@ class Batcher:
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not (self._inbox or self._cancelled or self.engine.busy or self._stopping):
+                while not (self._cancelled or self._stopping or (self._permits != 0 and (self._inbox or self.engine.busy))):
                     self._cond.wait()
                 if self._stopping:
                     break
-                inbox, self._inbox = self._inbox, []
+                may_step = self._permits != 0
+                inbox, self._inbox = (self._inbox, []) if may_step else ([], self._inbox)
                 cancelled, self._cancelled = self._cancelled, []
             for ticket in cancelled:
                 self.engine.cancel(ticket.submission)
@@ -133,9 +155,13 @@ class Batcher:
                 if not ticket.submission.cancelled:
                     self._tickets[ticket.submission] = ticket
                     self.engine.add(ticket.submission)
-            if self.engine.busy:
+            stepped = may_step and self.engine.busy
+            if stepped:
                 self._step()
-            self._engine_queued, self._engine_rows = self.engine.queued, self.engine.rows
+            with self._cond:
+                if stepped and self._permits is not None:
+                    self._permits -= 1
+                self._engine_queued, self._engine_rows = self.engine.queued, self.engine.rows
         for submission in self.engine.reset():
             self._finish(submission, Event("error", error="the server is shutting down", status=503))
         for ticket in self._inbox:
