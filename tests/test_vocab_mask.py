@@ -76,6 +76,9 @@ def test_the_bias_would_win_everywhere_without_the_mask(biased: GLM, tokenizer: 
         tokenizer.decode([tokenizer.vocab_size])
     never = never_generated_ids(biased.config, tokenizer.vocab_size)
     assert banned <= never and tokenizer.special_tokens.eop not in never and tokenizer.special_tokens.eos not in never
+    assert tokenizer.special_tokens.pad not in never_generated_ids(
+        biased.config, tokenizer.vocab_size, stop_ids=[tokenizer.special_tokens.pad]
+    )
 
 
 OPTIONS = {

@@ -113,8 +113,8 @@ class Batcher:
 
     def pause(self) -> None:
         """Run no engine step (and take in no new request) until `advance` or `resume`; cancelled
-        requests still leave at once. Lets a test (or an operator) drive the decode loop step by
-        step instead of racing it."""
+        requests still leave at once. Lets tests drive the decode loop step by step instead of
+        racing it."""
         with self._cond:
             self._permits = 0
 
