@@ -123,15 +123,19 @@ def config_from_sat(data: dict[str, Any], path: Path) -> GLMConfig:
         raise ConvertError(f"{path}: {err} (SAT checkpoints hold no token ids; give them as \"special_tokens\" in {path.name})") from None
 
 
-def sat_config(config: GLMConfig, tp: int) -> dict[str, Any]:
-    """model_config.json for a GLMConfig, refusing what GLM-130B's SAT model cannot express."""
+def sat_config(config: GLMConfig, tp: int, source: Path) -> dict[str, Any]:
+    """model_config.json for a GLMConfig (read from `source`, for messages), refusing what GLM-130B's
+    SAT model cannot express."""
     expected = {
         "ffn_type": "geglu", "gelu_approximate": "none", "rope_fp16_inv_freq": True, "tie_word_embeddings": True,
         "qkv_bias": True, "dense_bias": True, "objective": "glm", "rope_base": 10000.0, "deepnorm_alpha": None,
     }  # fmt: skip
     for field, value in expected.items():
         if getattr(config, field) != value:
-            raise ConvertError(f"GLMConfig.{field} is {getattr(config, field)!r}; GLM-130B's SAT layout needs {value!r}")
+            raise ConvertError(
+                f"{source}: {field} is {getattr(config, field)!r}, but GLM-130B's SAT layout needs {value!r}; only a model of "
+                "GLM-130B's architecture (such as one converted from SAT shards) can be written --to glm130b-sat"
+            )
     return {
         "model_class": "GLM130B",
         "tokenizer_type": "icetk-glm-130B",
@@ -213,7 +217,7 @@ def export(checkpoint: Path, folder: Path, tp: int, iteration: str = "1") -> Non
     if read_quantization(checkpoint) is not None:
         raise ConvertError(f"{checkpoint}: quantized; SAT shards hold float weights (export the float checkpoint)")
     config = load_config(checkpoint)
-    data = sat_config(config, tp)
+    data = sat_config(config, tp, checkpoint / CONFIG_FILE)
     check_tp(config, tp, f"--tp {tp}")
     shapes = parameter_shapes(config)
     (folder / iteration).mkdir()
