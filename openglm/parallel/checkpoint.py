@@ -120,8 +120,8 @@ class _SafeLoadPlanner(DefaultLoadPlanner):
             torch.load(value, weights_only=True)  # refuses any global a plain value does not need
         except pickle.UnpicklingError as err:
             paragraphs = [part.strip() for part in str(err).split("\n\n") if part.strip()]
-            reason = next((part for part in paragraphs if "GLOBAL" in part), paragraphs[0] if paragraphs else "refused")
-            raise ckpt.CheckpointError(f"{self.path}: refusing to load {read_item.dest_index.fqn}: {reason}") from None
+            reason = " ".join(paragraphs[1:-1] or paragraphs)  # torch's own advice around it says to load it anyway
+            raise ckpt.CheckpointError(f"{self.path}: refusing to load {read_item.dest_index.fqn}: not a plain value ({reason})") from None
         value.seek(0)
         super().load_bytes(read_item, value)
 
