@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -110,9 +111,9 @@ def test_damaged_trainer_state_is_refused(checkpoint: Path) -> None:
         openglm.load(checkpoint)
 
 
-def test_a_damaged_quantized_source_is_never_rehashed(checkpoint: Path, tmp_path: Path) -> None:
-    """Quantizing a damaged source used to record fresh sha256s of the damaged weights; now the
-    damaged source is refused, and a good source's quantized copy verifies."""
+def test_a_quantized_checkpoint_is_verified_too(checkpoint: Path, tmp_path: Path) -> None:
+    """A good source's quantized copy records and passes its own hashes; damaged, it is refused, and
+    quantizing it again writes nothing."""
     good = tmp_path / "q8"
     assert cli("quantize", "--model", str(checkpoint), "--bits", "8", "--out", str(good)).exit_code == 0
     openglm.load(good)  # its own record checks out
@@ -163,12 +164,17 @@ def test_one_subprocess_run_shows_only_the_line(checkpoint: Path, shard_cache: s
 
 
 # ----------------------------------------------------------------------------- item 12: eval checks first
-def test_eval_checks_every_model_before_evaluating_any(checkpoint: Path, tmp_path: Path) -> None:
+def test_eval_checks_every_model_before_evaluating_any(checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     typo = tmp_path / "chekpoint"
     out = tmp_path / "results.json"
+    caplog.set_level(logging.INFO, logger="openglm")
     result = cli("eval", "--model", str(checkpoint), "--model", str(typo), "--task", "bpb_en", "--limit", "1", "--output", str(out))
     assert_one_line_error(result, f"{typo}: no such checkpoint or run directory")
-    assert result.stdout == "" and not out.exists()  # nothing was evaluated
+    assert result.stdout == "" and not out.exists()
+    assert not [r for r in caplog.records if "done in" in r.getMessage()]  # no task ran on the first model
+    caplog.clear()
+    assert cli("eval", "--model", str(checkpoint), "--task", "bpb_en", "--limit", "1").exit_code == 0
+    assert [r for r in caplog.records if "bpb_en done in" in r.getMessage()]  # the log line above does show evaluation
 
 
 def test_eval_keeps_what_finished_when_a_later_model_fails(checkpoint: Path, tmp_path: Path) -> None:
