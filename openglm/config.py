@@ -25,7 +25,7 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
-_FIELD = re.compile(r"\b(?:GLMConfig|TrainConfig|GenerationConfig)[. ](?!__)(\w+)")
+_FIELD = re.compile(r"\b(?:GLMConfig|TrainConfig|GenerationConfig)\.(?!__)(\w+)")
 
 
 def in_user_terms(message: str, options: Mapping[str, str] | None = None) -> str:
@@ -39,7 +39,7 @@ def in_user_terms(message: str, options: Mapping[str, str] | None = None) -> str
 def _reject_unknown_fields(cls: type, data: dict[str, Any]) -> None:
     unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
-        raise ConfigError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
+        raise ConfigError(f"unknown fields {', '.join(unknown)} (known: {', '.join(f.name for f in dataclasses.fields(cls))})")
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ class GLMConfig:
         rotary_parts = 4 if self.position_encoding == "rope2d" else 2
         if self.head_dim % rotary_parts:
             raise ConfigError(
-                f"GLMConfig head_dim ({self.head_dim}) must be divisible by {rotary_parts} for {self.position_encoding}"
+                f"GLMConfig.head_dim ({self.head_dim}) must be divisible by {rotary_parts} for {self.position_encoding}"
             )
         choices = {
             "ffn_type": ("geglu", "gelu"),
@@ -275,7 +275,10 @@ class TrainConfig:
         for name, (low, high, low_ok, high_ok) in bounds.items():
             value = getattr(self, name)
             if not (low <= value <= high) or (value == low and not low_ok) or (value == high and not high_ok):
-                span = f"{'>=' if low_ok else '>'} {low}" if high == math.inf else f"in {'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
+                if high == math.inf:
+                    span = f"{'>=' if low_ok else '>'} {low}"
+                else:
+                    span = f"in {'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
                 raise ConfigError(f"TrainConfig.{name} must be {span}, got {value!r}")
         if self.grad_clip < 0 or self.warmup_steps < 0:
             raise ConfigError("TrainConfig.grad_clip and warmup_steps must not be negative")

@@ -182,7 +182,12 @@ def _build(compiler: str, name: str, cache: Path | None) -> ctypes.CDLL:
     load it from there; then move it into `cache` (when safe to use) for the next process, by
     rename, so no process ever sees a half-written library."""
     started = time.perf_counter()
-    scratch = Path(tempfile.mkdtemp(prefix=".build-" if cache else "openglm-native-", dir=cache))
+    try:
+        scratch = Path(tempfile.mkdtemp(prefix=".build-", dir=cache)) if cache is not None else None
+    except OSError as err:  # a cache this user cannot write to (read-only, full): the system's temporary folder
+        logger.warning("cannot build in the native kernel cache %s (%s); building in a private temporary folder", cache, err)
+        scratch = cache = None
+    scratch = scratch or Path(tempfile.mkdtemp(prefix="openglm-native-"))
     try:
         built = scratch / name
         _compile(compiler, built)
