@@ -427,3 +427,17 @@ def test_openglm_creates_its_cache_private(tmp_path: Path) -> None:
     cache = tmp_path / "fresh" / "openglm"
     assert probe(cache).stdout.split() == ["True", "True"]
     assert (cache.stat().st_mode & 0o777, (cache / "native").stat().st_mode & 0o777) == (0o700, 0o700)
+
+
+def test_foreign_config_errors_name_the_foreign_key(tmp_path: Path) -> None:
+    """A ChatGLM-6B or SAT config.json is checked as a GLMConfig; the message names the key of the
+    file the user has, not the GLMConfig field it became."""
+    from openglm.convert.chatglm import config_from_chatglm
+    from openglm.convert.sat import config_from_sat
+
+    data = {"hidden_size": 64, "num_layers": 2, "num_attention_heads": 0, "vocab_size": 300, "bos_token_id": 5,
+            "eos_token_id": 6, "mask_token_id": 7, "gmask_token_id": 8, "pad_token_id": 0}
+    for read in (config_from_chatglm, config_from_sat):
+        with pytest.raises(CheckpointError) as raised:
+            read(data, tmp_path / "config.json")
+        assert str(raised.value).startswith(f"{tmp_path / 'config.json'}: num_attention_heads must be a positive integer, got 0")

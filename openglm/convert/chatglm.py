@@ -27,8 +27,8 @@ import torch
 from safetensors.torch import save_file
 
 from openglm.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_config, read_quantization, write_text_atomic
-from openglm.config import ConfigError, GLMConfig, SpecialTokens
-from openglm.convert.common import SP_TOKENIZER_FILE, Piece, Source, parameter_shapes
+from openglm.config import ConfigError, GLMConfig, SpecialTokens, in_user_terms
+from openglm.convert.common import FOREIGN_KEYS, SP_TOKENIZER_FILE, Piece, Source, parameter_shapes
 from openglm.convert.store import ConvertError, TensorFile, check_names, check_shape, open_tensors, read_json
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def config_from_chatglm(data: dict[str, Any], path: Path) -> GLMConfig:
             special_tokens=SpecialTokens(eos=ids["eop"], smask=ids["mask"], **ids),
         )
     except (ConfigError, TypeError) as err:
-        raise ConvertError(f"{path}: {err}") from None
+        raise ConvertError(f"{path}: {in_user_terms(str(err), FOREIGN_KEYS)}") from None
 
 
 def chatglm_config(config: GLMConfig, source: Path) -> dict[str, Any]:

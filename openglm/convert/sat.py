@@ -30,8 +30,8 @@ from typing import Any
 from tqdm import tqdm
 
 from openglm.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_config, read_quantization, write_text_atomic
-from openglm.config import MODEL_PRESETS, ConfigError, GLMConfig, SpecialTokens
-from openglm.convert.common import Piece, Source, parameter_shapes
+from openglm.config import MODEL_PRESETS, ConfigError, GLMConfig, SpecialTokens, in_user_terms
+from openglm.convert.common import FOREIGN_KEYS, Piece, Source, parameter_shapes
 from openglm.convert.store import ConvertError, TensorFile, TorchFileWriter, check_names, check_shape, open_tensors, read_json
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def config_from_sat(data: dict[str, Any], path: Path) -> GLMConfig:
             special_tokens=tokens,
         )
     except (ConfigError, TypeError) as err:
-        raise ConvertError(f"{path}: {err} (SAT checkpoints hold no token ids; give them as \"special_tokens\" in {path.name})") from None
+        raise ConvertError(f"{path}: {in_user_terms(str(err), FOREIGN_KEYS)} (SAT checkpoints hold no token ids; give them as \"special_tokens\" in {path.name})") from None
 
 
 def sat_config(config: GLMConfig, tp: int, source: Path) -> dict[str, Any]:
