@@ -156,19 +156,29 @@ def test_one_subprocess_run_shows_only_the_line(checkpoint: Path, shard_cache: s
     """As a user sees it: the real entry point (logging configured), one error line, rc 2."""
     flip_byte(checkpoint / "tokenizer.json")
     env = dict(os.environ, OPENGLM_CACHE=shard_cache)
-    done = subprocess.run([sys.executable, "-m", "openglm", "generate", "--model", str(checkpoint), "Hi"],
-                          capture_output=True, text=True, env=env, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "openglm", "generate", "--model", str(checkpoint), "Hi"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 2
     assert done.stderr.splitlines()[-1] == f"error: {checkpoint / 'tokenizer.json'}: {DAMAGED}"
     assert "Traceback" not in done.stderr
 
 
 # ----------------------------------------------------------------------------- item 12: eval checks first
-def test_eval_checks_every_model_before_evaluating_any(checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_eval_checks_every_model_before_evaluating_any(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     typo = tmp_path / "chekpoint"
     out = tmp_path / "results.json"
     caplog.set_level(logging.INFO, logger="openglm")
-    result = cli("eval", "--model", str(checkpoint), "--model", str(typo), "--task", "bpb_en", "--limit", "1", "--output", str(out))
+    result = cli(
+        "eval", "--model", str(checkpoint), "--model", str(typo), "--task", "bpb_en", "--limit", "1", "--output", str(out)
+    )
     assert_one_line_error(result, f"{typo}: no such checkpoint or run directory")
     assert result.stdout == "" and not out.exists()
     assert not [r for r in caplog.records if "done in" in r.getMessage()]  # no task ran on the first model
@@ -184,7 +194,9 @@ def test_eval_keeps_what_finished_when_a_later_model_fails(checkpoint: Path, tmp
     (broken / "trainer_state.json").unlink()
     (broken / "model.safetensors").write_bytes(b"\x00" * 64)
     out = tmp_path / "results.json"
-    result = cli("eval", "--model", str(checkpoint), "--model", str(broken), "--task", "bpb_en", "--limit", "1", "--output", str(out))
+    result = cli(
+        "eval", "--model", str(checkpoint), "--model", str(broken), "--task", "bpb_en", "--limit", "1", "--output", str(out)
+    )
     assert result.exit_code == 2, result.stderr
     assert "| task | subtask | metric | n | checkpoint |" in result.stdout and "bits_per_byte" in result.stdout
     data = json.loads(out.read_text())
@@ -249,8 +261,18 @@ def dist_model_config() -> GLMConfig:
 
 
 def dist_train_config(out: Path) -> TrainConfig:
-    return TrainConfig(out_dir=str(out), precision="fp32", batch_size=2, micro_batch_size=2, max_steps=3, warmup_steps=1,
-                       eval_every=1000, save_every=1000, eval_batches=1, final_eval_tokens=100)
+    return TrainConfig(
+        out_dir=str(out),
+        precision="fp32",
+        batch_size=2,
+        micro_batch_size=2,
+        max_steps=3,
+        warmup_steps=1,
+        eval_every=1000,
+        save_every=1000,
+        eval_batches=1,
+        final_eval_tokens=100,
+    )
 
 
 def _save_then_resume(tmp: Path) -> None:
@@ -273,7 +295,9 @@ def _save_then_resume(tmp: Path) -> None:
         (tmp / f"{run.name}.json").write_text(json.dumps(outcome))
 
 
-def test_crafted_distributed_checkpoint_files_never_run(tmp_path: Path, shard_cache: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crafted_distributed_checkpoint_files_never_run(
+    tmp_path: Path, shard_cache: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
     from openglm.parallel.checkpoint import export_checkpoint
@@ -435,8 +459,17 @@ def test_foreign_config_errors_name_the_foreign_key(tmp_path: Path) -> None:
     from openglm.convert.chatglm import config_from_chatglm
     from openglm.convert.sat import config_from_sat
 
-    data = {"hidden_size": 64, "num_layers": 2, "num_attention_heads": 0, "vocab_size": 300, "bos_token_id": 5,
-            "eos_token_id": 6, "mask_token_id": 7, "gmask_token_id": 8, "pad_token_id": 0}
+    data = {
+        "hidden_size": 64,
+        "num_layers": 2,
+        "num_attention_heads": 0,
+        "vocab_size": 300,
+        "bos_token_id": 5,
+        "eos_token_id": 6,
+        "mask_token_id": 7,
+        "gmask_token_id": 8,
+        "pad_token_id": 0,
+    }
     for read in (config_from_chatglm, config_from_sat):
         with pytest.raises(CheckpointError) as raised:
             read(data, tmp_path / "config.json")
