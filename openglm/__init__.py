@@ -22,13 +22,15 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "generate", "load", "stream"]
 
 
-def load(path: str | Path, dtype: Any = None) -> tuple[GLM, GLMTokenizer]:
-    """Model (eval mode) and tokenizer of a checkpoint or run directory."""
+def load(path: str | Path, dtype: Any = None, *, verify: bool = True) -> tuple[GLM, GLMTokenizer]:
+    """Model (eval mode) and tokenizer of a checkpoint or run directory. The sha256 of every file
+    recorded at save time is checked first (a CheckpointError names a damaged file); `verify=False`
+    skips that for a checkpoint too large to hash on every load."""
     import torch
 
     from openglm.checkpoint import load_model
 
-    return load_model(path, dtype or torch.float32)
+    return load_model(path, dtype or torch.float32, verify=verify)
 
 
 @overload

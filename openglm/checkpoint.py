@@ -10,6 +10,9 @@ Layout of a run directory::
         trainer_state.json      step, data position, train config, sha256 of every file
         optimizer.pt            optimizer, loss scaler and RNG states (training only)
 
+Every recorded sha256 is checked whenever a checkpoint is loaded (`verify_checkpoint`; `load_model`
+can skip it for checkpoints too large to hash each time), so a flipped byte is refused by name.
+
 A checkpoint directory is built under a temporary name and renamed into place, and `latest` is
 replaced atomically, so an interrupted save never leaves a half-written checkpoint behind.
 
@@ -152,19 +155,44 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def verify_files(checkpoint: Path) -> dict[str, Any]:
     """Read trainer_state.json and check every file's sha256 against it."""
     state_path = checkpoint / STATE_FILE
-    try:
-        state = json.loads(state_path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{state_path}: missing; {checkpoint} holds no training state to resume from") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{state_path}: damaged ({err})") from None
+    if not state_path.is_file():
+        raise CheckpointError(f"{state_path}: missing; {checkpoint} holds no training state to resume from")
+    state = _read_record(state_path)
     _check_sha256(checkpoint, state.get("files", {}))
     return state
 
 
-def _check_sha256(checkpoint: Path, files: dict[str, str]) -> None:
+def verify_checkpoint(checkpoint: Path) -> None:
+    """Check the sha256 of every file the checkpoint recorded at save time (in quantization.json,
+    else trainer_state.json), so that a damaged file is refused before its weights are used. A
+    checkpoint that recorded none (one converted from another format) is loaded as it is."""
+    if read_quantization(checkpoint) is not None:
+        return
+    state_path = checkpoint / STATE_FILE
+    if not state_path.is_file():
+        log.info("%s records no sha256 of its files (no %s); loading it unverified", checkpoint, STATE_FILE)
+        return
+    _check_sha256(checkpoint, _read_record(state_path).get("files", {}))
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    """A JSON object file (trainer_state.json, quantization.json), or a CheckpointError naming it."""
+    try:
+        record = json.loads(path.read_bytes())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: damaged ({err})") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path}: damaged (not a JSON object)")
+    return record
+
+
+def _check_sha256(checkpoint: Path, files: Any) -> None:
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise CheckpointError(f"{checkpoint}: damaged (its record of sha256s is not a name -> hex digest mapping)")
     for name, expected in files.items():
         file = checkpoint / name
+        if Path(name).name != name:
+            raise CheckpointError(f"{checkpoint}: damaged (its record of sha256s names {name!r}, not a file of the checkpoint)")
         if not file.is_file():
             raise CheckpointError(f"{file}: missing from the checkpoint")
         if _sha256(file) != expected:
@@ -207,20 +235,18 @@ def save_quantized_checkpoint(
     return out
 
 
-def read_quantization(checkpoint: Path) -> dict[str, Any] | None:
-    """quantization.json of a quantized checkpoint, with every recorded file's sha256 checked; None
-    for a float checkpoint."""
+def read_quantization(checkpoint: Path, verify: bool = True) -> dict[str, Any] | None:
+    """quantization.json of a quantized checkpoint, with every recorded file's sha256 checked
+    (unless `verify` is False); None for a float checkpoint."""
     path = checkpoint / QUANT_FILE
     if not path.is_file():
         return None
-    try:
-        record = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: damaged ({err})") from None
-    files = record.get("files") if isinstance(record, dict) else None
+    record = _read_record(path)
+    files = record.get("files")
     if not isinstance(files, dict) or WEIGHTS_FILE not in files:
         raise CheckpointError(f"{path}: damaged (no sha256 record of {WEIGHTS_FILE})")
-    _check_sha256(checkpoint, files)
+    if verify:
+        _check_sha256(checkpoint, files)
     return record
 
 
@@ -261,17 +287,45 @@ def load_config(checkpoint: Path) -> GLMConfig:
         raise CheckpointError(str(err)) from None
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GLM, GLMTokenizer]:
+def _open_checkpoint(path: str | Path, verify: bool) -> Path:
+    """The checkpoint directory `path` names, its files' sha256s checked unless `verify` is False."""
+    checkpoint = resolve_checkpoint(path)
+    if verify:
+        verify_checkpoint(checkpoint)
+    else:
+        log.info("not checking the sha256 of %s's files (verification turned off)", checkpoint)
+    return checkpoint
+
+
+def check_model(path: str | Path, *, verify: bool = True) -> None:
+    """What `load_model` checks before it reads any weight (the directory, its recorded sha256s,
+    its config), without loading the model: run it over several models so that a misspelled or
+    damaged one fails before any work is done on the others."""
+    from openglm.convert import chatglm
+
+    if chatglm.is_chatglm_dir(Path(path)):
+        chatglm.source(Path(path))  # parses config.json and lists the weight files
+        return
+    checkpoint = _open_checkpoint(path, verify)
+    read_quantization(checkpoint, verify=False)
+    load_config(checkpoint)
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, *, verify: bool = True) -> tuple[GLM, GLMTokenizer]:
     """The model (in eval mode) and tokenizer of a checkpoint or run directory, quantized or not
     (quantized block linears keep their INT8/INT4 weights whatever `dtype`); also a ChatGLM-6B
-    Hugging Face directory, or a checkpoint converted from one (its tokenizer is ice_text.model)."""
+    Hugging Face directory, or a checkpoint converted from one (its tokenizer is ice_text.model).
+
+    Every file's sha256 recorded at save time is checked first (`verify_checkpoint`); `verify=False`
+    skips that for checkpoints too large to hash on every load (the damage then shows up, at best,
+    as a shape or format error, at worst not at all)."""
     from openglm.convert import SP_TOKENIZER_FILE, is_chatglm_dir, load_chatglm, open_tokenizer
     from openglm.model import GLM
 
     if is_chatglm_dir(Path(path)):
         return load_chatglm(path, dtype)  # type: ignore[return-value]  # a tokenizer with the same protocol
-    checkpoint = resolve_checkpoint(path)
-    quantization = read_quantization(checkpoint)
+    checkpoint = _open_checkpoint(path, verify)
+    quantization = read_quantization(checkpoint, verify=False)
     config = load_config(checkpoint)
     if quantization is not None:
         from openglm.quantize import load_quantized

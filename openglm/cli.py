@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from openglm.config import MODEL_PRESETS, ConfigError, model_preset, train_preset
+from openglm.config import MODEL_PRESETS, ConfigError, in_user_terms, model_preset, train_preset
 
 if TYPE_CHECKING:
     from openglm.generation import GenerationConfig
@@ -23,6 +22,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pre-train, r
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Train or inspect tokenizers.")
 app.add_typer(tokenizer_app, name="tokenizer")
 log = logging.getLogger("openglm")
+
+
+NO_VERIFY_HELP = (
+    "do not check each checkpoint file against the sha256 recorded at save time (hashing reads every file once more, "
+    "about 1 s per GB on one core): for checkpoints too large to hash at every start"
+)
 
 
 def _fail(message: str) -> typer.Exit:
@@ -37,6 +42,14 @@ def default_precision() -> str:
     if torch.cuda.is_available():
         return "bf16"
     return "bf16" if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported() else "fp32"
+
+
+# the TrainConfig and GLMConfig fields that a `train` option sets: field -> option (for messages)
+TRAIN_OPTIONS = {
+    name: "--" + name.replace("_", "-")
+    for name in ("objective", "precision", "seed", "max_steps", "batch_size", "micro_batch_size", "lr", "mip_data", "mip_share",
+                 "egs_alpha", "eval_every", "save_every", "data")
+} | {"max_seq_len": "--seq-len", "num_threads": "--threads", "out_dir": "--out"}
 
 
 @app.command()
@@ -105,14 +118,18 @@ def train(
         else:
             summary = Trainer(model_config, config, resume=resume).fit()
     except (ConfigError, ValueError, FileNotFoundError) as err:
-        raise _fail(str(err)) from None
+        raise _fail(in_user_terms(str(err), TRAIN_OPTIONS)) from None
     typer.echo(f"done: step {summary['step']}, held-out loss {summary.get('val_loss', float('nan')):.4f}, run in {config.out_dir}")
 
 
 def _option_error(err: Exception) -> str:
     """A GenerationConfig message in the CLI's words: "GenerationConfig.top_p" -> "--top-p"."""
-    names = {"stop_strings": "stop"}
-    return re.sub(r"GenerationConfig\.(\w+)", lambda m: "--" + names.get(m[1], m[1]).replace("_", "-"), str(err))
+    import dataclasses
+
+    from openglm.generation import GenerationConfig
+
+    options = {f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(GenerationConfig)} | {"stop_strings": "--stop"}
+    return in_user_terms(str(err), options)
 
 
 @app.command()
@@ -143,6 +160,7 @@ def generate(
     threads: Annotated[
         int | None, typer.Option(help="torch intra-op threads; with 1, one prompt at a time decodes through the native kernel")
     ] = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help=NO_VERIFY_HELP)] = False,
 ) -> None:
     """Fill the blanks of PROMPT (a prompt without one is continued via \\[gMASK]).
 
@@ -186,7 +204,7 @@ def generate(
         raise _fail("--stream prints one prompt's text as it is made; --input-file writes whole results")
     if prompt is not None and not prompt.strip():
         raise _fail('the prompt is empty; give text to continue or to fill, e.g. "It is a truth [MASK]."')
-    glm, tokenizer = _load_for_generation(model, quantize_bits, group_size)
+    glm, tokenizer = _load_for_generation(model, quantize_bits, group_size, verify=not no_verify)
     if prompt is not None:
         try:
             _print_result(glm, tokenizer, prompt, config, stream)
@@ -229,9 +247,9 @@ def _prepare_model(model: GLM, path: Path, bits: int | None, group_size: int | N
     return model.to(torch.bfloat16)
 
 
-def _load_for_generation(path: Path, bits: int | None, group_size: int | None) -> tuple[GLM, GLMTokenizer]:
+def _load_for_generation(path: Path, bits: int | None, group_size: int | None, verify: bool) -> tuple[GLM, GLMTokenizer]:
     """The model and tokenizer `generate` and `serve` run: --quantize options checked, then loaded
-    and prepared (`_prepare_model`); errors exit with a message."""
+    (file hashes checked unless `verify` is False) and prepared (`_prepare_model`); errors exit with a message."""
     from openglm.checkpoint import CheckpointError, load_model
 
     if bits is not None:
@@ -239,7 +257,7 @@ def _load_for_generation(path: Path, bits: int | None, group_size: int | None) -
     elif group_size is not None:
         raise _fail("--group-size needs --quantize")
     try:
-        model, tokenizer = load_model(path)
+        model, tokenizer = load_model(path, verify=verify)
         return _prepare_model(model, path, bits, group_size), tokenizer
     except (CheckpointError, ValueError) as err:
         raise _fail(str(err)) from None
@@ -256,6 +274,7 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="rows decoded together (1: no batching)")] = 64,
     max_queue: Annotated[int, typer.Option(help="requests that may wait before 429")] = 256,
     timeout: Annotated[float, typer.Option(help="seconds per request before 504")] = 60.0,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help=NO_VERIFY_HELP)] = False,
 ) -> None:
     """Serve the model over HTTP: OpenAI-compatible /v1/completions, /v1/infill, a playground at /, /metrics."""
     from openglm.serve import create_app
@@ -263,7 +282,7 @@ def serve(
 
     if max_batch < 1 or max_queue < 1 or timeout <= 0:
         raise _fail("--max-batch and --max-queue must be >= 1 and --timeout > 0")
-    glm, tokenizer = _load_for_generation(model, quantize_bits, group_size)
+    glm, tokenizer = _load_for_generation(model, quantize_bits, group_size, verify=not no_verify)
     name = model_name or model.resolve().name
     run_server(create_app(glm, tokenizer, model_name=name, max_batch=max_batch, max_queue=max_queue, timeout=timeout), host, port)
 
@@ -363,7 +382,9 @@ def quantize(
     group_size: Annotated[int | None, typer.Option(help="one scale per this many inputs (default: per output channel)")] = None,
 ) -> None:
     """Quantize a checkpoint's block linears to INT8/INT4 (weight-only, GLM-130B style) into a new
-    checkpoint directory that `openglm generate --model OUT` runs."""
+    checkpoint directory that `openglm generate --model OUT` runs.
+
+    The source's files are always checked against the sha256 recorded at save time (there is no --no-verify here): the new checkpoint records fresh hashes, so damage must be caught first."""
     from openglm.checkpoint import WEIGHTS_FILE, CheckpointError, resolve_checkpoint
     from openglm.quantize import quantize_checkpoint
 
@@ -395,13 +416,14 @@ def eval_(
     batch_size: Annotated[int, typer.Option(help="rows per forward pass (sliding windows, generation)")] = 16,
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads")] = None,
     output: Annotated[Path | None, typer.Option(help="write the results JSON here")] = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help=NO_VERIFY_HELP)] = False,
 ) -> None:
     """Evaluate models on lm (bits per byte), cloze (LAMBADA), mul (BIG-bench, MMLU) and gen tasks; print a Markdown table."""
     from openglm.checkpoint import CheckpointError
     from openglm.eval.runner import evaluate_checkpoints, markdown_table
 
     try:
-        results = evaluate_checkpoints(model, task or (), seed, shots, limit, batch_size, threads)
+        results = evaluate_checkpoints(model, task or (), seed, shots, limit, batch_size, threads, verify=not no_verify)
     except (CheckpointError, ValueError) as err:
         raise _fail(str(err)) from None
     if output is not None:
@@ -409,9 +431,15 @@ def eval_(
             output.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         except OSError as err:
             raise _fail(f"{output}: cannot be written ({err})") from None
-    typer.echo(markdown_table(results["runs"]))
+    if results["runs"]:
+        typer.echo(markdown_table(results["runs"]))
     for path, run in results["runs"].items():
         typer.echo(f"{path}: {run['wall_seconds']:.1f} s", err=True)
+    failed = results.get("failed", {})
+    if failed:
+        for path, message in failed.items():
+            typer.secho(f"error: {path}: not evaluated: {message}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2)
 
 
 @app.command()
@@ -428,7 +456,9 @@ def convert(
 ) -> None:
     """Convert real GLM checkpoints: a ChatGLM-6B Hugging Face directory or GLM-130B SAT shards into
     an openglm checkpoint (optionally INT8/INT4), an openglm checkpoint back into either, or SAT
-    shards to another tensor-parallel size. Streams shard by shard."""
+    shards to another tensor-parallel size. Streams shard by shard.
+
+    An openglm source is always checked against the sha256 of its files recorded at save time (there is no --no-verify here)."""
     from openglm.checkpoint import CheckpointError
     from openglm.convert import convert as run_convert
 

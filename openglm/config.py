@@ -11,6 +11,8 @@ import dataclasses
 import json
 import math
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,10 +25,21 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field."""
 
 
+_FIELD = re.compile(r"\b(?:GLMConfig|TrainConfig|GenerationConfig)\.(?!__)(\w+)")
+
+
+def in_user_terms(message: str, options: Mapping[str, str] | None = None) -> str:
+    """A validation message in the words of whoever gave the values: "TrainConfig.lr" becomes
+    `options["lr"]` (the command-line option that set it, "--lr") or, without one, plain "lr" (the
+    key of the JSON file the message names), so no message names a class the user never typed."""
+    names = options or {}
+    return _FIELD.sub(lambda m: names.get(m[1], m[1]), message)
+
+
 def _reject_unknown_fields(cls: type, data: dict[str, Any]) -> None:
     unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
-        raise ConfigError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
+        raise ConfigError(f"unknown fields {', '.join(unknown)} (known: {', '.join(f.name for f in dataclasses.fields(cls))})")
 
 
 @dataclass(frozen=True)
@@ -114,7 +127,7 @@ class GLMConfig:
         rotary_parts = 4 if self.position_encoding == "rope2d" else 2
         if self.head_dim % rotary_parts:
             raise ConfigError(
-                f"GLMConfig head_dim ({self.head_dim}) must be divisible by {rotary_parts} for {self.position_encoding}"
+                f"GLMConfig.head_dim ({self.head_dim}) must be divisible by {rotary_parts} for {self.position_encoding}"
             )
         choices = {
             "ffn_type": ("geglu", "gelu"),
@@ -154,7 +167,7 @@ class GLMConfig:
         try:
             return cls.from_dict(data)
         except (ConfigError, TypeError) as err:
-            raise ConfigError(f"{path}: {err}") from None
+            raise ConfigError(f"{path}: {in_user_terms(str(err))}") from None
 
 
 MODEL_PRESETS: dict[str, GLMConfig] = {
@@ -262,7 +275,11 @@ class TrainConfig:
         for name, (low, high, low_ok, high_ok) in bounds.items():
             value = getattr(self, name)
             if not (low <= value <= high) or (value == low and not low_ok) or (value == high and not high_ok):
-                raise ConfigError(f"TrainConfig.{name} is out of range: {value!r}")
+                if high == math.inf:
+                    span = f"{'>=' if low_ok else '>'} {low}"
+                else:
+                    span = f"in {'[' if low_ok else '('}{low}, {high}{']' if high_ok else ')'}"
+                raise ConfigError(f"TrainConfig.{name} must be {span}, got {value!r}")
         if self.grad_clip < 0 or self.warmup_steps < 0:
             raise ConfigError("TrainConfig.grad_clip and warmup_steps must not be negative")
 

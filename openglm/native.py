@@ -12,6 +12,13 @@ at `-O3 -march=native` into openglm's cache (`config.cache_dir()`: `$OPENGLM_CAC
 `~/.cache/openglm`), keyed by the source, the compiler and the CPU, so a library built for one CPU
 is never loaded on another. Without a compiler (or with `OPENGLM_NATIVE=0`) `library()` is None
 and decoding runs op by op in PyTorch, with one log line saying why.
+
+Loading a library runs its code, and the cache name is predictable, so a cached library is loaded
+only if it is a regular file owned by this user in a folder that only this user (or root) can
+change: `native/` (created 0700) and every folder above it owned by this user or root and not
+writable by group or others (unless sticky, as /tmp is). Otherwise, or when a cached library does
+not load, the kernel is compiled afresh into a private temporary folder (mkdtemp, 0700) and loaded
+from there, a path never loaded before; it then replaces the cached copy when the cache is safe.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
@@ -84,21 +92,58 @@ def _cpu_signature() -> str:
     return f"{platform.machine()} {platform.processor()}"
 
 
-def _compile(compiler: str, target: Path) -> None:
-    """Compile to a temporary name next to `target`, then rename: concurrent processes never see a
-    half-written library. `-march=native` first, then without it (some compilers lack it)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        built = Path(scratch) / target.name
-        errors = ""
-        for arch in (("-march=native",), ()):
-            done = subprocess.run([compiler, *FLAGS, *arch, "-o", str(built), str(SOURCE), "-lm"],
-                                  capture_output=True, text=True, timeout=300, check=False)
-            if done.returncode == 0:
-                os.replace(built, target)
-                return
-            errors = done.stderr.strip()
-        raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {errors[-2000:]}")
+def _compile(compiler: str, built: Path) -> None:
+    """Compile the kernel to `built`: `-march=native` first, then without it (some compilers lack it)."""
+    errors = ""
+    for arch in (("-march=native",), ()):
+        done = subprocess.run([compiler, *FLAGS, *arch, "-o", str(built), str(SOURCE), "-lm"],
+                              capture_output=True, text=True, timeout=300, check=False)
+        if done.returncode == 0:
+            return
+        errors = done.stderr.strip()
+    raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {errors[-2000:]}")
+
+
+def _unsafe(path: Path, info: os.stat_result, owners: tuple[int, ...]) -> str | None:
+    """Why someone other than this user could have written `path` (None: no one could)."""
+    if info.st_uid not in owners:
+        return f"{path} is owned by uid {info.st_uid}"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not (stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX):
+        return f"{path} is writable by group or others"
+    return None
+
+
+def _untrusted(folder: Path) -> str | None:
+    """Why a library in `folder` could have been planted by someone else (None: it could not):
+    `folder` must be this user's and writable by no one else, every folder above it this user's or
+    root's and writable by no one else unless sticky."""
+    me = os.geteuid()
+    folder = folder.resolve()
+    try:
+        reason = _unsafe(folder, folder.stat(), (me,))
+        for parent in folder.parents:
+            reason = reason or _unsafe(parent, parent.stat(), (me, 0))
+    except OSError as err:
+        return str(err)
+    return reason
+
+
+def _private_cache() -> Path | None:
+    """`cache_dir()/native`, created 0700 (with the cache folder, if openglm creates that too), when
+    no one else can write there; else None, logged with the reason."""
+    folder = cache_dir() / "native"
+    try:
+        folder.parent.parent.mkdir(parents=True, exist_ok=True)
+        folder.parent.mkdir(mode=0o700, exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)
+    except OSError as err:
+        logger.warning("native kernel cache %s cannot be created (%s); building in a private temporary folder", folder, err)
+        return None
+    reason = _untrusted(folder)
+    if reason is not None:
+        logger.warning("not using the native kernel cache %s: %s; building in a private temporary folder", folder, reason)
+        return None
+    return folder
 
 
 @functools.cache
@@ -114,27 +159,45 @@ def library() -> ctypes.CDLL | None:
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60, check=False).stdout
         key = hashlib.sha256("\0".join((SOURCE.read_text(), compiler, version, " ".join(FLAGS), _cpu_signature())).encode()).hexdigest()[:16]
-        target = cache_dir() / "native" / f"decode_row-{key}.so"
-        try:
-            return _load(target) if target.exists() else _build(compiler, target)
-        except (OSError, AttributeError) as err:  # a damaged cached library: build it again, once
-            logger.warning("rebuilding the native decode kernel: %s did not load (%s)", target, err)
-            target.unlink(missing_ok=True)
-            return _build(compiler, target)
+        name = f"decode_row-{key}.so"
+        cache = _private_cache()
+        if cache is not None and (cache / name).exists():
+            cached = cache / name
+            info = cached.lstat()
+            reason = _unsafe(cached, info, (os.geteuid(),)) or (None if stat.S_ISREG(info.st_mode) else f"{cached} is not a regular file")
+            if reason is None:
+                try:
+                    return _load(cached)
+                except (OSError, AttributeError) as err:  # damaged: rebuilt below, into a path never loaded
+                    reason = f"{cached} did not load ({err})"
+            logger.warning("rebuilding the native decode kernel: %s", reason)
+        return _build(compiler, name, cache)
     except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as err:
         logger.warning("native decode kernel unavailable (%s); one-row decoding runs op by op in PyTorch (slower)", err)
         return None
 
 
-def _build(compiler: str, target: Path) -> ctypes.CDLL:
+def _build(compiler: str, name: str, cache: Path | None) -> ctypes.CDLL:
+    """Compile into a fresh private folder (mkdtemp: 0700, a path no library was loaded from) and
+    load it from there; then move it into `cache` (when safe to use) for the next process, by
+    rename, so no process ever sees a half-written library."""
     started = time.perf_counter()
     try:
-        _compile(compiler, target)
-    except PermissionError:  # an unwritable cache: a private temporary folder instead
-        target = Path(tempfile.mkdtemp(prefix="openglm-native-")) / target.name
-        _compile(compiler, target)
-    logger.info("compiled the native decode kernel in %.1f s: %s", time.perf_counter() - started, target)
-    return _load(target)
+        scratch = Path(tempfile.mkdtemp(prefix=".build-", dir=cache)) if cache is not None else None
+    except OSError as err:  # a cache this user cannot write to (read-only, full): the system's temporary folder
+        logger.warning("cannot build in the native kernel cache %s (%s); building in a private temporary folder", cache, err)
+        scratch = cache = None
+    scratch = scratch or Path(tempfile.mkdtemp(prefix="openglm-native-"))
+    try:
+        built = scratch / name
+        _compile(compiler, built)
+        lib = _load(built)
+        logger.info("compiled the native decode kernel in %.1f s", time.perf_counter() - started)
+        if cache is not None:
+            os.replace(built, cache / name)
+        return lib
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _load(path: Path) -> ctypes.CDLL:

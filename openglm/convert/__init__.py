@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from openglm.checkpoint import CONFIG_FILE, CheckpointError, _write_dir_atomic, resolve_checkpoint
+from openglm.checkpoint import CONFIG_FILE, CheckpointError, _write_dir_atomic, resolve_checkpoint, verify_checkpoint
 from openglm.config import SpecialTokens
 from openglm.convert import chatglm, sat
 from openglm.convert.common import SP_TOKENIZER_FILE, Source, scan, transfer, write_openglm
@@ -82,6 +82,8 @@ def convert(
     openglm output that would otherwise have none.
     """
     src, out = Path(src), Path(out)
+    if not src.exists():
+        raise ConvertError(f"{src}: does not exist")
     source_format = source_format or detect_format(src)
     if source_format is None:
         raise ConvertError(
@@ -112,7 +114,9 @@ def convert(
             tokenizer_path = src / SP_TOKENIZER_FILE
         _write_dir_atomic(out, lambda tmp: write_openglm(source, tmp, bits, group_size, tokenizer_path))
     elif source_format == OPENGLM:
-        _export(resolve_checkpoint(src), out, target_format, tp, use_safetensors)
+        checkpoint = resolve_checkpoint(src)
+        verify_checkpoint(checkpoint)  # never write a damaged source out in another format
+        _export(checkpoint, out, target_format, tp, use_safetensors)
     else:
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.merged.") as tmp:
             merged = Path(tmp) / "openglm"

@@ -27,8 +27,8 @@ import torch
 from safetensors.torch import save_file
 
 from openglm.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_config, read_quantization, write_text_atomic
-from openglm.config import ConfigError, GLMConfig, SpecialTokens
-from openglm.convert.common import SP_TOKENIZER_FILE, Piece, Source, parameter_shapes
+from openglm.config import ConfigError, GLMConfig, SpecialTokens, in_user_terms
+from openglm.convert.common import FOREIGN_KEYS, SP_TOKENIZER_FILE, Piece, Source, parameter_shapes
 from openglm.convert.store import ConvertError, TensorFile, check_names, check_shape, open_tensors, read_json
 
 log = logging.getLogger(__name__)
@@ -86,11 +86,12 @@ def config_from_chatglm(data: dict[str, Any], path: Path) -> GLMConfig:
             special_tokens=SpecialTokens(eos=ids["eop"], smask=ids["mask"], **ids),
         )
     except (ConfigError, TypeError) as err:
-        raise ConvertError(f"{path}: {err}") from None
+        raise ConvertError(f"{path}: {in_user_terms(str(err), FOREIGN_KEYS)}") from None
 
 
-def chatglm_config(config: GLMConfig) -> dict[str, Any]:
-    """config.json for a GLMConfig, refusing what the ChatGLM-6B forward cannot express."""
+def chatglm_config(config: GLMConfig, source: Path) -> dict[str, Any]:
+    """config.json for a GLMConfig (read from `source`, for messages), refusing what the ChatGLM-6B
+    forward cannot express."""
     expected = {
         "ffn_type": "gelu",
         "gelu_approximate": "tanh",
@@ -104,9 +105,15 @@ def chatglm_config(config: GLMConfig) -> dict[str, Any]:
     }
     for field, value in expected.items():
         if getattr(config, field) != value:
-            raise ConvertError(f"GLMConfig.{field} is {getattr(config, field)!r}; the ChatGLM-6B layout needs {value!r}")
+            raise ConvertError(
+                f"{source}: {field} is {getattr(config, field)!r}, but the ChatGLM-6B layout needs {value!r}; only a model of "
+                "ChatGLM-6B's architecture (such as one converted from it) can be written --to chatglm-hf"
+            )
     if not math.isclose(config.alpha, ALPHA, rel_tol=1e-12):
-        raise ConvertError(f"DeepNorm alpha is {config.alpha}; the ChatGLM-6B forward fixes it at sqrt(56) = {ALPHA}")
+        raise ConvertError(
+            f"{source}: DeepNorm alpha is {config.alpha}, but the ChatGLM-6B forward fixes it at sqrt(56) = {ALPHA}; "
+            "only a model of ChatGLM-6B's architecture can be written --to chatglm-hf"
+        )
     tokens = config.special_tokens
     return {
         "architectures": ["ChatGLMModel"],
@@ -176,7 +183,7 @@ def export(checkpoint: Path, folder: Path, use_safetensors: bool = False, max_sh
     if read_quantization(checkpoint) is not None:
         raise ConvertError(f"{checkpoint}: quantized; ChatGLM-6B's layout holds float weights (export the float checkpoint)")
     config = load_config(checkpoint)
-    data = chatglm_config(config)
+    data = chatglm_config(config, checkpoint / CONFIG_FILE)
     shapes = parameter_shapes(config)
     with open_tensors(checkpoint / WEIGHTS_FILE) as handle:
         check_names(handle, shapes, checkpoint / CONFIG_FILE)

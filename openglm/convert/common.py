@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 Piece = tuple[str, tuple[slice, ...], tuple[slice, ...]]
 Router = Callable[[TensorFile, str], list[Piece]]
 SP_TOKENIZER_FILE = "ice_text.model"  # ChatGLM-6B's sentencepiece model
+# GLMConfig fields by the keys ChatGLM-6B's config.json and SAT's model_config.json give them (for messages)
+FOREIGN_KEYS = {"num_heads": "num_attention_heads", "ffn_hidden_size": "inner_hidden_size",
+                "max_seq_len": "max_sequence_length", "layernorm_eps": "layernorm_epsilon"}
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,8 @@ from typing import Any
 from tqdm import tqdm
 
 from openglm.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_config, read_quantization, write_text_atomic
-from openglm.config import MODEL_PRESETS, ConfigError, GLMConfig, SpecialTokens
-from openglm.convert.common import Piece, Source, parameter_shapes
+from openglm.config import MODEL_PRESETS, ConfigError, GLMConfig, SpecialTokens, in_user_terms
+from openglm.convert.common import FOREIGN_KEYS, Piece, Source, parameter_shapes
 from openglm.convert.store import ConvertError, TensorFile, TorchFileWriter, check_names, check_shape, open_tensors, read_json
 
 log = logging.getLogger(__name__)
@@ -120,18 +120,22 @@ def config_from_sat(data: dict[str, Any], path: Path) -> GLMConfig:
             special_tokens=tokens,
         )
     except (ConfigError, TypeError) as err:
-        raise ConvertError(f"{path}: {err} (SAT checkpoints hold no token ids; give them as \"special_tokens\" in {path.name})") from None
+        raise ConvertError(f"{path}: {in_user_terms(str(err), FOREIGN_KEYS)} (SAT checkpoints hold no token ids; give them as \"special_tokens\" in {path.name})") from None
 
 
-def sat_config(config: GLMConfig, tp: int) -> dict[str, Any]:
-    """model_config.json for a GLMConfig, refusing what GLM-130B's SAT model cannot express."""
+def sat_config(config: GLMConfig, tp: int, source: Path) -> dict[str, Any]:
+    """model_config.json for a GLMConfig (read from `source`, for messages), refusing what GLM-130B's
+    SAT model cannot express."""
     expected = {
         "ffn_type": "geglu", "gelu_approximate": "none", "rope_fp16_inv_freq": True, "tie_word_embeddings": True,
         "qkv_bias": True, "dense_bias": True, "objective": "glm", "rope_base": 10000.0, "deepnorm_alpha": None,
     }  # fmt: skip
     for field, value in expected.items():
         if getattr(config, field) != value:
-            raise ConvertError(f"GLMConfig.{field} is {getattr(config, field)!r}; GLM-130B's SAT layout needs {value!r}")
+            raise ConvertError(
+                f"{source}: {field} is {getattr(config, field)!r}, but GLM-130B's SAT layout needs {value!r}; only a model of "
+                "GLM-130B's architecture (such as one converted from SAT shards) can be written --to glm130b-sat"
+            )
     return {
         "model_class": "GLM130B",
         "tokenizer_type": "icetk-glm-130B",
@@ -213,7 +217,7 @@ def export(checkpoint: Path, folder: Path, tp: int, iteration: str = "1") -> Non
     if read_quantization(checkpoint) is not None:
         raise ConvertError(f"{checkpoint}: quantized; SAT shards hold float weights (export the float checkpoint)")
     config = load_config(checkpoint)
-    data = sat_config(config, tp)
+    data = sat_config(config, tp, checkpoint / CONFIG_FILE)
     check_tp(config, tp, f"--tp {tp}")
     shapes = parameter_shapes(config)
     (folder / iteration).mkdir()

@@ -249,14 +249,17 @@ def evaluate_checkpoints(
     batch_size: int = 16,
     threads: int | None = None,
     progress: bool = True,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """`openglm eval`: every task (default: the bundled suite) on every model; each task's data is
-    read and checked before any model is loaded, so a bad file fails at once. `threads` sets
-    torch's intra-op threads (on a CPU shared with other work, 1 can be many times faster than
-    2, whose threads wait for each other)."""
+    read and every model's directory, config and file hashes (unless `verify` is False) checked
+    before any model is evaluated, so a bad file or a misspelled path fails at once. A model that
+    still fails later (while loading or evaluating) is listed under "failed" with its message and
+    the others are evaluated all the same. `threads` sets torch's intra-op threads (on a CPU shared
+    with other work, 1 can be many times faster than 2, whose threads wait for each other)."""
     import torch
 
-    from openglm.checkpoint import load_model
+    from openglm.checkpoint import CheckpointError, check_model, load_model
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -269,10 +272,17 @@ def evaluate_checkpoints(
         raise TaskError("a --model is given twice; each model is one column of the results")
     if shots is not None and shots < 0:
         raise TaskError(f"--shots must be >= 0, got {shots}")
-    runs: dict[str, Any] = {}
     for path in models:
-        model, tokenizer = load_model(path)
-        run = evaluate_model(configs, ModelScorer(model, tokenizer, batch_size), seed, shots, progress)
+        check_model(path, verify=verify)
+    runs: dict[str, Any] = {}
+    failed: dict[str, str] = {}
+    for path in models:
+        try:
+            model, tokenizer = load_model(path, verify=False)  # its hashes were checked above
+            run = evaluate_model(configs, ModelScorer(model, tokenizer, batch_size), seed, shots, progress)
+        except (CheckpointError, ValueError) as err:
+            failed[str(path)] = str(err)
+            continue
         runs[str(path)] = {"objective": model.config.objective, **run}
     settings = {"seed": seed, "shots": shots, "limit": limit, "threads": torch.get_num_threads()}
-    return settings | {"tasks": [c.name for c in configs], "runs": runs}
+    return settings | {"tasks": [c.name for c in configs], "runs": runs} | ({"failed": failed} if failed else {})

@@ -10,12 +10,20 @@ Layout of a run directory (beside the single-file checkpoints)::
     run/dist-latest                     name of the newest distributed checkpoint
     run/dist-checkpoint-0000200/        DCP shards (*.distcp, .metadata), config.json,
                                         tokenizer.json, trainer_state.json (written last)
+
+DCP's own reader unpickles `.metadata` with plain `pickle.load`, and its planner reads every
+non-tensor value (the optimizer's hyper-parameters) with `torch.load(weights_only=False)`: a crafted
+file in a run directory would run code on `--resume`. Every load here goes through `MetadataReader`,
+which admits only the checkpoint metadata classes, and `_SafeLoadPlanner`, which reads values with
+`weights_only=True`; anything else is a CheckpointError naming the file.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +32,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -45,6 +58,87 @@ log = logging.getLogger(__name__)
 DIST_PREFIX = "dist-checkpoint-"
 DIST_LATEST = "dist-latest"
 OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"Path", "PosixPath", "PurePosixPath"},  # StorageMeta.checkpoint_id
+    "collections": {"OrderedDict"},
+}  # fmt: skip
+
+
+class _Refused(pickle.UnpicklingError):
+    """A pickle asks for a global outside the admitted classes."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only what a DCP `.metadata` file holds; any other global is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _METADATA_CLASSES.get(module, ()) or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise _Refused(f"{module}.{name}")
+
+
+class MetadataReader(FileSystemReader):
+    """DCP's file reader, its `.metadata` read through `_MetadataUnpickler`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = Path(self._get_metadata_path(kwargs.get("rank")))
+        try:
+            with path.open("rb") as handle:
+                metadata = _MetadataUnpickler(handle).load()
+        except FileNotFoundError:
+            raise ckpt.CheckpointError(f"{path}: missing; the distributed checkpoint is incomplete") from None
+        except _Refused as err:
+            raise ckpt.CheckpointError(f"{path}: refusing to load it: it asks for {err}, which is no part of checkpoint metadata") from None
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError, IndexError, KeyError) as err:
+            raise ckpt.CheckpointError(f"{path}: damaged, not checkpoint metadata ({err})") from None
+        if not isinstance(metadata, Metadata):
+            raise ckpt.CheckpointError(f"{path}: refusing to load it: holds a {type(metadata).__name__}, not checkpoint metadata")
+        if metadata.storage_meta is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's planner, reading non-tensor values (stored pickled) with `weights_only=True`."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        try:
+            torch.load(value, weights_only=True)  # refuses any global a plain value does not need
+        except pickle.UnpicklingError as err:
+            paragraphs = [part.strip() for part in str(err).split("\n\n") if part.strip()]
+            reason = " ".join(paragraphs[1:-1] or paragraphs)  # torch's own advice around it says to load it anyway
+            raise ckpt.CheckpointError(f"{self.path}: refusing to load {read_item.dest_index.fqn}: not a plain value ({reason})") from None
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
+def _load(state: dict[str, Any], path: Path, **options: Any) -> None:
+    """`dcp.load` of `state` from `path` through the safe reader and planner; a refused or damaged
+    file is one CheckpointError (DCP wraps the errors of every rank in a CheckpointException)."""
+    reader = MetadataReader(path)
+    reader.read_metadata()  # a bad .metadata fails here, before DCP's fallbacks log tracebacks for it
+    try:
+        dcp.load(state, storage_reader=reader, planner=_SafeLoadPlanner(path), **options)
+    except CheckpointException as err:
+        failures = [failure for failure, _ in err.failures.values()]
+        for failure in failures:
+            if isinstance(failure, ckpt.CheckpointError):
+                raise failure from None
+        raise ckpt.CheckpointError(f"{path}: cannot be loaded ({failures[0] if failures else 'no rank said why'})") from None
 
 
 def _reorder_rows(tensor: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -100,7 +194,7 @@ def load_distributed(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
     if not state_file.exists():
         raise ckpt.CheckpointError(f"{path}: no {ckpt.STATE_FILE}; the save did not complete")
     model_state, optim_state = _state(model, optimizer, config, tp)
-    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    _load({"model": model_state, "optim": optim_state}, path)
     if tp > 1 and config.ffn_type == "geglu":
         assert config.ffn_hidden_size is not None
         order = geglu_row_order(config.ffn_hidden_size, tp)
@@ -126,7 +220,7 @@ def export_checkpoint(source: Path, run_dir: Path) -> Path:
     params = dict(model.named_parameters())
     optimizer = build_optimizer(list(params.values()), train_config)
     moments = {name: {"step": torch.zeros(()), **{k: torch.zeros_like(p) for k in OPTIMIZER_KEYS}} for name, p in params.items()}
-    dcp.load({"model": {n: p.detach() for n, p in params.items()}, "optim": {"state": moments}}, checkpoint_id=source, no_dist=True)
+    _load({"model": {n: p.detach() for n, p in params.items()}, "optim": {"state": moments}}, source, no_dist=True)
     for name, param in params.items():
         optimizer.state[param] = moments[name]
     optimizer_state = {
