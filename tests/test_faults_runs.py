@@ -104,12 +104,12 @@ def run(base_run: Path, tmp_path: Path, cache_env: str) -> Path:
 class Process:
     """`openglm train` in a subprocess whose stderr is collected line by line as it comes."""
 
-    def __init__(self, *args: str, cache: str, pause: str | None = None) -> None:
+    def __init__(self, *args: str, cache: str, pause: str | None = None, launcher: tuple[str, ...] = ("-m",)) -> None:
         env = dict(os.environ, OPENGLM_CACHE=cache)
         env.pop(FAULT_ENV, None)
         if pause:
             env[FAULT_ENV] = pause
-        command = [sys.executable, "-m", "openglm", "train", *FLAGS, *args]
+        command = [sys.executable, *launcher, "openglm", "train", *FLAGS, *args]
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stderr.readline, "")), daemon=True)
@@ -235,6 +235,39 @@ def test_stop_signal_saves_a_checkpoint_and_exits_non_zero(signum: int, tmp_path
     assert read_resume_state(checkpoint)["step"] == step
     assert train_steps(run) == list(range(step))
     assert "Traceback" not in err
+
+
+def test_sigterm_under_torchrun_saves_on_every_rank(tmp_path: Path, shard_cache: str) -> None:
+    """torchrun passes SIGTERM on to its 2 gloo ranks: they agree on a step, each writes its shards,
+    rank 0 alone reports; the run then resumes from that checkpoint under torchrun."""
+    from openglm.parallel.launch import free_port
+
+    run = tmp_path / "run"
+    torchrun = ("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m")
+    proc = Process(
+        "--dp", "2", "--max-steps", "500", "--save-every", "1000", "--out", str(run), cache=shard_cache, launcher=torchrun
+    )
+    proc.wait_for("train: step 1/500")
+    proc.proc.send_signal(signal.SIGTERM)
+    code, err = proc.finish()
+    assert code != 0
+    stopped = [line for line in err.splitlines() if line.startswith("stopped by SIGTERM at step ")]
+    assert len(stopped) == 1 and err.count("train: step 1/500") == 1, err
+    step = int(stopped[0].split(" at step ")[1].split(";")[0])
+    checkpoint = run / (run / "dist-latest").read_text().strip()
+    assert checkpoint.name == f"dist-checkpoint-{step:07d}" and f"saved {checkpoint}" in stopped[0]
+    assert sorted(p.name for p in checkpoint.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == step
+
+    torchrun = (*torchrun[:-2], str(free_port()), "-m")
+    resumed = Process(
+        "--dp", "2", "--max-steps", str(step + 1), "--out", str(run), "--resume", cache=shard_cache, launcher=torchrun
+    )
+    code, err = resumed.finish()
+    assert code == 0, err
+    assert f"resumed from {checkpoint}" in err and "held-out bits per byte: \n" not in err
+    assert err.count(f"train: step {step + 1}/{step + 1}") == 1
+    assert train_steps(run) == list(range(step + 1))
 
 
 # ------------------------------------------------------------------------ damaged files
