@@ -218,7 +218,7 @@ def test_install_dir_puts_the_old_copy_back_when_the_rename_fails(tmp_path: Path
 
 
 # ------------------------------------------------------------------------- stop signals
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT], ids=lambda s: signal.Signals(s).name)
 def test_stop_signal_saves_a_checkpoint_and_exits_non_zero(signum: int, tmp_path: Path, shard_cache: str) -> None:
     run = tmp_path / "run"
     proc = Process("--max-steps", "500", "--save-every", "1000", "--out", str(run), cache=shard_cache)
