@@ -4,6 +4,7 @@ existing run, metrics after a resume, stale temporary folders. `micro` preset, b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -128,9 +129,22 @@ class Process:
         return self.proc.returncode, "".join(self.lines)
 
     def kill_at(self, point: str) -> None:
+        """SIGKILL (no handler, no cleanup) at a fault point, to this process and every process it
+        started (torchrun's ranks run in sessions of their own), by their ids."""
         self.wait_for(f"fault point {point} reached")
-        self.proc.kill()  # SIGKILL: no handler, no cleanup
+        for pid in [*_descendants(self.proc.pid), self.proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.finish()
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            for child in map(int, (task / "children").read_text().split()):
+                found += [*_descendants(child), child]
+    return found
 
 
 # ------------------------------------------------------------------- kill -9 during a save
@@ -268,6 +282,36 @@ def test_sigterm_under_torchrun_saves_on_every_rank(tmp_path: Path, shard_cache:
     assert f"resumed from {checkpoint}" in err and "held-out bits per byte: \n" not in err
     assert err.count(f"train: step {step + 1}/{step + 1}") == 1
     assert train_steps(run) == list(range(step + 1))
+
+
+def test_kill_during_a_distributed_resave_keeps_the_old_copy(tmp_path: Path, shard_cache: str) -> None:
+    """Under torchrun, re-saving step 4 (resumed from step 2) writes the new shards beside the old
+    copy: killed once they are complete, the old step-4 checkpoint is intact, and the next start
+    clears the leftover and resumes."""
+    from openglm.parallel.launch import free_port
+
+    def torchrun() -> tuple[str, ...]:
+        return ("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), "-m")
+
+    run = tmp_path / "run"
+    code, err = Process("--dp", "2", "--max-steps", "4", "--out", str(run), cache=shard_cache, launcher=torchrun()).finish()
+    assert code == 0, err
+    old = snapshot(run / "dist-checkpoint-0000004")
+    (run / "dist-latest").write_text("dist-checkpoint-0000002\n")
+    resave = Process("--dp", "2", "--max-steps", "4", "--out", str(run), "--resume", cache=shard_cache, launcher=torchrun(),
+                     pause="save-filled")  # fmt: skip
+    resave.kill_at("save-filled")
+    assert (run / ".dist-checkpoint-0000004.saving" / "trainer_state.json").is_file()
+    assert snapshot(run / "dist-checkpoint-0000004") == old
+    assert (run / "dist-latest").read_text() == "dist-checkpoint-0000002\n"
+    code, err = Process(
+        "--dp", "2", "--max-steps", "4", "--out", str(run), "--resume", cache=shard_cache, launcher=torchrun()
+    ).finish()
+    assert code == 0, err
+    assert (run / "dist-latest").read_text() == "dist-checkpoint-0000004\n" and not (
+        run / ".dist-checkpoint-0000004.saving"
+    ).exists()
+    assert train_steps(run) == [0, 1, 2, 3]
 
 
 # ------------------------------------------------------------------------ damaged files

@@ -95,6 +95,7 @@ def save_distributed(
         config.save(tmp / ckpt.CONFIG_FILE)
         tokenizer.save(tmp / ckpt.TOKENIZER_FILE)
         ckpt.write_text_atomic(tmp / ckpt.STATE_FILE, json.dumps({"step": step, **trainer_state}, indent=2) + "\n")
+        ckpt.fault_point("save-filled")
         ckpt.install_dir(tmp, path)
         ckpt.write_text_atomic(run_dir / DIST_LATEST, path.name + "\n")
     dist.barrier()
