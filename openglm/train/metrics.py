@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from openglm.checkpoint import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 
@@ -39,6 +41,7 @@ class MetricsWriter:
             self._tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step)
 
     def _truncate(self, start_step: int) -> None:
+        """Rewrite metrics.jsonl (atomically) without the records of `start_step` on."""
         kept, dropped = [], 0
         for line in self.path.read_text(errors="replace").splitlines():
             try:
@@ -49,8 +52,6 @@ class MetricsWriter:
             kept += [line] if keep else []
             dropped += 0 if keep or not line.strip() else 1
         if dropped:
-            from openglm.checkpoint import write_text_atomic
-
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))
             log.info("%s: dropped %d records of steps from %d on, written after the checkpoint resumed", self.path, dropped, start_step)
 

@@ -29,7 +29,7 @@ TEMP_NAME = re.compile(r"\.((dist-)?checkpoint-\d{7}|(dist-)?latest)\..+")
 # The files and folders openglm writes into a run directory: what --overwrite removes.
 RUN_FILES = ("latest", "dist-latest", METRICS_FILE, "tensorboard", ".ranks")
 # trainer_state.json fields a resume reads, with their types.
-STATE_FIELDS: dict[str, type | tuple[type, ...]] = {
+STATE_FIELDS: dict[str, type] = {
     "step": int,
     "data_position": int,
     "tokens_seen": int,
@@ -163,7 +163,7 @@ def read_resume_state(checkpoint: Path) -> dict[str, Any]:
         value = state.get(key)
         if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
             raise ckpt.CheckpointError(
-                f"{state_path}: damaged ({key!r} is missing or not a valid {getattr(kind, '__name__', kind)})"
+                f"{state_path}: damaged ({key!r} is missing or not a valid {kind.__name__})"
             )
     if not isinstance(state["spikes"].get("history"), list):
         raise ckpt.CheckpointError(f"{state_path}: damaged ('spikes' has no history list)")
