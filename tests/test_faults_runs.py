@@ -325,6 +325,11 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
 
 
+def _edit_state(checkpoint: Path, **fields) -> None:
+    path = checkpoint / "trainer_state.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | fields))
+
+
 DAMAGE = {  # case: (what to do to checkpoint-0000004 / the run, the error after "error: RUN/")
     "flipped weights": (lambda c: _flip(c / "model.safetensors"),
                         "checkpoint-0000004/model.safetensors: damaged (sha256 differs from the one recorded at save time)"),
@@ -346,6 +351,8 @@ DAMAGE = {  # case: (what to do to checkpoint-0000004 / the run, the error after
     "state is binary": (lambda c: (c / "trainer_state.json").write_bytes(bytes(range(256)) * 4),
                         "checkpoint-0000004/trainer_state.json: damaged (not UTF-8 text)"),
     "state is truncated": (lambda c: _truncate(c / "trainer_state.json"), "checkpoint-0000004/trainer_state.json: damaged (not valid JSON: "),
+    "state has a bad field": (lambda c: _edit_state(c, step="forty"),
+                              "checkpoint-0000004/trainer_state.json: damaged ('step' is missing or not a valid int)"),
     "latest names a missing folder": (lambda c: (c.parent / "latest").write_text("checkpoint-0000009\n"),
                                       "latest: names checkpoint-0000009, which does not exist"),
     "latest is binary": (lambda c: (c.parent / "latest").write_bytes(b"\xff\xfe\x00garbage"), "latest: damaged (not a checkpoint name)"),
