@@ -13,8 +13,10 @@ Layout of a run directory::
 Every recorded sha256 is checked whenever a checkpoint is loaded (`verify_checkpoint`; `load_model`
 can skip it for checkpoints too large to hash each time), so a flipped byte is refused by name.
 
-A checkpoint directory is built under a temporary name and renamed into place, and `latest` is
-replaced atomically, so an interrupted save never leaves a half-written checkpoint behind.
+A checkpoint directory is built under a temporary name and renamed into place (re-saving a step
+swaps the new directory with the old one in a single rename where the platform can, so the good copy
+is never removed before its replacement is in place), and `latest` is replaced atomically after it,
+so an interrupted save never leaves `latest` naming a half-written checkpoint.
 
 A quantized checkpoint (`openglm.quantize`) is a directory of config.json, tokenizer.json,
 model.safetensors (INT8/INT4 `qweight` + bf16 `scales` for the block linears, float tensors for the
@@ -24,12 +26,16 @@ on every load). `load_model` reads either kind.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -75,6 +81,36 @@ def _umasked(mode: int) -> int:
     return mode & ~umask
 
 
+FAULT_ENV = "OPENGLM_FAULT_PAUSE"
+ASIDE_MARK = ".old-"  # `.checkpoint-N.old-XXXX`: the previous copy, moved aside where no swap is possible
+
+
+def fault_point(name: str) -> None:
+    """A test hook for fault injection: when $OPENGLM_FAULT_PAUSE names this point, log it and
+    block here forever, so a test can kill the process at exactly this moment of a save."""
+    if os.environ.get(FAULT_ENV) == name:
+        log.warning("fault point %s reached; pausing", name)
+        while True:
+            time.sleep(1)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing directory entries in one atomic step (Linux renameat2 RENAME_EXCHANGE);
+    False where the C library or the file system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.chmod(tmp, _umasked(0o666))
@@ -86,18 +122,46 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def _write_dir_atomic(final: Path, fill: Callable[[Path], None]) -> None:
-    """Build a directory with `fill(tmp)` under a temporary name beside `final`, then rename it into
-    place (replacing `final`), so a crash never leaves a half-written directory at `final`."""
+    """Build a directory with `fill(tmp)` under a temporary name beside `final`, then put it in
+    place with `install_dir`, so a crash never leaves a half-written directory at `final`."""
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     os.chmod(tmp, _umasked(0o777))
     try:
         fill(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        fault_point("save-filled")
+        install_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def install_dir(tmp: Path, final: Path) -> None:
+    """Rename the complete directory `tmp` to `final`. An existing `final` is swapped with it in
+    one step and only then deleted; where no swap is possible it is first moved aside to
+    `.NAME.old-XXXX` (which `restore_aside` puts back after a crash), never deleted first."""
+    if not final.exists():
+        os.replace(tmp, final)
+    elif _exchange(tmp, final):
+        fault_point("save-swapped")
+        shutil.rmtree(tmp)  # the previous copy, now under the temporary name
+    else:
+        aside = final.with_name(f".{final.name}{ASIDE_MARK}{secrets.token_hex(4)}")
+        os.replace(final, aside)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(aside, final)
+            raise
+        shutil.rmtree(aside)
+
+
+def restore_aside(folder: Path) -> None:
+    """Put back a previous checkpoint copy moved aside by a save that crashed before its
+    replacement was renamed in (`_write_dir_atomic` on a platform without an atomic swap)."""
+    name = folder.name[1:].partition(ASIDE_MARK)[0]
+    if folder.name.startswith(".") and ASIDE_MARK in folder.name and not (folder.parent / name).exists():
+        os.replace(folder, folder.parent / name)
+        log.warning("restored %s, moved aside by a save that did not complete", folder.parent / name)
 
 
 def _file_hashes(folder: Path) -> dict[str, str]:
@@ -121,7 +185,7 @@ def save_checkpoint(
 
     def fill(tmp: Path) -> None:
         config.save(tmp / CONFIG_FILE)
-        save_file({name: t.detach().float().contiguous() for name, t in weights.items()}, tmp / WEIGHTS_FILE)
+        save_safetensors({name: t.detach().float().contiguous() for name, t in weights.items()}, tmp / WEIGHTS_FILE)
         tokenizer.save(tmp / TOKENIZER_FILE)
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
@@ -129,11 +193,20 @@ def save_checkpoint(
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
     _write_dir_atomic(final, fill)
+    fault_point("save-renamed")
     write_text_atomic(run_dir / LATEST_FILE, final.name + "\n")
-    checkpoints = sorted(p for p in run_dir.glob("checkpoint-*") if p.is_dir())
+    # Prune among the saves up to this one: higher-numbered folders (left by a run resumed from an
+    # older checkpoint after a damaged newest one) are replaced when training reaches them.
+    checkpoints = sorted(p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name <= final.name)
     for old in checkpoints[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, with the file mode open() gives (it writes 0600 otherwise)."""
+    save_file(tensors, path)
+    os.chmod(path, _umasked(0o666))
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -158,7 +231,10 @@ def verify_files(checkpoint: Path) -> dict[str, Any]:
     if not state_path.is_file():
         raise CheckpointError(f"{state_path}: missing; {checkpoint} holds no training state to resume from")
     state = _read_record(state_path)
-    _check_sha256(checkpoint, state.get("files", {}))
+    files = state.get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise CheckpointError(f"{state_path}: damaged (no sha256 record of the checkpoint's files)")
+    _check_sha256(checkpoint, files)
     return state
 
 
@@ -172,15 +248,19 @@ def verify_checkpoint(checkpoint: Path) -> None:
     if not state_path.is_file():
         log.info("%s records no sha256 of its files (no %s); loading it unverified", checkpoint, STATE_FILE)
         return
-    _check_sha256(checkpoint, _read_record(state_path).get("files", {}))
+    verify_files(checkpoint)
 
 
 def _read_record(path: Path) -> dict[str, Any]:
     """A JSON object file (trainer_state.json, quantization.json), or a CheckpointError naming it."""
     try:
-        record = json.loads(path.read_bytes())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: damaged ({err})") from None
+        record = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: damaged (not UTF-8 text)") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: damaged (not valid JSON: {err})") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot be read ({err.strerror})") from None
     if not isinstance(record, dict):
         raise CheckpointError(f"{path}: damaged (not a JSON object)")
     return record
@@ -227,7 +307,7 @@ def save_quantized_checkpoint(
 
     def fill(tmp: Path) -> None:
         config.save(tmp / CONFIG_FILE)
-        save_file({name: t.detach().contiguous() for name, t in tensors.items()}, tmp / WEIGHTS_FILE)
+        save_safetensors({name: t.detach().contiguous() for name, t in tensors.items()}, tmp / WEIGHTS_FILE)
         tokenizer.save(tmp / TOKENIZER_FILE)
         write_quantization(tmp, record)
 

@@ -48,12 +48,13 @@ def default_precision() -> str:
 TRAIN_OPTIONS = {
     name: "--" + name.replace("_", "-")
     for name in ("objective", "precision", "seed", "max_steps", "batch_size", "micro_batch_size", "lr", "mip_data", "mip_share",
-                 "egs_alpha", "eval_every", "save_every", "data")
+                 "egs_alpha", "eval_every", "save_every", "data", "max_bad_steps")
 } | {"max_seq_len": "--seq-len", "num_threads": "--threads", "out_dir": "--out"}
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True})
 def train(
+    ctx: typer.Context,
     preset: Annotated[str, typer.Option(help=f"model preset: {', '.join(MODEL_PRESETS)}")] = "tiny",
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/<preset>)")] = None,
     data: Annotated[list[Path] | None, typer.Option(help=".txt/.jsonl files or folders (default: the bundled corpus)")] = None,
@@ -72,7 +73,16 @@ def train(
     save_every: int | None = None,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model")] = True,
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue from the run directory's latest checkpoint")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="continue the run in --out from its newest complete checkpoint (an error if it has none); "
+            "`--resume auto`: continue it if there is one, else start (for requeued jobs)",
+        ),
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="start over in an --out that holds a run, removing its checkpoints and metrics")] = False,
+    max_bad_steps: Annotated[int, typer.Option(help="stop as diverged after this many consecutive skipped or non-finite steps")] = 20,
     tp: Annotated[int, typer.Option(help="tensor-parallel size (divides the heads)")] = 1,
     pp: Annotated[int, typer.Option(help="pipeline stages (at most the layers)")] = 1,
     dp: Annotated[int, typer.Option(help="data-parallel size")] = 1,
@@ -81,9 +91,19 @@ def train(
     schedule: Annotated[str, typer.Option(help="pipeline schedule: 1f1b | gpipe")] = "1f1b",
     nproc: Annotated[int | None, typer.Option(help="start tp*pp*dp local processes (else: run under torchrun)")] = None,
 ) -> None:
-    """Pre-train a GLM on the bundled bilingual corpus (or your own text) with blank infilling."""
+    """Pre-train a GLM on the bundled bilingual corpus (or your own text) with blank infilling.
+
+    SIGTERM, SIGUSR1 and Ctrl-C save a checkpoint at the end of the current step and exit with 128 + the signal number.
+    """
+    from openglm.checkpoint import CheckpointError
+    from openglm.train.rundir import TrainingStopped, process_rank
     from openglm.train.trainer import Trainer
 
+    if ctx.args and not (resume and ctx.args == ["auto"]):
+        raise _fail(f"unexpected argument {ctx.args[0]!r} (`--resume auto` is the only option that takes a word)")
+    resume_mode: bool | str = "auto" if ctx.args else resume
+    if process_rank() != 0:
+        log.setLevel(logging.WARNING)  # under torchrun only rank 0 reports progress
     try:
         overrides = {"objective": objective} | ({"max_seq_len": seq_len} if seq_len else {})
         model_config = model_preset(preset, **overrides)
@@ -103,6 +123,7 @@ def train(
             "save_every": save_every,
             "compile": compile,
             "num_threads": threads,
+            "max_bad_steps": max_bad_steps,
         }
         config = train_preset(preset, **{k: v for k, v in chosen.items() if v is not None})
         if tp * pp * dp > 1 or nproc is not None or "WORLD_SIZE" in os.environ:
@@ -110,15 +131,22 @@ def train(
             from openglm.parallel.trainer import run_parallel
 
             options = {"schedule": schedule, "dp_mode": dp_mode, "activation_checkpointing": activation_checkpointing}
-            summary = run_parallel(model_config, config, Layout(tp, pp, dp), resume, options, nproc)
+            summary = run_parallel(model_config, config, Layout(tp, pp, dp), resume_mode, overwrite, options, nproc)
             if summary is None:  # another torchrun rank, or --nproc: the spawned ranks logged their progress
                 if nproc is not None:
                     typer.echo(f"done: run in {config.out_dir}")
                 return
         else:
-            summary = Trainer(model_config, config, resume=resume).fit()
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+            summary = Trainer(model_config, config, resume=resume_mode, overwrite=overwrite).fit()
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
         raise _fail(in_user_terms(str(err), TRAIN_OPTIONS)) from None
+    except TrainingStopped as err:
+        if process_rank() == 0:
+            typer.secho(str(err), fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=err.exit_code) from None
+    if summary.get("complete"):
+        typer.echo(f"the run in {config.out_dir} is complete at step {summary['step']}; nothing to do (raise --max-steps to train further)")
+        return
     typer.echo(f"done: step {summary['step']}, held-out loss {summary.get('val_loss', float('nan')):.4f}, run in {config.out_dir}")
 
 

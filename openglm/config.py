@@ -240,6 +240,9 @@ class TrainConfig:
     loss_scale_min: float = 1.0
     loss_scale_hysteresis: int = 2
     spike_factor: float = 5.0  # a grad norm above this times its running median is a spike
+    # Consecutive skipped (fp16 overflow) or non-finite steps after which training stops as diverged;
+    # with the default hysteresis this lets an fp16 loss scale fall 2^10 while it calibrates.
+    max_bad_steps: int = 20
     # blank infilling (GLM-130B flags)
     gmask_prob: float = 0.7
     mask_ratio: float = 0.15
@@ -255,7 +258,7 @@ class TrainConfig:
     num_threads: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "micro_batch_size", "max_steps", "eval_every", "save_every", "log_every", "eval_batches"):
+        for name in ("batch_size", "micro_batch_size", "max_steps", "eval_every", "save_every", "log_every", "eval_batches", "max_bad_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"TrainConfig.{name} must be a positive integer, got {value!r}")

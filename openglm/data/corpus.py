@@ -536,6 +536,7 @@ def prepare_corpus(
     temporary folder and renamed into place, so a crashed build is never mistaken for a cache hit.
     """
     cache_dir = Path(cache_dir)
+    _remove_dead_builds(cache_dir)
     sources_hash = _sha256_json(_sources(resolve_corpus_files(paths)))
     key = _cache_key(tokenizer.fingerprint, sources_hash, val_fraction, seed, shard_tokens)
     target = cache_dir / key[:16]
@@ -558,6 +559,25 @@ def prepare_corpus(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+BUILD_TMP = re.compile(r"\.[0-9a-f]{16}-(\d+)-[0-9a-f]{8}\.tmp")
+
+
+def _remove_dead_builds(cache_dir: Path) -> None:
+    """Remove the temporary build folders of killed processes (their names carry the builder's
+    pid; a folder whose process is alive, here or of another user, is left alone)."""
+    for folder in cache_dir.glob(".*.tmp") if cache_dir.is_dir() else []:
+        match = BUILD_TMP.fullmatch(folder.name)
+        if match is None or not folder.is_dir() or folder.is_symlink():
+            continue
+        try:
+            os.kill(int(match[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+            logger.info("removed %s, left by a token-shard build that was killed", folder)
+        except PermissionError:
+            pass
 
 
 def _is_valid_build(root: Path, key: str) -> bool:

@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import pickle
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -173,15 +174,23 @@ def save_distributed(
     run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, config: GLMConfig, tp: int,
     tokenizer: GLMTokenizer, trainer_state: dict[str, Any],
 ) -> Path:
-    """Collective: every rank writes its shards; rank 0 then writes the metadata files and
-    `dist-latest` (so a checkpoint named there is complete)."""
+    """Collective: every rank writes its shards into `.NAME.saving`; rank 0 then writes the
+    metadata files, renames the folder into place (`install_dir`: a re-saved step replaces the
+    old copy only once the new one is complete) and points `dist-latest` at it."""
     path = run_dir / f"{DIST_PREFIX}{step:07d}"
+    tmp = run_dir / f".{path.name}.saving"
+    if dist.get_rank() == 0 and tmp.exists():
+        shutil.rmtree(tmp)
+    dist.barrier()
     model_state, optim_state = _state(model, optimizer, config, tp)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    dist.barrier()
     if dist.get_rank() == 0:
-        config.save(path / ckpt.CONFIG_FILE)
-        tokenizer.save(path / ckpt.TOKENIZER_FILE)
-        ckpt.write_text_atomic(path / ckpt.STATE_FILE, json.dumps({"step": step, **trainer_state}, indent=2) + "\n")
+        config.save(tmp / ckpt.CONFIG_FILE)
+        tokenizer.save(tmp / ckpt.TOKENIZER_FILE)
+        ckpt.write_text_atomic(tmp / ckpt.STATE_FILE, json.dumps({"step": step, **trainer_state}, indent=2) + "\n")
+        ckpt.fault_point("save-filled")
+        ckpt.install_dir(tmp, path)
         ckpt.write_text_atomic(run_dir / DIST_LATEST, path.name + "\n")
     dist.barrier()
     return path
@@ -205,8 +214,18 @@ def load_distributed(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
 
 
 def resolve_distributed(run_dir: Path) -> Path | None:
+    """The distributed checkpoint `dist-latest` names if it is complete (has its trainer state),
+    else the newest complete one, saying so; None if there is none."""
     latest = run_dir / DIST_LATEST
-    return run_dir / latest.read_text().strip() if latest.exists() else None
+    named = run_dir / latest.read_text(errors="replace").strip() if latest.is_file() else None
+    if named is not None and named.parent == run_dir and (named / ckpt.STATE_FILE).is_file():
+        return named
+    for candidate in sorted(run_dir.glob(f"{DIST_PREFIX}*"), reverse=True):
+        if (candidate / ckpt.STATE_FILE).is_file():
+            if named is not None:
+                log.warning("%s does not name a complete checkpoint; resuming from %s, the newest complete one", latest, candidate.name)
+            return candidate
+    return None
 
 
 def export_checkpoint(source: Path, run_dir: Path) -> Path:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
@@ -23,13 +24,15 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from openglm.config import ConfigError, GLMConfig, TrainConfig
-from openglm.parallel.checkpoint import export_checkpoint, load_distributed, resolve_distributed, save_distributed
+from openglm.parallel.checkpoint import DIST_LATEST, export_checkpoint, load_distributed, resolve_distributed, save_distributed
 from openglm.parallel.launch import spawn
 from openglm.parallel.parallelize import DATA_PARALLEL, GLMStage, apply_data_parallel, apply_tensor_parallel
 from openglm.parallel.plan import Layout, stage_layers, validate_layout
 from openglm.tokenizer import GLMTokenizer
+from openglm.train import rundir
 from openglm.train.optim import batch_size_at
 from openglm.train.precision import DynamicLossScaler, MixedPrecision, StepReport
+from openglm.train.rundir import ResumeMode, TrainingStopped
 from openglm.train.trainer import SampleSource, Trainer
 
 log = logging.getLogger(__name__)
@@ -155,10 +158,11 @@ class ParallelTrainer(Trainer):
         config: TrainConfig,
         layout: Layout,
         tokenizer: GLMTokenizer | None = None,
-        resume: bool = False,
+        resume: ResumeMode = False,
         schedule: str = "1f1b",
         dp_mode: str = "fsdp",
         activation_checkpointing: bool = False,
+        overwrite: bool = False,
     ) -> None:
         world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
         validate_layout(layout, model_config, world_size)
@@ -180,7 +184,7 @@ class ParallelTrainer(Trainer):
         # Other ranks keep their (identical) metrics out of the run directory's metrics.jsonl.
         out = config.out_dir if self.rank == 0 else str(self.run_dir / ".ranks" / str(self.rank))
         self._schedules: dict[int, Any] = {}
-        super().__init__(model_config, dataclasses.replace(config, out_dir=out, compile=False), tokenizer, resume)
+        super().__init__(model_config, dataclasses.replace(config, out_dir=out, compile=False), tokenizer, resume, overwrite)
 
     def _tied_group(self) -> Any:
         """Process groups pairing first and last stage ranks at the same (dp, tp) coordinate; every
@@ -301,6 +305,26 @@ class ParallelTrainer(Trainer):
         log.info("held-out bits per byte need the whole model: the run's exported checkpoint takes `openglm eval --model RUN`")
         return {}
 
+    # ------------------------------------------------------------------- stops and checks
+    @property
+    def run_path(self) -> Path:
+        return self.run_dir
+
+    def _stop_signal(self, received: list[int]) -> int:
+        """The largest signal number any rank received, so every rank stops at the same step."""
+        value = torch.tensor(received[0] if received else 0, device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return int(value)
+
+    def _state_is_finite(self) -> bool:
+        local = all(bool(torch.isfinite(_local(t)).all()) for t in self._state_tensors())
+        value = torch.tensor(int(local), device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value)
+
+    def _last_checkpoint(self) -> Path | None:
+        return rundir.last_checkpoint(self.run_dir, DIST_LATEST)
+
     # -------------------------------------------------------------------------- checkpoints
     def save(self) -> Path:
         state = {
@@ -318,12 +342,36 @@ class ParallelTrainer(Trainer):
             log.info("exported %s", export_checkpoint(path, self.run_dir))
         dist.barrier()
         log.info("saved %s", path)
+        self._saved_step = self.step
         return path
 
-    def _resume_checkpoint(self) -> Path | None:
+    def _open_run(self, resume: ResumeMode, overwrite: bool) -> Path | None:
+        """As Trainer's, for the run directory all ranks share: every rank checks, rank 0 alone
+        locks, removes and cleans while the others wait."""
+        resuming = rundir.check_start(self.run_dir, resume, overwrite, self._has_checkpoint())
+        locked = torch.tensor(1, device=self.device)
+        if self.rank == 0:
+            try:
+                self._lock = rundir.RunLock(self.run_dir)
+            except ConfigError:
+                locked.zero_()
+        dist.broadcast(locked, src=0)
+        if not locked:
+            raise ConfigError(f"{self.run_dir} is in use by another training process")
+        if self.rank == 0:
+            if overwrite:
+                rundir.remove_run(self.run_dir)
+            rundir.remove_stale_temps(self.run_dir)
+        dist.barrier()
+        return self._resume_checkpoint() if resuming else None
+
+    def _has_checkpoint(self) -> bool:
+        return resolve_distributed(self.run_dir) is not None
+
+    def _resume_checkpoint(self) -> Path:
         path = resolve_distributed(self.run_dir)
         if path is None:
-            log.warning("--resume: no distributed checkpoint in %s yet; starting from scratch", self.run_dir)
+            raise ConfigError(f"--resume: {self.run_dir} holds no complete distributed checkpoint")
         return path
 
     def _load_training_state(self, checkpoint: Path) -> None:
@@ -333,22 +381,30 @@ class ParallelTrainer(Trainer):
 
 
 
-def fit_parallel(model_config: GLMConfig, config: TrainConfig, layout: Layout, resume: bool, options: dict[str, Any]) -> dict[str, Any]:
+def fit_parallel(
+    model_config: GLMConfig, config: TrainConfig, layout: Layout, resume: ResumeMode, overwrite: bool, options: dict[str, Any]
+) -> dict[str, Any]:
     """In every rank: train, save distributed checkpoints, export the last one (rank 0).
     `options`: ParallelTrainer's schedule, dp_mode and activation_checkpointing."""
-    return ParallelTrainer(model_config, config, layout, resume=resume, **options).fit()
+    return ParallelTrainer(model_config, config, layout, resume=resume, overwrite=overwrite, **options).fit()
 
 
 def run_parallel(
-    model_config: GLMConfig, config: TrainConfig, layout: Layout, resume: bool, options: dict[str, Any], nproc: int | None
+    model_config: GLMConfig, config: TrainConfig, layout: Layout, resume: ResumeMode, overwrite: bool, options: dict[str, Any],
+    nproc: int | None,
 ) -> dict[str, Any] | None:
     """Train under torchrun (`nproc` None: this process is one rank) or start `nproc` local
     processes; the layout is checked before any process starts. The summary comes back on
     torchrun's rank 0 only."""
     if nproc is None:
-        summary = fit_parallel(model_config, config, layout, resume, options)
+        summary = fit_parallel(model_config, config, layout, resume, overwrite, options)
         return summary if dist.get_rank() == 0 else None
     validate_layout(layout, model_config, nproc)
     check_batch(layout, config)
-    spawn(fit_parallel, nproc, model_config, config, layout, resume, options)
+    run_dir = Path(config.out_dir)
+    rundir.check_start(run_dir, resume, overwrite, resolve_distributed(run_dir) is not None)  # errors before any process starts
+    try:
+        spawn(fit_parallel, nproc, model_config, config, layout, resume, overwrite, options)
+    except mp.ProcessExitedException as err:  # a rank stopped on purpose (signal, divergence) and said why
+        raise TrainingStopped(f"training process {err.error_index} exited with code {err.exit_code}", err.exit_code) from None
     return None

@@ -4,17 +4,20 @@ clipping, grad-norm spike events), resumable checkpoints out."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import pickle
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from openglm import checkpoint as ckpt
 from openglm.config import ConfigError, GLMConfig, TrainConfig, cache_dir
@@ -24,9 +27,11 @@ from openglm.data.mip import MIPDataset, MixedDataset
 from openglm.eval.lm import LMScore, score_tokens
 from openglm.model import GLM, flops_per_token
 from openglm.tokenizer import GLMTokenizer
-from openglm.train.metrics import MetricsWriter, SpikeDetector, measure_matmul_flops
+from openglm.train import rundir
+from openglm.train.metrics import MetricsWriter, Progress, SpikeDetector, measure_matmul_flops
 from openglm.train.optim import batch_size_at, build_optimizer, learning_rate, set_learning_rate
 from openglm.train.precision import DynamicLossScaler, MixedPrecision, StepReport
+from openglm.train.rundir import ResumeMode, TrainingStopped
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,33 @@ LOGIT_ROW_BUCKET = 256
 
 # The trainer state every checkpoint stores beside "step" (`Trainer._trainer_state`'s keys, in order).
 TRAINER_STATE_KEYS = ("data_position", "tokens_seen", "train_config", "spikes")
+# Signals that stop training at the end of the current step with a checkpoint: `kill`, container
+# stop and SLURM's `--signal` before preemption; Ctrl-C too (a second Ctrl-C quits at once).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+DIVERGED_EXIT_CODE = 1
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[list[int]]:
+    """While active, STOP_SIGNALS are recorded in the yielded list instead of ending the process
+    (main thread only; elsewhere the list stays empty)."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        if signum == signal.SIGINT and signal.SIGINT in received:
+            raise KeyboardInterrupt
+        log.warning("%s: saving a checkpoint at the end of this step, then stopping", signal.Signals(signum).name)
+        received.append(signum)
+
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, normalizer: int) -> torch.Tensor:
@@ -82,12 +114,22 @@ def head_loss(
 class Trainer:
     fused_optimizer = True  # one fused AdamW kernel; `openglm.parallel` steps DTensors per parameter
 
-    def __init__(self, model_config: GLMConfig, config: TrainConfig, tokenizer: GLMTokenizer | None = None, resume: bool = False) -> None:
+    rank = 0  # logs and progress come from rank 0 only
+
+    def __init__(
+        self, model_config: GLMConfig, config: TrainConfig, tokenizer: GLMTokenizer | None = None,
+        resume: ResumeMode = False, overwrite: bool = False,
+    ) -> None:
+        """`resume`: True continues the run in `config.out_dir` (an error if it has no checkpoint),
+        "auto" continues it if there is one and starts otherwise; `overwrite` replaces the run
+        there. With neither, a directory that holds a run is refused (ConfigError)."""
         self.config = config
         self.out_dir = Path(config.out_dir)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        resume_from = self._resume_checkpoint() if resume else None
+        self._resume_state: dict[str, Any] = {}
+        self._saved_step: int | None = None
+        resume_from = self._open_run(resume, overwrite)
         if resume_from is not None:
             model_config = ckpt.load_config(resume_from)
             tokenizer = GLMTokenizer.from_file(resume_from / ckpt.TOKENIZER_FILE)
@@ -210,7 +252,10 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         config = self.config
-        writer = MetricsWriter(self.out_dir)
+        if self.step >= config.max_steps:
+            log.info("the run in %s is complete: it is at step %d and --max-steps is %d", self.run_path, self.step, config.max_steps)
+            return {"step": self.step, "tokens_seen": self.tokens_seen, "complete": True}
+        writer = MetricsWriter(self.out_dir, start_step=self.step)
         peak = measure_matmul_flops(self.precision.dtype)
         log.info(
             "model %.2fM parameters, precision %s, matmul peak %.0f GFLOP/s, %d steps",
@@ -218,46 +263,89 @@ class Trainer:
         )
         writer.write("run", self.step, parameters=self.model.num_parameters(), peak_flops=peak, resumed=self.step > 0)
         summary: dict[str, Any] = {}
-        progress = tqdm(total=config.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        progress = Progress(config.max_steps, self.step, enabled=self.rank == 0)
+        bad_steps = 0  # consecutive skipped or non-finite steps
         try:
-            while self.step < config.max_steps:
-                started = time.perf_counter()
-                metrics = self.train_step()
-                elapsed = time.perf_counter() - started
-                metrics["tokens_per_s"] = metrics["tokens"] / elapsed
-                fpt = flops_per_token(self.model_config, self.model_config.max_seq_len, metrics["target_fraction"])
-                metrics["mfu"] = fpt * metrics["tokens_per_s"] / peak
-                step = self.step - 1
-                writer.write("train", step, **metrics)
-                median = self.spikes.observe(metrics["grad_norm"])
-                if median is not None:
-                    log.warning("grad-norm spike at step %d: %.3g vs running median %.3g", step, metrics["grad_norm"], median)
-                    writer.write("event", step, event="grad_norm_spike", grad_norm=metrics["grad_norm"], median=median)
-                if metrics["skipped"]:
-                    writer.write("event", step, event="skipped_step", loss_scale=metrics["loss_scale"])
-                if not math.isfinite(metrics["loss"]) and config.precision != "fp16":
-                    raise FloatingPointError(f"loss became {metrics['loss']} at step {step}")
-                progress.update(1)
-                progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-                if self.step % config.eval_every == 0 or self.step == config.max_steps:
-                    summary["val_loss"] = self.evaluate()
-                    writer.write("eval", step, val_loss=summary["val_loss"])
-                    log.info("step %d: held-out loss %.4f", self.step, summary["val_loss"])
-                if self.step % config.save_every == 0 or self.step == config.max_steps:
-                    self.save()
-        except KeyboardInterrupt:
-            log.warning("interrupted at step %d; saving a checkpoint to resume from", self.step)
-            self.save()
-            raise
+            with stop_signals() as received:
+                while self.step < config.max_steps:
+                    started = time.perf_counter()
+                    metrics = self.train_step()
+                    elapsed = time.perf_counter() - started
+                    metrics["tokens_per_s"] = metrics["tokens"] / elapsed
+                    fpt = flops_per_token(self.model_config, self.model_config.max_seq_len, metrics["target_fraction"])
+                    metrics["mfu"] = fpt * metrics["tokens_per_s"] / peak
+                    step = self.step - 1
+                    writer.write("train", step, **metrics)
+                    median = self.spikes.observe(metrics["grad_norm"])
+                    if median is not None:
+                        log.warning("grad-norm spike at step %d: %.3g vs running median %.3g", step, metrics["grad_norm"], median)
+                        writer.write("event", step, event="grad_norm_spike", grad_norm=metrics["grad_norm"], median=median)
+                    if metrics["skipped"]:
+                        writer.write("event", step, event="skipped_step", loss_scale=metrics["loss_scale"])
+                    bad_steps = bad_steps + 1 if metrics["skipped"] or not math.isfinite(metrics["loss"]) else 0
+                    if bad_steps >= config.max_bad_steps:
+                        raise self._diverged(f"{bad_steps} consecutive steps (to step {step}) were skipped or had a non-finite loss"
+                                             f" (loss {metrics['loss']:.4g}, loss scale {metrics['loss_scale']:g})")
+                    progress.update(metrics["loss"], metrics["tokens_per_s"])
+                    if self.step % config.eval_every == 0 or self.step == config.max_steps:
+                        summary["val_loss"] = self.evaluate()
+                        writer.write("eval", step, val_loss=summary["val_loss"])
+                        log.info("step %d: held-out loss %.4f", self.step, summary["val_loss"])
+                    if self.step == config.max_steps or (self.step % config.save_every == 0 and not bad_steps):
+                        self.save()
+                    elif self.step % config.save_every == 0:
+                        log.warning("step %d: not saving in the middle of %d skipped or non-finite steps", self.step, bad_steps)
+                    signum = self._stop_signal(received)
+                    if signum:
+                        self._stop(signum)
         finally:
             progress.close()
             writer.close()
         summary["bits_per_byte"] = self.heldout_bits_per_byte(config.final_eval_tokens)
-        with MetricsWriter(self.out_dir, tensorboard=False) as final:
-            final.write("eval", self.step - 1, **{f"bits_per_byte_{k}": v for k, v in summary["bits_per_byte"].items()})
-        log.info("held-out bits per byte: %s", ", ".join(f"{k} {v:.4f}" for k, v in summary["bits_per_byte"].items()))
+        if summary["bits_per_byte"]:
+            with MetricsWriter(self.out_dir, tensorboard=False) as final:
+                final.write("eval", self.step - 1, **{f"bits_per_byte_{k}": v for k, v in summary["bits_per_byte"].items()})
+            log.info("held-out bits per byte: %s", ", ".join(f"{k} {v:.4f}" for k, v in summary["bits_per_byte"].items()))
         summary.update(step=self.step, tokens_seen=self.tokens_seen)
         return summary
+
+    @property
+    def run_path(self) -> Path:
+        """The run directory (`out_dir` of rank 0)."""
+        return self.out_dir
+
+    def _stop_signal(self, received: list[int]) -> int:
+        """The stop signal this process received, 0 if none (a hook: under torchrun the ranks agree)."""
+        return received[0] if received else 0
+
+    def _stop(self, signum: int) -> None:
+        """Save (unless this step is saved) and end training with exit code 128 + signal number."""
+        path = self.save() if self._saved_step != self.step else self._last_checkpoint()
+        name = signal.Signals(signum).name
+        raise TrainingStopped(f"stopped by {name} at step {self.step}; saved {path}: continue with --resume", 128 + signum)
+
+    def _diverged(self, what: str) -> TrainingStopped:
+        last = self._last_checkpoint()
+        advice = (
+            f"the last good checkpoint is {last}: resume from it with a lower --lr, or raise --max-bad-steps"
+            if last is not None
+            else "no checkpoint was saved: start again with a lower --lr, or raise --max-bad-steps"
+        )
+        return TrainingStopped(f"training diverged: {what}; stopped without saving, {advice}", DIVERGED_EXIT_CODE)
+
+    def _last_checkpoint(self) -> Path | None:
+        return rundir.last_checkpoint(self.run_path)
+
+    def _state_is_finite(self) -> bool:
+        """Whether every master weight and optimizer moment is finite (a hook: shards are checked
+        on every rank)."""
+        return all(bool(torch.isfinite(t).all()) for t in self._state_tensors())
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        tensors = [p.detach() for p in self.precision.master_params]
+        for state in self.optimizer.state.values():
+            tensors += [v for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        return tensors
 
     # --------------------------------------------------------------------------- checkpoints
     def _trainer_state(self) -> dict[str, Any]:
@@ -280,6 +368,10 @@ class Trainer:
         self.spikes.load_state_dict(state["spikes"])
 
     def save(self) -> Path:
+        """Write a checkpoint of this step; a TrainingStopped (never a checkpoint) if any weight or
+        optimizer moment is non-finite."""
+        if not self._state_is_finite():
+            raise self._diverged(f"the weights or optimizer state at step {self.step} are not finite")
         state = self._trainer_state()
         optimizer_state = {
             "optimizer": self.optimizer.state_dict(),
@@ -290,17 +382,29 @@ class Trainer:
             self.out_dir, self.step, self.model_config, self.precision.master_state_dict(), self.tokenizer, state, optimizer_state
         )
         log.info("saved %s", path)
+        self._saved_step = self.step
         return path
 
-    def _resume_checkpoint(self) -> Path | None:
-        if not (self.out_dir / ckpt.LATEST_FILE).exists():
-            log.warning("--resume: no checkpoint in %s yet; starting from scratch", self.out_dir)
-            return None
-        return ckpt.resolve_checkpoint(self.out_dir)
+    def _open_run(self, resume: ResumeMode, overwrite: bool) -> Path | None:
+        """Lock the run directory, check --resume/--overwrite against what it holds, clear what a
+        killed save left; returns the checkpoint to resume from (None: start)."""
+        resuming = rundir.check_start(self.out_dir, resume, overwrite, self._has_checkpoint())
+        self._lock = rundir.RunLock(self.out_dir)
+        if overwrite:
+            rundir.remove_run(self.out_dir)
+        rundir.remove_stale_temps(self.out_dir)
+        return self._resume_checkpoint() if resuming else None
+
+    def _has_checkpoint(self) -> bool:
+        return bool(rundir.checkpoint_dirs(self.out_dir)) or (self.out_dir / ckpt.LATEST_FILE).exists()
+
+    def _resume_checkpoint(self) -> Path:
+        checkpoint, self._resume_state = rundir.resume_checkpoint(self.out_dir)
+        return checkpoint
 
     def _load_training_state(self, checkpoint: Path) -> None:
-        state = ckpt.verify_files(checkpoint)
-        saved_precision = state["train_config"]["precision"]
+        state = self._resume_state
+        saved_precision = state["train_config"].get("precision")
         if saved_precision != self.config.precision:
             log.warning("resuming a %s run in %s", saved_precision, self.config.precision)
         master = dict(zip(self.precision.names, self.precision.master_params, strict=True))
@@ -310,7 +414,9 @@ class Trainer:
         try:
             payload = torch.load(optimizer_path, weights_only=True)
             self.optimizer.load_state_dict(payload["optimizer"])
-        except (OSError, RuntimeError, KeyError, ValueError) as err:
+            scaler_state, rng_state = payload["loss_scaler"], payload["torch_rng"]
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError, pickle.UnpicklingError) as err:
             raise ckpt.CheckpointError(f"{optimizer_path}: cannot restore the optimizer ({err})") from None
-        self._restore_state(state, payload["loss_scaler"], payload["torch_rng"])
+        self._restore_state(state, scaler_state, rng_state)
+        self._saved_step = self.step
         log.info("resumed from %s at step %d", checkpoint, self.step)
