@@ -56,6 +56,7 @@ def train(
     mip_share: float = 0.05,
     egs_alpha: Annotated[float, typer.Option(help="Embedding Gradient Shrink factor (1 = off)")] = 0.1,
     eval_every: int | None = None,
+    val_fraction: Annotated[float | None, typer.Option(help="share of documents held out for evaluation (0: no held-out evaluation)")] = None,
     save_every: int | None = None,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model")] = True,
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads")] = None,
@@ -87,6 +88,7 @@ def train(
             "mip_share": mip_share,
             "egs_alpha": egs_alpha,
             "eval_every": eval_every,
+            "val_fraction": val_fraction,
             "save_every": save_every,
             "compile": compile,
             "num_threads": threads,
@@ -106,7 +108,8 @@ def train(
             summary = Trainer(model_config, config, resume=resume).fit()
     except (ConfigError, ValueError, FileNotFoundError) as err:
         raise _fail(str(err)) from None
-    typer.echo(f"done: step {summary['step']}, held-out loss {summary.get('val_loss', float('nan')):.4f}, run in {config.out_dir}")
+    heldout = "held-out evaluation off" if config.val_fraction == 0 else f"held-out loss {summary.get('val_loss', float('nan')):.4f}"
+    typer.echo(f"done: step {summary['step']}, {heldout}, run in {config.out_dir}")
 
 
 def _option_error(err: Exception) -> str:
