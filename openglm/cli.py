@@ -259,16 +259,18 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="rows decoded together (1: no batching)")] = 64,
     max_queue: Annotated[int, typer.Option(help="requests that may wait before 429")] = 256,
     timeout: Annotated[float, typer.Option(help="seconds per request before 504")] = 60.0,
+    max_body_bytes: Annotated[int, typer.Option(help="largest request body accepted; larger ones get 413")] = 4 * 2**20,
 ) -> None:
     """Serve the model over HTTP: OpenAI-compatible /v1/completions, /v1/infill, a playground at /, /metrics."""
     from openglm.serve import create_app
     from openglm.serve import serve as run_server
 
-    if max_batch < 1 or max_queue < 1 or timeout <= 0:
-        raise _fail("--max-batch and --max-queue must be >= 1 and --timeout > 0")
+    if max_batch < 1 or max_queue < 1 or max_body_bytes < 1 or timeout <= 0:
+        raise _fail("--max-batch, --max-queue and --max-body-bytes must be >= 1 and --timeout > 0")
     glm, tokenizer = _load_for_generation(model, quantize_bits, group_size)
     name = model_name or model.resolve().name
-    run_server(create_app(glm, tokenizer, model_name=name, max_batch=max_batch, max_queue=max_queue, timeout=timeout), host, port)
+    app = create_app(glm, tokenizer, model_name=name, max_batch=max_batch, max_queue=max_queue, timeout=timeout, max_body_bytes=max_body_bytes)
+    run_server(app, host, port)
 
 
 def _print_result(model: GLM, tokenizer: GLMTokenizer, prompt: str, config: GenerationConfig, stream: bool) -> None:
