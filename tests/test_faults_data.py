@@ -244,3 +244,15 @@ def test_a_validation_split_too_small_says_what_to_do(tmp_path: Path, cache_env:
     # The same run without held-out evaluation trains.
     summary = Trainer(micro_config(max_seq_len=val_tokens + 3), dataclasses.replace(config, val_fraction=0.0, max_steps=1)).fit()
     assert summary["step"] == 1 and "val_loss" not in summary
+
+
+def test_a_one_document_corpus_says_it_has_nothing_to_hold_out(tmp_path: Path, cache_env: str, bundled: dict[str, Path]) -> None:
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"text": english_sentences(bundled)[:30_000]}) + "\n", encoding="utf-8")
+    with pytest.raises(CorpusError, match=r"no document can be held out for validation \(the corpus has only one\)") as err:
+        Trainer(micro_config(), micro_train_config(tmp_path / "run", data=[str(path)]))
+    assert str(err.value).startswith(f"{path}: ") and str(err.value).endswith(
+        "pass --val-fraction 0 to train without held-out evaluation"
+    )
+    summary = Trainer(micro_config(), micro_train_config(tmp_path / "run", data=[str(path)], val_fraction=0.0, max_steps=1)).fit()
+    assert summary["step"] == 1

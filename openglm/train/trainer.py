@@ -149,6 +149,11 @@ class Trainer:
             return BlankInfillingDataset.from_config(stream, self.model_config, config)
         except TooFewTokens as err:
             names = ", ".join(map(str, paths))
+            if stream.split == "val" and stream.num_documents == 0:
+                raise CorpusError(
+                    f"{names}: no document can be held out for validation (the corpus has only one); "
+                    "add documents or pass --val-fraction 0 to train without held-out evaluation"
+                ) from None
             split = "validation" if stream.split == "val" else "training"
             advice = (
                 "add text, raise --val-fraction, or pass --val-fraction 0 to train without held-out evaluation"
