@@ -149,7 +149,7 @@ def _read_txt(path: Path) -> Iterator[str]:
     document. A document that would pass `TXT_MAX_DOCUMENT_CHARS` (a file without blank lines, one
     huge line) is cut at a line break, a sentence end or a space (`_cut`), so documents stay small
     enough for a by-document validation split and for the tokenizer. Lines are read with universal
-    newlines, so "\r\n" becomes "\n".
+    newlines, so "\\r\\n" becomes "\\n".
     """
     text = ""  # the document so far: whole paragraphs joined by blank lines, then the open paragraph
     open_paragraph = False
