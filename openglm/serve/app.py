@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 MAX_PROMPTS = 64  # prompts x n of one request
 MAX_STOP = 4  # stop strings of one request, as OpenAI allows
-MAX_BODY_BYTES = 4 * 2**20  # default request-body limit: 64 prompts of 64k characters fit
+MAX_BODY_BYTES = 4 * 2**20  # default request-body limit: room for MAX_PROMPTS prompts of 60k characters
 # GenerationConfig fields under the names the API gives them.
 _API_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "stop_strings": "stop"}
 
