@@ -70,6 +70,7 @@ def train(
     mip_share: float = 0.05,
     egs_alpha: Annotated[float, typer.Option(help="Embedding Gradient Shrink factor (1 = off)")] = 0.1,
     eval_every: int | None = None,
+    val_fraction: Annotated[float | None, typer.Option(help="share of documents held out for evaluation (0: no held-out evaluation)")] = None,
     save_every: int | None = None,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model")] = True,
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads")] = None,
@@ -120,6 +121,7 @@ def train(
             "mip_share": mip_share,
             "egs_alpha": egs_alpha,
             "eval_every": eval_every,
+            "val_fraction": val_fraction,
             "save_every": save_every,
             "compile": compile,
             "num_threads": threads,
@@ -147,7 +149,8 @@ def train(
     if summary.get("complete"):
         typer.echo(f"the run in {config.out_dir} is complete at step {summary['step']}; nothing to do (raise --max-steps to train further)")
         return
-    typer.echo(f"done: step {summary['step']}, held-out loss {summary.get('val_loss', float('nan')):.4f}, run in {config.out_dir}")
+    heldout = "held-out evaluation off" if config.val_fraction == 0 else f"held-out loss {summary.get('val_loss', float('nan')):.4f}"
+    typer.echo(f"done: step {summary['step']}, {heldout}, run in {config.out_dir}")
 
 
 def _option_error(err: Exception) -> str:
@@ -303,16 +306,18 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="requests that may wait before 429")] = 256,
     timeout: Annotated[float, typer.Option(help="seconds per request before 504")] = 60.0,
     no_verify: Annotated[bool, typer.Option("--no-verify", help=NO_VERIFY_HELP)] = False,
+    max_body_bytes: Annotated[int, typer.Option(help="largest request body accepted; larger ones get 413")] = 4 * 2**20,
 ) -> None:
     """Serve the model over HTTP: OpenAI-compatible /v1/completions, /v1/infill, a playground at /, /metrics."""
     from openglm.serve import create_app
     from openglm.serve import serve as run_server
 
-    if max_batch < 1 or max_queue < 1 or timeout <= 0:
-        raise _fail("--max-batch and --max-queue must be >= 1 and --timeout > 0")
+    if max_batch < 1 or max_queue < 1 or max_body_bytes < 1 or timeout <= 0:
+        raise _fail("--max-batch, --max-queue and --max-body-bytes must be >= 1 and --timeout > 0")
     glm, tokenizer = _load_for_generation(model, quantize_bits, group_size, verify=not no_verify)
     name = model_name or model.resolve().name
-    run_server(create_app(glm, tokenizer, model_name=name, max_batch=max_batch, max_queue=max_queue, timeout=timeout), host, port)
+    app = create_app(glm, tokenizer, model_name=name, max_batch=max_batch, max_queue=max_queue, timeout=timeout, max_body_bytes=max_body_bytes)
+    run_server(app, host, port)
 
 
 def _print_result(model: GLM, tokenizer: GLMTokenizer, prompt: str, config: GenerationConfig, stream: bool) -> None:

@@ -130,8 +130,8 @@ class GenerationConfig:
             raise ConfigError(f"GenerationConfig.top_p must be in (0, 1] (1: off), got {self.top_p!r}")
         if not isinstance(self.greedy, bool):
             raise ConfigError(f"GenerationConfig.greedy must be a bool, got {self.greedy!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ConfigError(f"GenerationConfig.seed must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and not (_is_int(self.seed) and -(2**63) <= self.seed < 2**64):
+            raise ConfigError(f"GenerationConfig.seed must be an integer from -2**63 to 2**64 - 1, or None, got {self.seed!r}")
         if self.stop_token_ids is not None and not (
             isinstance(self.stop_token_ids, tuple) and all(_is_int(i) and i >= 0 for i in self.stop_token_ids)
         ):
@@ -239,12 +239,13 @@ def sample_next(
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator on the logits' device (multinomial needs one there); seed None: a fresh seed."""
+    """A generator on the logits' device (multinomial needs one there); seed None: a fresh seed.
+    Seeds wrap at 2**64 as torch's do (-1 is 2**64 - 1), so prompt i's seed + i is always valid."""
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
     else:
-        generator.manual_seed(seed)
+        generator.manual_seed(seed % 2**64)
     return generator
 
 

@@ -327,6 +327,14 @@ def real_tokens(sample: Sample) -> int:
     return prefix_len + int(np.count_nonzero(sample["labels"][prefix_len:] != IGNORE_INDEX))
 
 
+class TooFewTokens(ValueError):
+    """A token stream shorter than one training window: `tokens` of the `needed`."""
+
+    def __init__(self, message: str, tokens: int, needed: int) -> None:
+        super().__init__(message)
+        self.tokens, self.needed = tokens, needed
+
+
 class BlankInfillingDataset:
     """Deterministic, resumable pretraining samples over a token stream.
 
@@ -369,9 +377,11 @@ class BlankInfillingDataset:
         self.stride = self.builder.causal_window_len if objective == "causal" else self.builder.window_len
         self.n_windows = len(stream) // self.stride
         if self.n_windows == 0:
-            raise ValueError(
+            raise TooFewTokens(
                 f"token stream has {len(stream)} tokens; seq_len {seq_len} with objective {objective!r} "
-                f"needs at least {self.stride}"
+                f"needs at least {self.stride}",
+                len(stream),
+                self.stride,
             )
         self._perm_epoch = -1
         self._perm = np.empty(0, dtype=np.int64)

@@ -17,12 +17,13 @@ import os
 import re
 import secrets
 import shutil
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib.resources import files
 from itertools import chain
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
 import numpy as np
 from tqdm import tqdm
@@ -38,15 +39,27 @@ CORPUS_SUFFIXES = (".txt", ".jsonl")
 # A .txt file is cut into documents of at least this many characters (whole paragraphs), so the
 # by-document validation split has enough documents to choose from even with a few large files.
 TXT_DOCUMENT_CHARS = 2000
+# ... and of at most this many where the text has no blank lines to cut at (above the longest
+# paragraph of the bundled corpus, 14,653 characters, whose documents it leaves as they were).
+TXT_MAX_DOCUMENT_CHARS = 20_000
+# A .jsonl document longer than this is cut into documents of at least half of it, so that the
+# tokenizer's memory stays bounded (it needs ~130 bytes per character of one text).
+JSONL_MAX_DOCUMENT_CHARS = 1_000_000
+# How much of a line is read at a time: a file of one huge line is never in memory whole.
+_READ_CHARS = 8192
 INDEX_FORMAT = 1
 INDEX_FILE = "index.json"
 SPLITS = ("train", "val")
 # Upper bounds on one tokenizer batch: enough to keep the fast batch API busy, small enough that
-# memory stays flat however large the corpus is.
+# memory stays flat however large the corpus is. Counted in UTF-8 bytes, which bound the number of
+# tokens (each token is at least one byte), since the tokenizer's memory grows with tokens.
 _BATCH_DOCUMENTS = 1024
-_BATCH_CHARS = 4_000_000
+_BATCH_BYTES = 1_000_000
 _HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _LATIN = re.compile(r"[A-Za-z]")
+# A sentence end a document may be cut after: followed by a space or a letter (Chinese has no spaces).
+_SENTENCE_END = re.compile(r"[.!?。！？…]+[\"'”’」』）)]*(?=[^\W\d_]|\s)")
+_SPACE = re.compile(r"(?<=\S)(?=\s)")
 
 
 class CorpusError(ValueError):
@@ -87,42 +100,102 @@ def resolve_corpus_files(paths: Sequence[PathLike]) -> list[Path]:
     return [f for _, group in _resolve_groups(paths) for f in group]
 
 
+def _cut(text: str, low: int, high: int) -> tuple[int, int]:
+    """Where to cut `text` between `low` and `high` characters: (end of this piece, start of the next).
+
+    The first boundary after `low` of the strongest kind there is: a blank line, a line break
+    (both dropped, as blank lines between documents are), a sentence end, a space (kept with the
+    next piece, where the tokenizer puts it anyway), else anywhere but before a combining mark.
+    """
+    for separator in ("\n\n", "\n"):
+        at = text.find(separator, low, high)
+        if at >= 0:
+            return at, at + len(separator)
+    for pattern in (_SENTENCE_END, _SPACE):
+        match = pattern.search(text, low, high)
+        if match:
+            return match.end(), match.end()
+    at = high
+    while at > low and unicodedata.combining(text[at]):
+        at -= 1
+    return at, at
+
+
+def _bounded(text: str, low: int, high: int) -> Iterator[tuple[str, str]]:
+    """`text` in pieces of at most `high` characters (see `_cut`), each with the separator dropped after it."""
+    pos = 0
+    while len(text) - pos > high:
+        end, start = _cut(text, pos + low, pos + high)
+        yield text[pos:end], text[end:start]
+        pos = start
+    yield text[pos:], ""
+
+
+def _txt_lines(f: TextIO) -> Iterator[tuple[str, bool]]:
+    """A file's lines without their newline, read in segments of at most `_READ_CHARS` characters so
+    that one huge line is never in memory whole; the flag marks a segment that starts a line."""
+    starts = True
+    while segment := f.readline(_READ_CHARS):
+        ends = segment.endswith("\n")
+        yield segment.removesuffix("\n"), starts
+        starts = ends
+
+
 def _read_txt(path: Path) -> Iterator[str]:
     """Paragraphs (runs of non-blank lines, text kept exact) grouped into documents.
 
     Paragraphs are joined with one blank line until a document reaches `TXT_DOCUMENT_CHARS`; a
     shorter tail joins the previous document so that only a file shorter than that yields a short
-    document. Lines are read with universal newlines, so "\\r\\n" becomes "\\n".
+    document. A document that would pass `TXT_MAX_DOCUMENT_CHARS` (a file without blank lines, one
+    huge line) is cut at a line break, a sentence end or a space (`_cut`), so documents stay small
+    enough for a by-document validation split and for the tokenizer. Lines are read with universal
+    newlines, so "\\r\\n" becomes "\\n".
     """
-    group: list[str] = []
-    size = 0
-    ready: str | None = None
-    lines: list[str] = []
+    text = ""  # the document so far: whole paragraphs joined by blank lines, then the open paragraph
+    open_paragraph = False
+    blanks: list[str] | None = None  # the current line's segments while it is all whitespace
+    ready: tuple[str, str] | None = None  # the previous document and the separator cut after it
+
+    def close(document: str, separator: str) -> Iterator[str]:
+        nonlocal ready
+        if ready is not None:
+            yield ready[0]
+        ready = (document, separator)
+
+    def end_paragraph() -> Iterator[str]:
+        nonlocal text, open_paragraph
+        if open_paragraph:
+            open_paragraph = False
+            if len(text) + 2 >= TXT_DOCUMENT_CHARS:
+                yield from close(text, "\n\n")
+                text = ""
+
     try:
         with path.open(encoding="utf-8-sig") as f:
-            for line in chain(f, ["\n"]):  # the sentinel blank line closes the last paragraph
-                line = line.removesuffix("\n")
-                if line.strip():
-                    lines.append(line)
-                    continue
-                if not lines:
-                    continue
-                paragraph = "\n".join(lines)
-                lines = []
-                group.append(paragraph)
-                size += len(paragraph) + 2
-                if size >= TXT_DOCUMENT_CHARS:
-                    if ready is not None:
-                        yield ready
-                    ready = "\n\n".join(group)
-                    group, size = [], 0
+            for segment, starts in _txt_lines(f):
+                if starts:
+                    if blanks is not None:  # the previous line was blank
+                        yield from end_paragraph()
+                    blanks = []
+                if blanks is not None:
+                    if not segment.strip():
+                        blanks.append(segment)
+                        continue
+                    separator = "\n" if open_paragraph else "\n\n" if text else ""
+                    segment = separator + "".join(blanks) + segment
+                    blanks, open_paragraph = None, True
+                text += segment
+                if len(text) > TXT_MAX_DOCUMENT_CHARS:
+                    *whole, (text, _) = _bounded(text, TXT_DOCUMENT_CHARS, TXT_MAX_DOCUMENT_CHARS)
+                    for document, cut in whole:
+                        yield from close(document, cut)
+            yield from end_paragraph()
     except UnicodeDecodeError as err:
         raise CorpusError(f"{path}: not valid UTF-8 ({err})") from None
-    if group:
-        tail = "\n\n".join(group)
-        ready = tail if ready is None else f"{ready}\n\n{tail}"
+    if text:
+        ready = (text, "") if ready is None else (ready[0] + ready[1] + text, "")
     if ready is not None:
-        yield ready
+        yield ready[0]
 
 
 def json_object(line: str, where: str, error: type[ValueError] = ValueError) -> dict[str, Any]:
@@ -137,7 +210,8 @@ def json_object(line: str, where: str, error: type[ValueError] = ValueError) -> 
 
 
 def _read_jsonl(path: Path) -> Iterator[str]:
-    """One document per line: the line's JSON object's `text` field; blank lines and empty texts are skipped."""
+    """One document per line: the line's JSON object's `text` field (cut into several past
+    `JSONL_MAX_DOCUMENT_CHARS`); blank lines and empty texts are skipped."""
     try:
         with path.open(encoding="utf-8-sig") as f:
             for lineno, line in enumerate(f, start=1):
@@ -147,7 +221,7 @@ def _read_jsonl(path: Path) -> Iterator[str]:
                 if not isinstance(text, str):
                     raise CorpusError(f'{path}:{lineno}: expected a JSON object with a string "text" field')
                 if text:
-                    yield text
+                    yield from (piece for piece, _ in _bounded(text, JSONL_MAX_DOCUMENT_CHARS // 2, JSONL_MAX_DOCUMENT_CHARS))
     except UnicodeDecodeError as err:
         raise CorpusError(f"{path}: not valid UTF-8 ({err})") from None
 
@@ -236,6 +310,8 @@ def _cache_key(tokenizer_hash: str, sources_hash: str, val_fraction: float, seed
         {
             "format": INDEX_FORMAT,
             "txt_document_chars": TXT_DOCUMENT_CHARS,
+            "txt_max_document_chars": TXT_MAX_DOCUMENT_CHARS,
+            "jsonl_max_document_chars": JSONL_MAX_DOCUMENT_CHARS,
             "tokenizer": tokenizer_hash,
             "sources": sources_hash,
             "val_fraction": val_fraction,
@@ -433,13 +509,13 @@ class _ShardWriter:
 
 def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
     batch: list[str] = []
-    chars = 0
+    size = 0
     for doc in documents:
         batch.append(doc)
-        chars += len(doc)
-        if len(batch) >= _BATCH_DOCUMENTS or chars >= _BATCH_CHARS:
+        size += len(doc) if doc.isascii() else len(doc.encode("utf-8", "surrogatepass"))
+        if len(batch) >= _BATCH_DOCUMENTS or size >= _BATCH_BYTES:
             yield batch
-            batch, chars = [], 0
+            batch, size = [], 0
     if batch:
         yield batch
 

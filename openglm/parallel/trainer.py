@@ -215,7 +215,7 @@ class ParallelTrainer(Trainer):
     def _build_precision(self, scaler: DynamicLossScaler) -> MixedPrecision:
         return DistributedPrecision(self.model, self.config.precision, scaler, self.mesh, self.tied_group)
 
-    def _build_data(self) -> tuple[SampleSource, SampleSource]:
+    def _build_data(self) -> tuple[SampleSource, SampleSource | None]:
         """Rank 0 tokenizes the corpus into the shared cache first; the others then read it."""
         if self.rank != 0:
             dist.barrier()

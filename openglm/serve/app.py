@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -39,6 +40,10 @@ logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 MAX_PROMPTS = 64  # prompts x n of one request
+MAX_STOP = 4  # stop strings of one request, as OpenAI allows
+MAX_BODY_BYTES = 4 * 2**20  # default request-body limit: room for MAX_PROMPTS prompts of 60k characters
+# GenerationConfig fields under the names the API gives them.
+_API_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "stop_strings": "stop"}
 
 
 class ApiError(Exception):
@@ -67,13 +72,15 @@ class _Options(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
     seed: int | None = None
-    stop: str | list[str] | None = Field(None, max_length=4)
+    stop: str | list[str] | None = None
     no_repeat_ngram_size: int = Field(0, ge=0)
     stream: bool = False
     user: str | None = None
 
     def generation_config(self, **extra: Any) -> GenerationConfig:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
+        if len(stop) > MAX_STOP:
+            raise ApiError(400, f"stop: at most {MAX_STOP} stop strings, got {len(stop)}", param="stop")
         if any(not s for s in stop):
             raise ApiError(400, "stop strings must not be empty", param="stop")
         options = {
@@ -90,7 +97,14 @@ class _Options(BaseModel):
         try:
             return GenerationConfig(**options)
         except ConfigError as err:
-            raise ApiError(400, str(err).replace("GenerationConfig.", "")) from None
+            raise _option_error(err) from None
+
+
+def _option_error(err: ConfigError) -> ApiError:
+    """A GenerationConfig message in the API's words, naming the field: "GenerationConfig.min_new_tokens" -> "min_tokens"."""
+    field = re.search(r"GenerationConfig\.(\w+)", str(err))
+    message = re.sub(r"\b(?:GenerationConfig\.)?(\w+)\b", lambda m: _API_NAMES.get(m[1], m[1]), str(err))
+    return ApiError(400, message, param=_API_NAMES.get(field[1], field[1]) if field else None)
 
 
 class StreamOptions(BaseModel):
@@ -115,7 +129,7 @@ class InfillRequest(_Options):
     max_tokens: int = Field(32, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     num_beams: int = Field(1, ge=1, le=16)
-    length_penalty: float = 1.0
+    length_penalty: float = Field(1.0, ge=-10.0, le=10.0)  # a score divided by length**penalty must stay finite
 
 
 class _Call:
@@ -183,6 +197,38 @@ class _CountRequests:
             self.metrics().requests.labels(route, str(status)).inc()
 
 
+class _LimitBody:
+    """ASGI middleware answering 413 to a request body over `max_bytes`: at once when its
+    Content-Length says so, else as soon as the bytes read pass it (a chunked body)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def _message(self, size: str) -> str:
+        return f"the request body is {size} bytes; this server accepts at most {self.max_bytes} (openglm serve --max-body-bytes)"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await _error(413, self._message(length.decode()), "invalid_request_error")(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:  # reaches the `http_error` handler as any HTTPException
+                    raise HTTPException(413, self._message(f"more than {self.max_bytes}"))
+            return message
+
+        await self.app(scope, limited, send)
+
+
 def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -195,9 +241,13 @@ def create_app(
     max_batch: int = 64,
     max_queue: int = 256,
     timeout: float = 60.0,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:
     """The server of one model. `max_batch` rows decode together (1: no batching), `max_queue`
-    requests may wait before 429, `timeout` seconds per request before 504."""
+    requests may wait before 429, `timeout` seconds per request before 504, a request body of
+    more than `max_body_bytes` is refused with 413."""
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
     batcher = Batcher(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
     metrics = Metrics(batcher)
     max_seq_len = model.config.max_seq_len
@@ -210,7 +260,8 @@ def create_app(
 
     app = FastAPI(title="openglm", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.batcher, app.state.metrics = batcher, metrics
-    app.add_middleware(_CountRequests, metrics=lambda: metrics)
+    app.add_middleware(_LimitBody, max_bytes=max_body_bytes)
+    app.add_middleware(_CountRequests, metrics=lambda: metrics)  # outermost: counts the 413s too
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(ApiError)

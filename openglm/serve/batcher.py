@@ -148,6 +148,9 @@ class Batcher:
                 may_step = self._permits != 0
                 inbox, self._inbox = (self._inbox, []) if may_step else ([], self._inbox)
                 cancelled, self._cancelled = self._cancelled, []
+                # Still waiting until the step below admits them: counted at once, or `submit`
+                # would see an empty inbox and a stale engine queue and let a burst through.
+                self._engine_queued += len(inbox)
             for ticket in cancelled:
                 self.engine.cancel(ticket.submission)
                 self._tickets.pop(ticket.submission, None)

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from openglm import checkpoint as ckpt
 from openglm.config import ConfigError, GLMConfig, TrainConfig, cache_dir
-from openglm.data.blank_infill import BlankInfillingDataset, collate
-from openglm.data.corpus import TokenStream, bundled_corpus_paths, document_language, prepare_corpus
+from openglm.data.blank_infill import BlankInfillingDataset, TooFewTokens, collate
+from openglm.data.corpus import CorpusError, TokenStream, bundled_corpus_paths, document_language, prepare_corpus
 from openglm.data.mip import MIPDataset, MixedDataset
 from openglm.eval.lm import LMScore, score_tokens
 from openglm.model import GLM, flops_per_token
@@ -167,20 +167,45 @@ class Trainer:
         return MixedPrecision(self.model, self.config.precision, scaler)
 
     # ----------------------------------------------------------------------------------- data
-    def _build_data(self) -> tuple[SampleSource, SampleSource]:
+    def _build_data(self) -> tuple[SampleSource, SampleSource | None]:
+        """Training samples and held-out samples (None with `val_fraction` 0: no held-out evaluation)."""
         config, model_config = self.config, self.model_config
         paths = [Path(p) for p in config.data] or bundled_corpus_paths()
         shards = prepare_corpus(paths, self.tokenizer, cache_dir() / "shards", val_fraction=config.val_fraction, seed=config.seed)
 
-        train: SampleSource = BlankInfillingDataset.from_config(TokenStream(shards, "train"), model_config, config)
+        train: SampleSource = self._samples(TokenStream(shards, "train"), config, paths)
         if config.mip_data:
             mip = MIPDataset.from_jsonl(
                 config.mip_data, self.tokenizer, model_config.max_seq_len, model_config.special_tokens, model_config.position_encoding
             )
             train = MixedDataset(train, mip, share=config.mip_share, seed=config.seed)
         self.val_stream = TokenStream(shards, "val")
-        val = BlankInfillingDataset.from_config(self.val_stream, model_config, dataclasses.replace(config, seed=config.seed + 1))
-        return train, val
+        if config.val_fraction == 0:
+            return train, None
+        return train, self._samples(self.val_stream, dataclasses.replace(config, seed=config.seed + 1), paths)
+
+    def _samples(self, stream: TokenStream, config: TrainConfig, paths: list[Path]) -> BlankInfillingDataset:
+        """Blank-infilling samples of one split; a split shorter than one window is an error
+        naming the corpus and what to do."""
+        try:
+            return BlankInfillingDataset.from_config(stream, self.model_config, config)
+        except TooFewTokens as err:
+            names = ", ".join(map(str, paths))
+            if stream.split == "val" and stream.num_documents == 0:
+                raise CorpusError(
+                    f"{names}: no document can be held out for validation (the corpus has only one); "
+                    "add documents or pass --val-fraction 0 to train without held-out evaluation"
+                ) from None
+            split = "validation" if stream.split == "val" else "training"
+            advice = (
+                "add text, raise --val-fraction, or pass --val-fraction 0 to train without held-out evaluation"
+                if stream.split == "val"
+                else "add text or lower --seq-len"
+            )
+            raise CorpusError(
+                f"{names}: the {split} split has {err.tokens} tokens ({stream.num_documents} documents), "
+                f"too few for one sequence of --seq-len {self.model_config.max_seq_len} ({err.needed} tokens); {advice}"
+            ) from None
 
     def _batch(self, source: SampleSource, start: int, count: int) -> dict[str, torch.Tensor]:
         return collate([source.sample(i) for i in range(start, start + count)])
@@ -287,7 +312,7 @@ class Trainer:
                         raise self._diverged(f"{bad_steps} consecutive steps (to step {step}) were skipped or had a non-finite loss"
                                              f" (loss {metrics['loss']:.4g}, loss scale {metrics['loss_scale']:g})")
                     progress.update(metrics["loss"], metrics["tokens_per_s"])
-                    if self.step % config.eval_every == 0 or self.step == config.max_steps:
+                    if self.val_data is not None and (self.step % config.eval_every == 0 or self.step == config.max_steps):
                         summary["val_loss"] = self.evaluate()
                         writer.write("eval", step, val_loss=summary["val_loss"])
                         log.info("step %d: held-out loss %.4f", self.step, summary["val_loss"])
@@ -301,8 +326,9 @@ class Trainer:
         finally:
             progress.close()
             writer.close()
-        summary["bits_per_byte"] = self.heldout_bits_per_byte(config.final_eval_tokens)
-        if summary["bits_per_byte"]:
+        if self.val_data is not None:
+            summary["bits_per_byte"] = self.heldout_bits_per_byte(config.final_eval_tokens)
+        if summary.get("bits_per_byte"):
             with MetricsWriter(self.out_dir, tensorboard=False) as final:
                 final.write("eval", self.step - 1, **{f"bits_per_byte_{k}": v for k, v in summary["bits_per_byte"].items()})
             log.info("held-out bits per byte: %s", ", ".join(f"{k} {v:.4f}" for k, v in summary["bits_per_byte"].items()))
