@@ -48,6 +48,7 @@ from torch import nn
 from openglm.config import ConfigError, GLMConfig, SpecialTokens
 from openglm.decoding import DecodeStep
 from openglm.model import GLM, KVCache
+from openglm.positions import CONTINUE, Layout, blank_position, find_blank
 
 logger = logging.getLogger(__name__)
 
@@ -406,36 +407,20 @@ class _Text:
 # -- decoding a batch -----------------------------------------------------------------------------
 
 
-def find_blank(ids: Sequence[int], tokens: SpecialTokens) -> int | None:
-    """Index of the blank to fill next: the first [MASK]/[sMASK], else the first [gMASK], else None.
-
-    Short blanks come first and a [gMASK] (a continuation) last, as GLM-130B does; the filling
-    order and the Part B positions both follow this, so they always agree on which mask a Part B
-    belongs to. A context mixing [MASK] and [gMASK] thus gets GLM-130B's [MASK] positions where
-    `derive_positions` would apply [gMASK]'s (training never mixes the two in one sequence in
-    GLM-130B's recipe).
-    """
-    for candidates in ((tokens.mask, tokens.smask), (tokens.gmask,)):
-        for index, token in enumerate(ids):
-            if token in candidates:
-                return index
-    return None
-
-
 @dataclass(frozen=True)
 class _Prefill:
     """The first forward of one row, and where its Part B's positions come from."""
 
     tokens: list[int]
     prefix_len: int  # Part A tokens (0: a causal model, all causal)
-    blank_position: int  # the position every Part B token takes; -1: positions keep counting
+    blank_position: int  # the position every Part B token takes; CONTINUE: positions keep counting
 
 
 def _prefill(config: GLMConfig, context_ids: list[int]) -> _Prefill:
     if not context_ids:
         raise ValueError("context_ids is empty; generation needs at least one context token")
     if config.objective == "causal":
-        return _Prefill(context_ids, 0, -1)
+        return _Prefill(context_ids, 0, CONTINUE)
     tokens = config.special_tokens
     blank = find_blank(context_ids, tokens)
     if blank is None:
@@ -443,35 +428,8 @@ def _prefill(config: GLMConfig, context_ids: list[int]) -> _Prefill:
             "context_ids (Part A) contains no [MASK]/[sMASK]/[gMASK] token; a GLM model fills a blank "
             "(append [gMASK] to continue the text)"
         )
-    continues = context_ids[blank] == tokens.gmask and config.position_encoding != "rope2d"
-    return _Prefill([*context_ids, tokens.sop], len(context_ids), -1 if continues else blank)
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Positions of left-padded rows: row r is `pad[r]` padding tokens, then Part A
-    (`prefix_len[r]` tokens), then Part B. Tensors of shape [rows]."""
-
-    pad: torch.Tensor
-    prefix_len: torch.Tensor
-    blank_position: torch.Tensor  # -1: positions keep counting
-    block_positions: bool  # 2-D RoPE: Part B also counts block positions 1, 2, ... from <sop>
-
-    def positions(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids and block_position_ids [rows, length] of batch indices start .. start+length-1
-        (padding gets position 0; nothing attends to it)."""
-        index = (torch.arange(start, start + length, device=self.pad.device)[None] - self.pad[:, None]).clamp(min=0)
-        in_part_b = index >= self.prefix_len[:, None]
-        blank = self.blank_position[:, None]
-        position = torch.where(in_part_b & (blank >= 0), blank, index)
-        if self.block_positions:
-            block = torch.where(in_part_b, index - self.prefix_len[:, None] + 1, 0)
-        else:
-            block = torch.zeros_like(index)
-        return position, block
-
-    def select(self, rows: torch.Tensor) -> _Layout:
-        return dataclasses.replace(self, pad=self.pad[rows], prefix_len=self.prefix_len[rows], blank_position=self.blank_position[rows])
+    position = blank_position(context_ids[blank], blank, tokens, config.position_encoding)
+    return _Prefill([*context_ids, tokens.sop], len(context_ids), position)
 
 
 @contextmanager
@@ -502,10 +460,10 @@ class _Batch:
         capacity = longest + max_new_tokens - 1  # the last token is never fed back
         self.cache = KVCache.empty(config, len(prefills), capacity, weight.dtype, device)
         self.padding = torch.arange(capacity, device=device)[None] >= torch.tensor(pads, device=device)[:, None]
-        self.layout = _Layout(
+        self.layout = Layout(
             pad=torch.tensor(pads, device=device),
             prefix_len=torch.tensor([p.prefix_len for p in prefills], device=device),
-            blank_position=torch.tensor([p.blank_position for p in prefills], device=device),
+            blank=torch.tensor([p.blank_position for p in prefills], device=device),
             block_positions=config.position_encoding == "rope2d" and config.objective == "glm",
         )
         self._causal = config.objective == "causal"
@@ -552,12 +510,7 @@ class _Batch:
         length = max(b.cache.length - int(b.layout.pad.min()) for b in (self, other))
         moved = [b._moved(length, length + room) for b in (self, other)]
         self.cache = KVCache(torch.cat([m[0] for m in moved], 1), torch.cat([m[1] for m in moved], 1), length)
-        self.layout = dataclasses.replace(
-            self.layout,
-            pad=torch.cat([m[2] for m in moved]),
-            prefix_len=torch.cat([self.layout.prefix_len, other.layout.prefix_len]),
-            blank_position=torch.cat([self.layout.blank_position, other.layout.blank_position]),
-        )
+        self.layout = self.layout.joined(other.layout, torch.cat([m[2] for m in moved]))
         self.padding = torch.arange(length + room, device=self.padding.device)[None] >= self.layout.pad[:, None]
         self._padded = bool(self.layout.pad.any())
         self._rope = None
