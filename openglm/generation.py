@@ -57,12 +57,15 @@ logger = logging.getLogger(__name__)
 class GenerationConfig:
     """How to pick tokens and when to stop.
 
-    Strategy: `num_beams > 1` is beam search, which is deterministic: `top_k`, `top_p` or a
-    `temperature` other than 0 or 1 with beams is an error, and `seed` is unused. Otherwise `temperature == 0`
-    or `greedy=True` is greedy decoding, and anything else samples: `top_k == 0` and `top_p == 1.0`
-    switch those filters off, and `seed=None` draws a fresh seed, so only a fixed seed is
-    reproducible. In a batch, prompt i uses seed + i: it gets what it would get alone with that
-    seed, and repeated prompts still get different samples.
+    Strategy: greedy decoding unless a sampling option is given, as `openglm generate` and
+    `/v1/infill` (OpenAI's `/v1/completions` keeps OpenAI's default, temperature 1). `num_beams > 1`
+    is beam search, which is deterministic: `top_k`, `top_p` or a `temperature` other than 0 or 1
+    with beams is an error, and `seed` is unused. Otherwise a `temperature` > 0, a `top_k` > 0, a
+    `top_p` < 1 or a `seed` samples (at temperature 1 unless given); `temperature=0` or
+    `greedy=True` is greedy whatever else is set, and so is nothing set. `top_k == 0` and
+    `top_p == 1.0` switch those filters off, and `seed=None` draws a fresh seed, so only a fixed
+    seed makes sampling reproducible. In a batch, prompt i uses seed + i: it gets what it would get
+    alone with that seed, and repeated prompts still get different samples.
 
     Beam search scores a hypothesis as sum(log-probabilities) / length ** length_penalty, the
     length counting the tokens that were scored (a final stop token included); > 0 favours longer
@@ -78,7 +81,7 @@ class GenerationConfig:
     """
 
     max_new_tokens: int = 64
-    temperature: float = 1.0
+    temperature: float | None = None  # None: greedy, or 1.0 when top_k / top_p / seed sample
     top_k: int = 0
     top_p: float = 1.0
     greedy: bool = False
@@ -112,7 +115,14 @@ class GenerationConfig:
 
     @property
     def is_greedy(self) -> bool:
-        return self.greedy or self.temperature == 0
+        if self.greedy or self.temperature == 0:
+            return True
+        return self.temperature is None and self.top_k == 0 and self.top_p == 1 and self.seed is None
+
+    @property
+    def sampling_temperature(self) -> float:
+        """The temperature a sampled token is drawn at."""
+        return 1.0 if self.temperature is None else self.temperature
 
     def validate(self) -> None:
         """Raise ConfigError (a ValueError) naming the first invalid field. Called again before
@@ -123,8 +133,9 @@ class GenerationConfig:
                 raise ConfigError(f"GenerationConfig.{name} must be an integer >= {low}, got {value!r}")
         if self.min_new_tokens > self.max_new_tokens:
             raise ConfigError(f"GenerationConfig.min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})")
-        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ConfigError(f"GenerationConfig.temperature must be a finite number >= 0, got {self.temperature!r}")
+        temperature = self.temperature
+        if temperature is not None and (not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0):
+            raise ConfigError(f"GenerationConfig.temperature must be a finite number >= 0 (or None), got {temperature!r}")
         if not _is_int(self.top_k) or self.top_k < 0:
             raise ConfigError(f"GenerationConfig.top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
@@ -142,7 +153,7 @@ class GenerationConfig:
         if not isinstance(self.stop_strings, tuple) or not all(isinstance(s, str) and s for s in self.stop_strings):
             raise ConfigError(f"GenerationConfig.stop_strings must be a tuple of non-empty strings, got {self.stop_strings!r}")
         if self.num_beams > 1:
-            sampling = {"temperature": self.temperature not in (0, 1), "top_k": self.top_k != 0, "top_p": self.top_p != 1}
+            sampling = {"temperature": self.temperature not in (None, 0, 1), "top_k": self.top_k != 0, "top_p": self.top_p != 1}
             for name, is_set in sampling.items():
                 if is_set:
                     raise ConfigError(
@@ -233,7 +244,7 @@ def sample_next(
     per row; per-row generators make a row's draws independent of the other rows of its batch."""
     if config.is_greedy:
         return logits.argmax(-1)
-    probs = filter_logits(logits.float() / config.temperature, config.top_k, config.top_p).softmax(-1)
+    probs = filter_logits(logits.float() / config.sampling_temperature, config.top_k, config.top_p).softmax(-1)
     if generator is None or isinstance(generator, torch.Generator):
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generator, strict=True)])
