@@ -22,7 +22,8 @@ GLM conventions (GLM-130B generate.py, ChatGLM-6B): the context is Part A, seen 
 Part B starts with <sop> and is decoded causally; it ends at <eop> (or <eos>). A [MASK]/[sMASK]
 blank is a short span whose Part B tokens all take the mask token's position; a [gMASK] is a
 continuation whose positions keep counting (1-D RoPE). With 2-D RoPE every Part B token takes the
-mask's position and a block position counting 1, 2, ... from <sop>.
+mask's position and a block position counting 1, 2, ... from <sop>. These rules, shared with
+training and the model, are `openglm.positions`.
 
 Batches are left-padded: every row's next token then goes to the same cache index, so one KV
 cache and one forward serve all rows. The model's padding mask hides the padding keys, positions
