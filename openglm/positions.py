@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
 import torch
 
 from openglm.config import GLMConfig, SpecialTokens
@@ -28,6 +29,7 @@ from openglm.config import GLMConfig, SpecialTokens
 CONTINUE = -1  # a blank whose Part B positions keep counting (1-D RoPE after [gMASK])
 
 _Token = TypeVar("_Token", int, torch.Tensor)
+_Array = TypeVar("_Array", torch.Tensor, np.ndarray)
 
 
 def counts_on(mask_token: _Token, tokens: SpecialTokens, encoding: str) -> _Token | bool:
@@ -42,18 +44,19 @@ def blank_position(mask_token: int, mask_index: int, tokens: SpecialTokens, enco
     return CONTINUE if counts_on(mask_token, tokens, encoding) else mask_index
 
 
-def positions(
-    index: torch.Tensor, part_b_start: torch.Tensor, blank: torch.Tensor, block_positions: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+def positions(index: _Array, part_b_start: _Array, blank: _Array, block_positions: bool) -> tuple[_Array, _Array]:
     """position_ids and block_position_ids of tokens at sequence indices `index`.
 
     `part_b_start`: index of the `<sop>` opening the token's Part B segment (anything past the
     token for a Part A token); `blank`: that segment's blank position (CONTINUE: the token's own
     index). Both broadcast against `index`. `block_positions` (2-D RoPE) counts each segment 1, 2, ...
+    Integer tensors or numpy arrays (the data pipeline builds samples in numpy): plain arithmetic,
+    so both take the same code.
     """
     in_part_b = index >= part_b_start
-    position = torch.where(in_part_b & (blank >= 0), blank, index)
-    block = torch.where(in_part_b, index - part_b_start + 1, 0) if block_positions else torch.zeros_like(index)
+    at_blank = in_part_b & (blank >= 0)
+    position = index + at_blank * (blank - index)
+    block = in_part_b * (index - part_b_start + 1) if block_positions else 0 * index
     return position, block
 
 

@@ -133,14 +133,14 @@ def build_infill_sample(
     if total > seq_len:
         raise ValueError(f"sample needs {total} tokens but seq_len is {seq_len}")
     # Block positions for both encodings: a 1-D model ignores them.
-    starts, blanks = torch.from_numpy(np.concatenate(segment_start)), torch.from_numpy(np.concatenate(blank))
-    position, block = positions(torch.arange(total), starts, blanks, block_positions=True)
+    index = np.arange(total, dtype=np.int64)
+    position, block = positions(index, np.concatenate(segment_start), np.concatenate(blank), block_positions=True)
     pad = np.zeros(seq_len - total, dtype=np.int64)
     return Sample(
         input_ids=np.concatenate([*inputs, pad + special.pad]),
         labels=np.concatenate([*labels, pad + IGNORE_INDEX]),
-        position_ids=np.concatenate([position.numpy(), pad]),
-        block_position_ids=np.concatenate([block.numpy(), pad]),
+        position_ids=np.concatenate([position, pad]),
+        block_position_ids=np.concatenate([block, pad]),
         prefix_len=prefix_len,
         mode=mode,
         spans=[(int(s), int(n)) for s, n in spans],
