@@ -40,9 +40,9 @@ def infill_samples(draw: st.DrawFn) -> tuple[str, dict, np.ndarray]:
     encoding = draw(st.sampled_from(["rope1d", "rope2d"]))
     kind = draw(st.sampled_from(sorted(MASK_TOKENS)))
     n = draw(st.integers(2, 20))
-    if kind == "gmask":  # GLM's long blank: a suffix of the window
+    if kind == "gmask":  # GLM's long blank: a suffix of the window in pre-training and MIP, here anywhere
         length = draw(st.integers(1, n - 1))
-        spans = [(n - length, length)]
+        spans = [(draw(st.integers(0, n - length)), length)]
     else:
         lengths = draw(st.lists(st.integers(1, 4), min_size=1, max_size=4).filter(lambda ls: sum(ls) + len(ls) - 1 <= n))
         placed = place_spans(np.random.default_rng(draw(st.integers(0, 2**32 - 1))), n, lengths)
