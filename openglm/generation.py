@@ -136,7 +136,7 @@ class GenerationConfig:
             raise ConfigError(f"GenerationConfig.min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})")
         temperature = self.temperature
         if temperature is not None and (not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0):
-            raise ConfigError(f"GenerationConfig.temperature must be a finite number >= 0 (or None), got {temperature!r}")
+            raise ConfigError(f"GenerationConfig.temperature must be a finite number >= 0, got {temperature!r}")
         if not _is_int(self.top_k) or self.top_k < 0:
             raise ConfigError(f"GenerationConfig.top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:

@@ -32,7 +32,7 @@ _Token = TypeVar("_Token", int, torch.Tensor)
 _Array = TypeVar("_Array", torch.Tensor, np.ndarray)
 
 
-def counts_on(mask_token: _Token, tokens: SpecialTokens, encoding: str) -> _Token | bool:
+def counts_on(mask_token: _Token, tokens: SpecialTokens, encoding: str) -> bool | torch.Tensor:
     """Whether Part B after this mask token continues the running count (1-D RoPE after [gMASK], as
     GLM-130B pre-trains and generates its long blanks) instead of taking the mask's position.
     Elementwise on a tensor of mask tokens."""
