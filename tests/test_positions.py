@@ -83,7 +83,7 @@ def inference_record(model: GLM, context: list[int], new_tokens: int) -> tuple[t
     return position, block, visible
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(infill_samples())
 def test_training_sample_and_inference_layout_agree(case: tuple[str, dict, np.ndarray]) -> None:
     encoding, sample, window = case
