@@ -46,7 +46,8 @@ def generate(model: GLM, tokenizer: Tokenizer, text: str | Sequence[str], config
 
     `options` are `GenerationConfig` fields (max_new_tokens, temperature, top_k, top_p, seed,
     num_beams, length_penalty, no_repeat_ngram_size, min_new_tokens, stop_strings, ...), applied
-    over `config`; an unknown name raises ConfigError listing the valid ones.
+    over `config`; an unknown name raises ConfigError listing the valid ones. Greedy (the same text
+    every call) unless a sampling option is given: temperature > 0, top_k > 0, top_p < 1 or a seed.
     """
     from openglm.generation import GenerationConfig
     from openglm.generation import generate as _generate

@@ -172,7 +172,9 @@ def generate(
     model: Annotated[Path, typer.Option(help="checkpoint or run directory")] = Path("runs/tiny"),
     max_new_tokens: Annotated[int, typer.Option(help="tokens per blank at most")] = 64,
     min_new_tokens: Annotated[int, typer.Option(help="no <eop>/<eos> or stop string before this many tokens")] = 0,
-    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+    temperature: Annotated[
+        float | None, typer.Option(help="sampling temperature (0: greedy); default: greedy, or 1 with --top-k/--top-p/--seed")
+    ] = None,
     top_k: Annotated[int, typer.Option(help="sample among the k most likely tokens (0: all)")] = 0,
     top_p: Annotated[float, typer.Option(help="sample within this probability mass (1: all)")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="sampling seed (the i-th valid prompt of a file, from 0, uses seed + i)")] = None,

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -168,6 +168,21 @@ class GLMConfig:
             return cls.from_dict(data)
         except (ConfigError, TypeError) as err:
             raise ConfigError(f"{path}: {in_user_terms(str(err))}") from None
+
+
+ANY_VALUE = None  # in an executor's declaration: it handles every valid value of the field
+
+
+def unsupported_fields(config: GLMConfig, supported: Mapping[str, Collection[Any] | None]) -> list[str]:
+    """`name=value` of each field of `config` outside an executor's declaration `supported` (field
+    name -> the values it handles, or ANY_VALUE). A field the declaration does not name, such as
+    one added to GLMConfig after the executor was written, is unsupported: executors fail closed."""
+    unsupported = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name not in supported or (supported[f.name] is not ANY_VALUE and value not in supported[f.name]):
+            unsupported.append(f"{f.name}={value!r}")
+    return unsupported
 
 
 MODEL_PRESETS: dict[str, GLMConfig] = {

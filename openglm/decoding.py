@@ -17,6 +17,7 @@ runs the path above.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -26,10 +27,40 @@ import torch.nn.functional as F
 from torch import nn
 
 from openglm import kernels
+from openglm.config import ANY_VALUE, unsupported_fields
 from openglm.model import GLM, KVCache, apply_rotary, ffn_activation
 from openglm.native import RowDecoder
 
+logger = logging.getLogger(__name__)
+
 Linear = Callable[[torch.Tensor], torch.Tensor]
+
+# Every GLMConfig field and the values this step computes exactly as `GLM.forward` does. A field
+# missing here (a new one) makes `usable` refuse the model, so it runs the model's own forward.
+SUPPORTS: dict[str, tuple[object, ...] | None] = {
+    # Sizes, read from the weights and the config.
+    "vocab_size": ANY_VALUE,
+    "hidden_size": ANY_VALUE,
+    "num_layers": ANY_VALUE,
+    "num_heads": ANY_VALUE,
+    "ffn_hidden_size": ANY_VALUE,
+    "max_seq_len": ANY_VALUE,  # only the cache's capacity limits a step
+    "layernorm_eps": ANY_VALUE,
+    "deepnorm_alpha": ANY_VALUE,
+    "ffn_type": ("geglu", "gelu"),
+    "gelu_approximate": ("none", "tanh"),
+    # RoPE comes in as the model's own tables (`GLM._rope_tables`); `apply_rotary` turns 1-D and 2-D.
+    "position_encoding": ("rope1d", "rope2d"),
+    "rope_base": ANY_VALUE,
+    "rope_fp16_inv_freq": ANY_VALUE,
+    "tie_word_embeddings": ANY_VALUE,  # the output goes through `model.logits`
+    "qkv_bias": ANY_VALUE,  # the layers themselves are called, with or without a bias
+    "dense_bias": ANY_VALUE,
+    "embedding_init_std": ANY_VALUE,  # initialisation only
+    # One token after the cache attends to every cached key in both; which keys are padding comes in as a mask.
+    "objective": ("glm", "causal"),
+    "special_tokens": ANY_VALUE,  # never read: positions come in with the rotary tables
+}
 
 
 def as_function(module: nn.Module) -> Linear:
@@ -66,9 +97,15 @@ class DecodeStep:
 
     @staticmethod
     def usable(model: nn.Module) -> bool:
-        """A GLM whose forward is GLM's own (not a subclass's or a test stub's) and that no forward
-        hook watches (hooks see module calls, which the step does not make)."""
-        return isinstance(model, GLM) and type(model).forward is GLM.forward and not has_hooks(model)
+        """A GLM whose forward is GLM's own (not a subclass's or a test stub's), whose config uses
+        only what `SUPPORTS` declares, and that no forward hook watches (hooks see module calls,
+        which the step does not make)."""
+        if not isinstance(model, GLM) or type(model).forward is not GLM.forward or has_hooks(model):
+            return False
+        unsupported = unsupported_fields(model.config, SUPPORTS)
+        if unsupported:
+            logger.debug("decoding op by op is not declared for %s; the model's forward runs", ", ".join(unsupported))
+        return not unsupported
 
     def __init__(self, model: GLM, native: bool = True) -> None:
         config = model.config

@@ -22,7 +22,8 @@ GLM conventions (GLM-130B generate.py, ChatGLM-6B): the context is Part A, seen 
 Part B starts with <sop> and is decoded causally; it ends at <eop> (or <eos>). A [MASK]/[sMASK]
 blank is a short span whose Part B tokens all take the mask token's position; a [gMASK] is a
 continuation whose positions keep counting (1-D RoPE). With 2-D RoPE every Part B token takes the
-mask's position and a block position counting 1, 2, ... from <sop>.
+mask's position and a block position counting 1, 2, ... from <sop>. These rules, shared with
+training and the model, are `openglm.positions`.
 
 Batches are left-padded: every row's next token then goes to the same cache index, so one KV
 cache and one forward serve all rows. The model's padding mask hides the padding keys, positions
@@ -48,6 +49,7 @@ from torch import nn
 from openglm.config import ConfigError, GLMConfig, SpecialTokens
 from openglm.decoding import DecodeStep
 from openglm.model import GLM, KVCache
+from openglm.positions import CONTINUE, Layout, blank_position, find_blank
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +58,15 @@ logger = logging.getLogger(__name__)
 class GenerationConfig:
     """How to pick tokens and when to stop.
 
-    Strategy: `num_beams > 1` is beam search, which is deterministic: `top_k`, `top_p` or a
-    `temperature` other than 0 or 1 with beams is an error, and `seed` is unused. Otherwise `temperature == 0`
-    or `greedy=True` is greedy decoding, and anything else samples: `top_k == 0` and `top_p == 1.0`
-    switch those filters off, and `seed=None` draws a fresh seed, so only a fixed seed is
-    reproducible. In a batch, prompt i uses seed + i: it gets what it would get alone with that
-    seed, and repeated prompts still get different samples.
+    Strategy: greedy decoding unless a sampling option is given, as `openglm generate` and
+    `/v1/infill` (OpenAI's `/v1/completions` keeps OpenAI's default, temperature 1). `num_beams > 1`
+    is beam search, which is deterministic: `top_k`, `top_p` or a `temperature` other than 0 or 1
+    with beams is an error, and `seed` is unused. Otherwise a `temperature` > 0, a `top_k` > 0, a
+    `top_p` < 1 or a `seed` samples (at temperature 1 unless given); `temperature=0` or
+    `greedy=True` is greedy whatever else is set, and so is nothing set. `top_k == 0` and
+    `top_p == 1.0` switch those filters off, and `seed=None` draws a fresh seed, so only a fixed
+    seed makes sampling reproducible. In a batch, prompt i uses seed + i: it gets what it would get
+    alone with that seed, and repeated prompts still get different samples.
 
     Beam search scores a hypothesis as sum(log-probabilities) / length ** length_penalty, the
     length counting the tokens that were scored (a final stop token included); > 0 favours longer
@@ -77,7 +82,7 @@ class GenerationConfig:
     """
 
     max_new_tokens: int = 64
-    temperature: float = 1.0
+    temperature: float | None = None  # None: greedy, or 1.0 when top_k / top_p / seed sample
     top_k: int = 0
     top_p: float = 1.0
     greedy: bool = False
@@ -111,7 +116,14 @@ class GenerationConfig:
 
     @property
     def is_greedy(self) -> bool:
-        return self.greedy or self.temperature == 0
+        if self.greedy or self.temperature == 0:
+            return True
+        return self.temperature is None and self.top_k == 0 and self.top_p == 1 and self.seed is None
+
+    @property
+    def sampling_temperature(self) -> float:
+        """The temperature a sampled token is drawn at."""
+        return 1.0 if self.temperature is None else self.temperature
 
     def validate(self) -> None:
         """Raise ConfigError (a ValueError) naming the first invalid field. Called again before
@@ -122,8 +134,9 @@ class GenerationConfig:
                 raise ConfigError(f"GenerationConfig.{name} must be an integer >= {low}, got {value!r}")
         if self.min_new_tokens > self.max_new_tokens:
             raise ConfigError(f"GenerationConfig.min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens ({self.max_new_tokens})")
-        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ConfigError(f"GenerationConfig.temperature must be a finite number >= 0, got {self.temperature!r}")
+        temperature = self.temperature
+        if temperature is not None and (not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0):
+            raise ConfigError(f"GenerationConfig.temperature must be a finite number >= 0, got {temperature!r}")
         if not _is_int(self.top_k) or self.top_k < 0:
             raise ConfigError(f"GenerationConfig.top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
@@ -141,7 +154,7 @@ class GenerationConfig:
         if not isinstance(self.stop_strings, tuple) or not all(isinstance(s, str) and s for s in self.stop_strings):
             raise ConfigError(f"GenerationConfig.stop_strings must be a tuple of non-empty strings, got {self.stop_strings!r}")
         if self.num_beams > 1:
-            sampling = {"temperature": self.temperature not in (0, 1), "top_k": self.top_k != 0, "top_p": self.top_p != 1}
+            sampling = {"temperature": self.temperature not in (None, 0, 1), "top_k": self.top_k != 0, "top_p": self.top_p != 1}
             for name, is_set in sampling.items():
                 if is_set:
                     raise ConfigError(
@@ -232,7 +245,7 @@ def sample_next(
     per row; per-row generators make a row's draws independent of the other rows of its batch."""
     if config.is_greedy:
         return logits.argmax(-1)
-    probs = filter_logits(logits.float() / config.temperature, config.top_k, config.top_p).softmax(-1)
+    probs = filter_logits(logits.float() / config.sampling_temperature, config.top_k, config.top_p).softmax(-1)
     if generator is None or isinstance(generator, torch.Generator):
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generator, strict=True)])
@@ -407,36 +420,20 @@ class _Text:
 # -- decoding a batch -----------------------------------------------------------------------------
 
 
-def find_blank(ids: Sequence[int], tokens: SpecialTokens) -> int | None:
-    """Index of the blank to fill next: the first [MASK]/[sMASK], else the first [gMASK], else None.
-
-    Short blanks come first and a [gMASK] (a continuation) last, as GLM-130B does; the filling
-    order and the Part B positions both follow this, so they always agree on which mask a Part B
-    belongs to. A context mixing [MASK] and [gMASK] thus gets GLM-130B's [MASK] positions where
-    `derive_positions` would apply [gMASK]'s (training never mixes the two in one sequence in
-    GLM-130B's recipe).
-    """
-    for candidates in ((tokens.mask, tokens.smask), (tokens.gmask,)):
-        for index, token in enumerate(ids):
-            if token in candidates:
-                return index
-    return None
-
-
 @dataclass(frozen=True)
 class _Prefill:
     """The first forward of one row, and where its Part B's positions come from."""
 
     tokens: list[int]
     prefix_len: int  # Part A tokens (0: a causal model, all causal)
-    blank_position: int  # the position every Part B token takes; -1: positions keep counting
+    blank_position: int  # the position every Part B token takes; CONTINUE: positions keep counting
 
 
 def _prefill(config: GLMConfig, context_ids: list[int]) -> _Prefill:
     if not context_ids:
         raise ValueError("context_ids is empty; generation needs at least one context token")
     if config.objective == "causal":
-        return _Prefill(context_ids, 0, -1)
+        return _Prefill(context_ids, 0, CONTINUE)
     tokens = config.special_tokens
     blank = find_blank(context_ids, tokens)
     if blank is None:
@@ -444,35 +441,8 @@ def _prefill(config: GLMConfig, context_ids: list[int]) -> _Prefill:
             "context_ids (Part A) contains no [MASK]/[sMASK]/[gMASK] token; a GLM model fills a blank "
             "(append [gMASK] to continue the text)"
         )
-    continues = context_ids[blank] == tokens.gmask and config.position_encoding != "rope2d"
-    return _Prefill([*context_ids, tokens.sop], len(context_ids), -1 if continues else blank)
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Positions of left-padded rows: row r is `pad[r]` padding tokens, then Part A
-    (`prefix_len[r]` tokens), then Part B. Tensors of shape [rows]."""
-
-    pad: torch.Tensor
-    prefix_len: torch.Tensor
-    blank_position: torch.Tensor  # -1: positions keep counting
-    block_positions: bool  # 2-D RoPE: Part B also counts block positions 1, 2, ... from <sop>
-
-    def positions(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids and block_position_ids [rows, length] of batch indices start .. start+length-1
-        (padding gets position 0; nothing attends to it)."""
-        index = (torch.arange(start, start + length, device=self.pad.device)[None] - self.pad[:, None]).clamp(min=0)
-        in_part_b = index >= self.prefix_len[:, None]
-        blank = self.blank_position[:, None]
-        position = torch.where(in_part_b & (blank >= 0), blank, index)
-        if self.block_positions:
-            block = torch.where(in_part_b, index - self.prefix_len[:, None] + 1, 0)
-        else:
-            block = torch.zeros_like(index)
-        return position, block
-
-    def select(self, rows: torch.Tensor) -> _Layout:
-        return dataclasses.replace(self, pad=self.pad[rows], prefix_len=self.prefix_len[rows], blank_position=self.blank_position[rows])
+    position = blank_position(context_ids[blank], blank, tokens, config.position_encoding)
+    return _Prefill([*context_ids, tokens.sop], len(context_ids), position)
 
 
 @contextmanager
@@ -503,10 +473,10 @@ class _Batch:
         capacity = longest + max_new_tokens - 1  # the last token is never fed back
         self.cache = KVCache.empty(config, len(prefills), capacity, weight.dtype, device)
         self.padding = torch.arange(capacity, device=device)[None] >= torch.tensor(pads, device=device)[:, None]
-        self.layout = _Layout(
+        self.layout = Layout(
             pad=torch.tensor(pads, device=device),
             prefix_len=torch.tensor([p.prefix_len for p in prefills], device=device),
-            blank_position=torch.tensor([p.blank_position for p in prefills], device=device),
+            blank=torch.tensor([p.blank_position for p in prefills], device=device),
             block_positions=config.position_encoding == "rope2d" and config.objective == "glm",
         )
         self._causal = config.objective == "causal"
@@ -553,12 +523,7 @@ class _Batch:
         length = max(b.cache.length - int(b.layout.pad.min()) for b in (self, other))
         moved = [b._moved(length, length + room) for b in (self, other)]
         self.cache = KVCache(torch.cat([m[0] for m in moved], 1), torch.cat([m[1] for m in moved], 1), length)
-        self.layout = dataclasses.replace(
-            self.layout,
-            pad=torch.cat([m[2] for m in moved]),
-            prefix_len=torch.cat([self.layout.prefix_len, other.layout.prefix_len]),
-            blank_position=torch.cat([self.layout.blank_position, other.layout.blank_position]),
-        )
+        self.layout = self.layout.joined(other.layout, torch.cat([m[2] for m in moved]))
         self.padding = torch.arange(length + room, device=self.padding.device)[None] >= self.layout.pad[:, None]
         self._padded = bool(self.layout.pad.any())
         self._rope = None

@@ -3,7 +3,8 @@
 Reading order follows the paper: token embedding (with Embedding Gradient Shrink), N DeepNorm
 blocks of RoPE self-attention and a GeGLU feed-forward network, a final LayerNorm, and an output
 layer tied to the embedding. Parameter names follow GLM-130B / ChatGLM-6B so their checkpoints map
-one to one. Nothing here knows about parallelism, precision policies or files.
+one to one. Nothing here knows about parallelism, precision policies or files; GLM's position and
+attention rules (Part A / Part B, 1-D and 2-D RoPE positions) are `openglm.positions`'.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 
 from openglm import kernels
 from openglm.config import GLMConfig
+from openglm.positions import attention_mask, derive_positions, derive_prefix_len
 
 
 @dataclass
@@ -35,58 +37,6 @@ class KVCache:
     @property
     def capacity(self) -> int:
         return self.keys.shape[3]
-
-
-def glm_attention_mask(prefix_len: torch.Tensor, query_start: int, query_len: int, key_len: int) -> torch.Tensor:
-    """GLM's mask, True where attention is allowed: key j is visible to query i if j is in Part A
-    (j < prefix_len) or j is not after i. Shape [batch, 1, query_len, key_len]."""
-    device = prefix_len.device
-    q = torch.arange(query_start, query_start + query_len, device=device)[:, None]
-    k = torch.arange(key_len, device=device)[None, :]
-    causal = k <= q
-    part_a = k[None] < prefix_len.view(-1, 1, 1)
-    return (causal[None] | part_a).unsqueeze(1)
-
-
-def derive_prefix_len(input_ids: torch.Tensor, config: GLMConfig) -> torch.Tensor:
-    """Part A ends at the first <sop>; a row without one is all Part A. Causal models have none."""
-    batch, seq = input_ids.shape
-    if config.objective == "causal":
-        return torch.zeros(batch, dtype=torch.long, device=input_ids.device)
-    is_sop = input_ids == config.special_tokens.sop
-    first = torch.where(is_sop.any(1), is_sop.int().argmax(1), torch.full((batch,), seq, device=input_ids.device))
-    return first.long()
-
-
-def derive_positions(input_ids: torch.Tensor, prefix_len: torch.Tensor, config: GLMConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions as GLM-130B (1-D) and ChatGLM-6B (2-D) inference code derives them from the tokens.
-
-    1-D: 0, 1, 2, ...; except that with a [MASK]/[sMASK] blank every token from <sop> on takes the
-    first such mask token's position (GLM-130B fills those before a [gMASK]). 2-D: from <sop> on the
-    position is the mask token's ([gMASK] first, else [MASK]/[sMASK], as ChatGLM-6B) and the block
-    position counts 1, 2, ...
-    """
-    batch, seq = input_ids.shape
-    device = input_ids.device
-    arange = torch.arange(seq, device=device).expand(batch, seq)
-    position_ids = arange.clone()
-    block_position_ids = torch.zeros_like(position_ids)
-    if config.objective == "causal":
-        return position_ids, block_position_ids
-    tokens = config.special_tokens
-    is_gmask = input_ids == tokens.gmask
-    is_mask = (input_ids == tokens.mask) | (input_ids == tokens.smask)
-    has_gmask, has_mask = is_gmask.any(1), is_mask.any(1)
-    in_part_b = arange >= prefix_len[:, None]
-    if config.position_encoding == "rope2d":  # ChatGLM-6B: [gMASK] first
-        mask_pos = torch.where(has_gmask, is_gmask.int().argmax(1), is_mask.int().argmax(1))
-        use_mask_pos = in_part_b & (has_gmask | has_mask)[:, None]
-        block_position_ids = torch.where(in_part_b, arange - prefix_len[:, None] + 1, 0)
-    else:  # GLM-130B: a [MASK]/[sMASK] blank is filled before any [gMASK]
-        mask_pos = is_mask.int().argmax(1)
-        use_mask_pos = in_part_b & has_mask[:, None]
-    position_ids = torch.where(use_mask_pos, mask_pos[:, None].expand(batch, seq), position_ids)
-    return position_ids, block_position_ids
 
 
 class RotaryEmbedding(nn.Module):
@@ -332,7 +282,7 @@ class GLM(nn.Module):
         if padding_mask is not None:
             if self.config.objective == "causal":
                 prefix_len = torch.zeros_like(prefix_len)
-            allowed = glm_attention_mask(prefix_len, offset, seq, offset + seq) & padding_mask[:, None, None, :].bool()
+            allowed = attention_mask(prefix_len, offset, seq, offset + seq) & padding_mask[:, None, None, :].bool()
             # A padding query may see no key at all, and a softmax over nothing is NaN, which then
             # poisons the cached values; letting every query see itself keeps padding finite.
             query = torch.arange(offset, offset + seq, device=prefix_len.device)[:, None]
@@ -341,7 +291,7 @@ class GLM(nn.Module):
             return None  # one new token sees everything before it
         if offset == 0 and self.config.objective == "causal":
             return None  # purely causal (decided from the config, not the data, so torch.compile sees no branch)
-        return glm_attention_mask(prefix_len, offset, seq, offset + seq)
+        return attention_mask(prefix_len, offset, seq, offset + seq)
 
     @property
     def output_weight(self) -> torch.Tensor:

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from openglm.config import cache_dir
+from openglm.config import ANY_VALUE, cache_dir, unsupported_fields
 from openglm.model import GLM, KVCache
 from openglm.quantize import QuantizedLinear
 
@@ -48,6 +48,31 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).resolve().parent / "csrc" / "decode_row.c"
 FLAGS = ("-O3", "-std=c11", "-fopenmp-simd", "-fPIC", "-shared")
 DTYPES = (torch.float32, torch.bfloat16)
+
+# Every GLMConfig field and the values `csrc/decode_row.c` computes as `GLM.forward` does. A field
+# missing here (a new one) makes `RowDecoder.build` refuse the model before anything is compiled.
+SUPPORTS: dict[str, tuple[object, ...] | None] = {
+    "vocab_size": ANY_VALUE,
+    "hidden_size": ANY_VALUE,
+    "num_layers": ANY_VALUE,
+    "num_heads": ANY_VALUE,
+    "ffn_hidden_size": ANY_VALUE,
+    "max_seq_len": ANY_VALUE,  # the cache's capacity is passed per call
+    "layernorm_eps": ANY_VALUE,
+    "deepnorm_alpha": ANY_VALUE,
+    "ffn_type": ("geglu", "gelu"),  # glm_model.geglu
+    "gelu_approximate": ("none", "tanh"),  # glm_model.gelu_tanh
+    # The rotary tables come in per call; the kernel turns `rotary_dim` slices (one: 1-D, two: 2-D).
+    "position_encoding": ("rope1d", "rope2d"),
+    "rope_base": ANY_VALUE,
+    "rope_fp16_inv_freq": ANY_VALUE,
+    "tie_word_embeddings": ANY_VALUE,  # the head's pointer is `model.output_weight`
+    "qkv_bias": ANY_VALUE,  # a NULL bias pointer skips the bias
+    "dense_bias": ANY_VALUE,
+    "embedding_init_std": ANY_VALUE,  # initialisation only
+    "objective": ("glm", "causal"),  # one new token sees every unpadded cached key in both
+    "special_tokens": ANY_VALUE,  # never read
+}
 
 
 class _Linear(ctypes.Structure):
@@ -243,8 +268,8 @@ def _quantized_layout(module: QuantizedLinear) -> tuple[int, int, int, int] | No
 
 class RowDecoder:
     """`GLM.forward` for one new token of a one-row batch, as one native call. Built by `build`,
-    which says None for any model the kernel does not cover exactly (sharded layers, a dtype other
-    than fp32/bf16, non-CPU tensors, patched `logits`, a quantized layout it does not read); it
+    which says None for any model the kernel does not cover exactly (a config outside `SUPPORTS`,
+    sharded layers, a dtype other than fp32/bf16, non-CPU tensors, patched `logits`, a quantized layout it does not read); it
     holds the model, so the pointers stay valid."""
 
     def __init__(self, lib: ctypes.CDLL, model: GLM, struct: _Model, layers: ctypes.Array[_Layer]) -> None:
@@ -255,8 +280,12 @@ class RowDecoder:
 
     @classmethod
     def build(cls, model: GLM) -> RowDecoder | None:
-        lib = library()
         config = model.config
+        unsupported = unsupported_fields(config, SUPPORTS)
+        if unsupported:
+            logger.debug("the native kernel is not declared for %s; decoding runs in PyTorch", ", ".join(unsupported))
+            return None
+        lib = library()
         dtype = model.word_embeddings.weight.dtype
         hidden, head_dim = config.hidden_size, config.head_dim
         if lib is None or dtype not in DTYPES or config.num_heads * head_dim != hidden:

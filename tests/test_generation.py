@@ -926,3 +926,22 @@ def test_default_tokenizer_multi_blank_reads_back(tok: Any) -> None:
         assert completed.startswith(pieces[0]) and completed.endswith(pieces[-1])
     completed, fillings = results[0]
     assert completed == "The capital of " + fillings[0] + " is Paris, and " + fillings[1] + " is"
+
+
+def test_the_python_api_is_greedy_unless_a_sampling_option_is_given() -> None:
+    model = make_model()
+    prompts = ["Emma was [MASK] happy.", "It is a truth [gMASK]"]
+    first = openglm.generate(model, TOK, prompts, max_new_tokens=8)
+    assert openglm.generate(model, TOK, prompts, max_new_tokens=8) == first  # two identical calls, one text
+    assert openglm.generate(model, TOK, prompts, max_new_tokens=8, temperature=0) == first  # it is the greedy text
+    assert "".join(piece.text for piece in openglm.stream(model, TOK, prompts[1], max_new_tokens=8)) == first[1]
+    assert GenerationConfig().is_greedy and GenerationConfig(greedy=True, temperature=0.7).is_greedy
+    for option in ({"temperature": 1.5}, {"top_k": 30}, {"top_p": 0.95}, {}):
+        assert not GenerationConfig(seed=0, **option).is_greedy
+        draws = {openglm.generate(model, TOK, prompts[1], max_new_tokens=8, seed=seed, **option) for seed in range(6)}
+        assert len(draws) > 1, option  # each sampling option (a seed alone too) samples
+    for option in ({"temperature": 1.5}, {"top_k": 30}, {"top_p": 0.95}):
+        assert not GenerationConfig(**option).is_greedy  # without a seed: a fresh one
+    # Sampling without a temperature draws at temperature 1.
+    alone = openglm.generate(model, TOK, prompts, max_new_tokens=8, top_k=30, seed=5)
+    assert openglm.generate(model, TOK, prompts, max_new_tokens=8, top_k=30, seed=5, temperature=1.0) == alone

@@ -33,6 +33,7 @@ from openglm.config import model_preset
 from openglm.generation import Engine, GenerationConfig, Submission, _outside_nucleus, infill
 from openglm.model import GLM
 from openglm.serve import create_app, serve_in_thread
+from openglm.serve.app import CompletionRequest, InfillRequest
 from openglm.serve.batcher import Batcher
 from openglm.tokenizer import GLMTokenizer
 
@@ -250,6 +251,24 @@ def test_streaming_sse_and_openai_stream(url: str, client: openai.OpenAI, model:
     for chunk in client.completions.create(model=NAME, prompt="Emma", max_tokens=6, temperature=0, stream=True):
         streamed[0] += chunk.choices[0].text
     assert "Emma" + streamed[0] == openglm.generate(model, tokenizer, "Emma", max_new_tokens=6, temperature=0)
+
+
+def test_infill_is_greedy_unless_sampling_options_are_given_and_completions_default_to_openais_temperature(
+    url: str, model: GLM, tokenizer: GLMTokenizer
+) -> None:
+    text = PROMPTS[2]
+    greedy = post(url, "/v1/infill", {"text": text, "max_tokens": 6}).json()["text"]
+    assert greedy == openglm.generate(model, tokenizer, text, max_new_tokens=6)  # the Python API's default
+    sampled = post(url, "/v1/infill", {"text": text, "max_tokens": 6, "top_p": 0.95, "seed": 3}).json()["text"]
+    assert sampled == openglm.generate(model, tokenizer, text, max_new_tokens=6, top_p=0.95, seed=3)
+    assert InfillRequest(text=text).generation_config().is_greedy
+    assert InfillRequest(text=text, top_k=5).generation_config().sampling_temperature == 1.0
+    # OpenAI documents temperature 1 as the default of /v1/completions: a request without one samples.
+    default = CompletionRequest(prompt="Emma").generation_config()
+    assert not default.is_greedy and default.temperature == 1.0
+    body = {"model": NAME, "prompt": "Emma", "max_tokens": 6, "seed": 4}
+    completion = post(url, "/v1/completions", body).json()["choices"][0]["text"]
+    assert "Emma" + completion == openglm.generate(model, tokenizer, "Emma", max_new_tokens=6, temperature=1.0, seed=4)
 
 
 def test_infill_blanks_beams_and_stream(url: str, model: GLM, tokenizer: GLMTokenizer) -> None:

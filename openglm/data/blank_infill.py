@@ -14,14 +14,15 @@ Modes, chosen per sample like GLM-130B does:
 * ``causal``: a plain GPT sample (no Part A), the baseline objective.
 * ``mip``: built by `openglm.data.mip` from a prompt/response pair through the same assembly.
 
-Positions follow how GLM checkpoints are run at inference. Part A counts 0..prefix_len-1, each mask
-token taking one position. With 1-D RoPE (GLM-130B) Part B tokens of a `[gMASK]` span continue
-counting past the `[gMASK]` position (a plain running count, `<sop>` one past it, as GLM-130B's
-gMASK pre-training and generation number them), while Part B tokens of
-any other mask all take their mask token's position. With 2-D RoPE (ChatGLM-6B) every Part B token
-takes its mask token's position (`[gMASK]` included) and the second channel, `block_position_ids`,
-counts 1..len+1 within the span (`<sop>` = 1; Part A = 0). `block_position_ids` are filled the same
-way for both encodings (a 1-D model ignores them).
+Positions follow how GLM checkpoints are run at inference, by the rules of `openglm.positions`
+(the same code the model and generation use). Part A counts 0..prefix_len-1, each mask token taking
+one position. With 1-D RoPE (GLM-130B) Part B tokens of a `[gMASK]` span keep the running count
+(their own index: `<sop>` is one past the `[gMASK]` that ends Part A, as GLM-130B's gMASK
+pre-training and generation number them), while Part B tokens of any other mask all take their
+mask token's position. With 2-D RoPE (ChatGLM-6B) every Part B token takes its mask token's
+position (`[gMASK]` included) and the second channel, `block_position_ids`, counts 1..len+1 within
+the span (`<sop>` = 1; Part A = 0). `block_position_ids` are filled the same way for both encodings
+(a 1-D model ignores them).
 
 Pretraining samples are always exactly `seq_len` tokens. Shorter samples (MIP) are padded at the
 end with `pad`: labels -100, position 0, block position 0. Pads come after every real token, so
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 
 from openglm.config import GLMConfig, Objective, SpecialTokens, TrainConfig
+from openglm.positions import CONTINUE, blank_position, positions
 
 logger = logging.getLogger(__name__)
 
@@ -115,28 +117,30 @@ def build_infill_sample(
     prefix_len += len(window) - cursor
 
     labels = [np.full(prefix_len, IGNORE_INDEX, dtype=np.int64)]
-    positions = [np.arange(prefix_len, dtype=np.int64)]
-    blocks = [np.zeros(prefix_len, dtype=np.int64)]
-    continue_counting = encoding == "rope1d" and mask_id == special.gmask
+    # Per token: where its Part B segment starts (Part A: not before prefix_len) and its blank position.
+    segment_start = [np.full(prefix_len, prefix_len, dtype=np.int64)]
+    blank = [np.full(prefix_len, CONTINUE, dtype=np.int64)]
+    cursor = prefix_len
     for j, (start, length) in enumerate(spans):
         span = window[start : start + length]
         inputs += [np.array([special.sop], dtype=np.int64), span]
         labels += [span, np.array([special.eop], dtype=np.int64)]
-        if continue_counting:  # a plain running count, as GLM-130B's gMASK pre-training and generation use
-            positions.append(mask_pos[j] + 1 + np.arange(length + 1, dtype=np.int64))
-        else:
-            positions.append(np.full(length + 1, mask_pos[j], dtype=np.int64))
-        blocks.append(np.arange(1, length + 2, dtype=np.int64))
+        segment_start.append(np.full(length + 1, cursor, dtype=np.int64))
+        blank.append(np.full(length + 1, blank_position(mask_id, mask_pos[j], special, encoding), dtype=np.int64))
+        cursor += length + 1
 
-    total = prefix_len + sum(length + 1 for _, length in spans)
+    total = cursor
     if total > seq_len:
         raise ValueError(f"sample needs {total} tokens but seq_len is {seq_len}")
+    # Block positions for both encodings: a 1-D model ignores them.
+    index = np.arange(total, dtype=np.int64)
+    position, block = positions(index, np.concatenate(segment_start), np.concatenate(blank), block_positions=True)
     pad = np.zeros(seq_len - total, dtype=np.int64)
     return Sample(
         input_ids=np.concatenate([*inputs, pad + special.pad]),
         labels=np.concatenate([*labels, pad + IGNORE_INDEX]),
-        position_ids=np.concatenate([*positions, pad]),
-        block_position_ids=np.concatenate([*blocks, pad]),
+        position_ids=np.concatenate([position, pad]),
+        block_position_ids=np.concatenate([block, pad]),
         prefix_len=prefix_len,
         mode=mode,
         spans=[(int(s), int(n)) for s, n in spans],

@@ -113,7 +113,9 @@ class StreamOptions(BaseModel):
 
 
 class CompletionRequest(_Options):
-    """OpenAI's /v1/completions body (logprobs, best_of and penalties are not supported)."""
+    """OpenAI's /v1/completions body (logprobs, best_of and penalties are not supported).
+    `temperature` defaults to 1, OpenAI's documented default, so completions sample unless a
+    request sets 0 (the Python API, the CLI and /v1/infill are greedy by default)."""
 
     prompt: str | list[str]
     n: int = Field(1, ge=1, le=16)
@@ -123,11 +125,11 @@ class CompletionRequest(_Options):
 
 class InfillRequest(_Options):
     """GLM blank infilling: `text` with [MASK]/[sMASK]/[gMASK] blanks (none: continue the text).
-    Greedy by default; `num_beams` > 1 is beam search."""
+    Greedy unless a sampling option is given, as the Python API; `num_beams` > 1 is beam search."""
 
     text: str
     max_tokens: int = Field(32, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
     num_beams: int = Field(1, ge=1, le=16)
     length_penalty: float = Field(1.0, ge=-10.0, le=10.0)  # a score divided by length**penalty must stay finite
 
