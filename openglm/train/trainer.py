@@ -129,7 +129,17 @@ class Trainer:
             torch.set_num_threads(config.num_threads)
         self._resume_state: dict[str, Any] = {}
         self._saved_step: int | None = None
+        self._lock: rundir.RunLock | None = None  # held by rank 0 (`_open_run`)
         resume_from = self._open_run(resume, overwrite)
+        try:
+            self._build(model_config, tokenizer, resume_from)
+        except BaseException:
+            if self._lock is not None:  # a trainer that failed to start must not keep the run directory locked
+                self._lock.release()
+            raise
+
+    def _build(self, model_config: GLMConfig, tokenizer: GLMTokenizer | None, resume_from: Path | None) -> None:
+        config = self.config
         if resume_from is not None:
             model_config = ckpt.load_config(resume_from)
             tokenizer = GLMTokenizer.from_file(resume_from / ckpt.TOKENIZER_FILE)
