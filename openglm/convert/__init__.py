@@ -25,7 +25,7 @@ from openglm.config import SpecialTokens
 from openglm.convert import chatglm, sat
 from openglm.convert.common import SP_TOKENIZER_FILE, Source, scan, transfer, write_openglm
 from openglm.convert.sp_tokenizer import ChatGLMTokenizer
-from openglm.convert.store import ConvertError, ModelSink
+from openglm.convert.store import ConvertError
 
 if TYPE_CHECKING:
     from openglm.model import GLM
@@ -141,17 +141,20 @@ def open_tokenizer(path: Path, special_tokens: SpecialTokens) -> GLMTokenizer | 
     return GLMTokenizer.from_file(path)
 
 
-def load_source(source: Source, dtype: torch.dtype = torch.float32) -> GLM:
-    """A model (eval mode) filled straight from a foreign checkpoint, without writing a file."""
-    from openglm.model import GLM
+def load_source(source: Source, dtype: torch.dtype = torch.float32, bits: int | None = None, group_size: int | None = None) -> GLM:
+    """A model (eval mode) filled straight from a foreign checkpoint, without writing a file: each
+    tensor converted to `dtype`, or quantized to INT`bits`, as it is read (`openglm.loading`)."""
+    from openglm.loading import ModelFiller, empty_model
 
     _, total = scan(source)
-    model = GLM.empty(source.config)
-    transfer(source, ModelSink(dict(model.named_parameters())), total)
-    return model.to(dtype).eval()
+    model = empty_model(source.config, dtype, bits, group_size)
+    transfer(source, ModelFiller(model), total)
+    return model.eval()
 
 
-def load_chatglm(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GLM, ChatGLMTokenizer]:
+def load_chatglm(
+    path: str | Path, dtype: torch.dtype = torch.float32, bits: int | None = None, group_size: int | None = None
+) -> tuple[GLM, ChatGLMTokenizer]:
     """Model and tokenizer of a ChatGLM-6B directory (what `openglm.load` does with one)."""
     path = Path(path)
     source = chatglm.source(path)
@@ -162,7 +165,8 @@ def load_chatglm(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[
         tokenizer = ChatGLMTokenizer(tokenizer_path, source.config.special_tokens)
     except ValueError as err:
         raise CheckpointError(str(err)) from None
-    model = load_source(source, dtype)
-    log.info("loaded ChatGLM-6B directory %s (%.1fM parameters)", path, model.num_parameters() / 1e6)
+    if tokenizer.vocab_size > source.config.vocab_size:
+        raise CheckpointError(f"{tokenizer_path}: {tokenizer.vocab_size} tokens but {path / CONFIG_FILE} says vocab_size {source.config.vocab_size}")
+    model = load_source(source, dtype, bits, group_size)
+    log.info("loaded ChatGLM-6B directory %s (%.1fM parameters, %s)", path, model.num_parameters() / 1e6, dtype)
     return model, tokenizer
-

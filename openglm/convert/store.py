@@ -166,6 +166,15 @@ class TensorFile:
         if not direct:
             out.copy_(target.view(dtype).view(len(rows), *shape[1:])[(slice(None), *rest)])
 
+    def copy_into(self, name: str, out: torch.Tensor) -> None:
+        """Copy the whole tensor `name` into `out` (its shape), converting to `out`'s dtype: read
+        straight into `out` where the dtypes agree, else through one tensor of the file's dtype."""
+        if self._header and self._header[name][0] != out.dtype:
+            out.copy_(self.tensor(name))
+        else:
+            self.read_into(name, (), out)
+        self.release(name)
+
     def release(self, name: str) -> None:
         """Done with `name`: let its memory-mapped pages go."""
         if name in self._tensors:
@@ -289,18 +298,6 @@ class TorchFileWriter:
             yield tensor
         finally:
             _release_pages(tensor)
-
-
-class ModelSink:
-    """Writes converted tensors straight into a model's parameters (loading without a file)."""
-
-    def __init__(self, params: dict[str, torch.Tensor]) -> None:
-        self.params = params
-
-    @contextmanager
-    def region(self, name: str) -> Iterator[torch.Tensor]:
-        with torch.no_grad():
-            yield self.params[name].data
 
 
 def check_shape(path: Path, name: str, actual: tuple[int, ...], expected: tuple[int, ...], config_file: Path) -> None:
