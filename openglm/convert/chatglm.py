@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from openglm.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_config, read_quantization, write_text_atomic
 from openglm.config import ConfigError, GLMConfig, SpecialTokens
 from openglm.convert.common import SP_TOKENIZER_FILE, Piece, Source, parameter_shapes
+from openglm.convert.sp_tokenizer import TOKENIZER_CONFIG_FILE
 from openglm.convert.store import ConvertError, TensorFile, check_names, check_shape, open_tensors, read_json
 
 log = logging.getLogger(__name__)
@@ -205,6 +206,7 @@ def export(checkpoint: Path, folder: Path, use_safetensors: bool = False, max_sh
         index = {"metadata": {"total_size": 2 * sum(math.prod(s) for s in shapes.values())}, "weight_map": weight_map}
         write_text_atomic(folder / f"{stem}.{suffix}.index.json", json.dumps(index, indent=2) + "\n")
     write_text_atomic(folder / CONFIG_FILE, json.dumps(data, indent=2) + "\n")
-    if (checkpoint / SP_TOKENIZER_FILE).is_file():
-        shutil.copyfile(checkpoint / SP_TOKENIZER_FILE, folder / SP_TOKENIZER_FILE)
+    for name in (SP_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
+        if (checkpoint / name).is_file():
+            shutil.copyfile(checkpoint / name, folder / name)
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from openglm.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, write_quantization
 from openglm.config import GLMConfig
+from openglm.convert.sp_tokenizer import TOKENIZER_CONFIG_FILE
 from openglm.convert.store import ConvertError, Plan, SafetensorsWriter, Sink, TensorFile, open_tensors
 from openglm.quantize import SUPPORTED_BITS, is_quantized_weight, make_record, quantize_weight, quantized_layout
 
@@ -155,6 +156,9 @@ def write_openglm(source: Source, folder: Path, bits: int | None = None, group_s
     if tokenizer is not None:
         name = TOKENIZER_FILE if tokenizer.suffix == ".json" else SP_TOKENIZER_FILE
         shutil.copyfile(tokenizer, folder / name)
+        settings = tokenizer.parent / TOKENIZER_CONFIG_FILE  # ice_text.model's id offset (num_image_tokens)
+        if name == SP_TOKENIZER_FILE and settings.is_file():
+            shutil.copyfile(settings, folder / TOKENIZER_CONFIG_FILE)
     if bits is not None:
         record = quantize_file(float_file, folder / WEIGHTS_FILE, bits, group_size)
         float_file.unlink()
