@@ -279,14 +279,16 @@ def load_model(
     if group_size is not None and quantize is None:
         raise ValueError("a group size applies only when quantizing")
     if is_chatglm_dir(Path(path)):
-        return load_chatglm(path, dtype or run_dtype(quantize is not None), quantize, group_size)  # type: ignore[return-value]  # same protocol
+        return load_chatglm(path, dtype, quantize, group_size)  # type: ignore[return-value]  # a tokenizer with the same protocol
     checkpoint = resolve_checkpoint(path)
     quantization = read_quantization(checkpoint)
     config = load_config(checkpoint)
     dtype = dtype or run_dtype(quantization is not None or quantize is not None)
     if quantization is not None:
         if quantize is not None:
-            raise CheckpointError(f"{checkpoint}: already quantized (INT{quantization.get('bits')}); load it without quantizing again")
+            raise CheckpointError(
+                f"{checkpoint}: already quantized (INT{quantization.get('bits')}); load it without quantizing again"
+            )
         model = load_quantized(checkpoint, config, quantization, dtype)
     else:
         model = empty_model(config, dtype, quantize, group_size)

@@ -25,7 +25,7 @@ from openglm.config import SpecialTokens
 from openglm.convert import chatglm, sat
 from openglm.convert.common import SP_TOKENIZER_FILE, Source, scan, transfer, write_openglm
 from openglm.convert.sp_tokenizer import ChatGLMTokenizer
-from openglm.convert.store import ConvertError
+from openglm.convert.store import ConvertError, read_json
 
 if TYPE_CHECKING:
     from openglm.model import GLM
@@ -153,20 +153,32 @@ def load_source(source: Source, dtype: torch.dtype = torch.float32, bits: int | 
 
 
 def load_chatglm(
-    path: str | Path, dtype: torch.dtype = torch.float32, bits: int | None = None, group_size: int | None = None
+    path: str | Path, dtype: torch.dtype | None = torch.float32, bits: int | None = None, group_size: int | None = None
 ) -> tuple[GLM, ChatGLMTokenizer]:
-    """Model and tokenizer of a ChatGLM-6B directory (what `openglm.load` does with one)."""
+    """Model and tokenizer of a ChatGLM-6B directory (what `openglm.load` does with one), float or
+    one of THUDM's INT4/INT8 releases; `dtype` None: what it runs in (`openglm.kernels.run_dtype`)."""
+    from openglm.kernels import run_dtype
+
     path = Path(path)
-    source = chatglm.source(path)
+    config_path = path / CONFIG_FILE
+    config = chatglm.config_from_chatglm(read_json(config_path), config_path)
+    released = chatglm.release_bits(path)
+    chatglm.weight_files(path)  # a missing shard is named before anything else
     tokenizer_path = path / SP_TOKENIZER_FILE
     if not tokenizer_path.is_file():
         raise CheckpointError(f"{tokenizer_path}: missing; a ChatGLM-6B directory carries its tokenizer as {SP_TOKENIZER_FILE}")
     try:
-        tokenizer = ChatGLMTokenizer(tokenizer_path, source.config.special_tokens)
+        tokenizer = ChatGLMTokenizer(tokenizer_path, config.special_tokens)
     except ValueError as err:
         raise CheckpointError(str(err)) from None
-    if tokenizer.vocab_size > source.config.vocab_size:
-        raise CheckpointError(f"{tokenizer_path}: {tokenizer.vocab_size} tokens but {path / CONFIG_FILE} says vocab_size {source.config.vocab_size}")
-    model = load_source(source, dtype, bits, group_size)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"{tokenizer_path}: {tokenizer.vocab_size} tokens but {config_path} says vocab_size {config.vocab_size}")
+    dtype = dtype or run_dtype(bits is not None or released is not None)
+    if released is not None:
+        if bits is not None:
+            raise CheckpointError(f"{path}: already quantized (quantization_bit={released} in {CONFIG_FILE}); load it without quantizing again")
+        model = chatglm.load_release(path, config, released, dtype)
+    else:
+        model = load_source(chatglm.source(path), dtype, bits, group_size)
     log.info("loaded ChatGLM-6B directory %s (%.1fM parameters, %s)", path, model.num_parameters() / 1e6, dtype)
     return model, tokenizer

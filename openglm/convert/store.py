@@ -66,6 +66,7 @@ def _release_pages(tensor: torch.Tensor) -> None:
         _LIBC.madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), _MADV_DONTNEED)
 
 
+_CONVERT_BLOCK_BYTES = 16 << 20  # rows of a tensor converted to another dtype at a time (`copy_into`)
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 _MADV_DONTNEED = 4
 
@@ -153,7 +154,7 @@ class TensorFile:
             raise ValueError("only unit-step row slices are read")
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
         rest = index[1:]
-        direct = not rest and out.is_contiguous()
+        direct = not rest and out.is_contiguous() and out.dtype == dtype
         if direct:
             target = out.reshape(-1).view(torch.uint8)
         else:
@@ -169,10 +170,13 @@ class TensorFile:
     def copy_into(self, name: str, out: torch.Tensor) -> None:
         """Copy the whole tensor `name` into `out` (its shape), converting to `out`'s dtype: read
         straight into `out` where the dtypes agree, else through one tensor of the file's dtype."""
-        if self._header and self._header[name][0] != out.dtype:
-            out.copy_(self.tensor(name))
-        else:
+        if not self._header or self._header[name][0] == out.dtype or out.dim() == 0:
             self.read_into(name, (), out)
+        else:  # converted in blocks of rows through the scratch buffer: no whole-tensor temporary
+            dtype, shape, _ = self._header[name]
+            step = max(1, _CONVERT_BLOCK_BYTES // max(1, math.prod(shape[1:]) * dtype.itemsize))
+            for start in range(0, shape[0], step):
+                self.read_into(name, (slice(start, start + step),), out[start : start + step])
         self.release(name)
 
     def release(self, name: str) -> None:
