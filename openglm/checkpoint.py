@@ -262,7 +262,11 @@ def load_config(checkpoint: Path) -> GLMConfig:
 
 
 def load_model(
-    path: str | Path, dtype: torch.dtype | None = torch.float32, quantize: int | None = None, group_size: int | None = None
+    path: str | Path,
+    dtype: torch.dtype | None = torch.float32,
+    quantize: int | None = None,
+    group_size: int | None = None,
+    head_bits: int | None = None,
 ) -> tuple[GLM, GLMTokenizer]:
     """The model (in eval mode) and tokenizer of a checkpoint or run directory, quantized or not
     (quantized block linears keep their INT8/INT4 weights whatever `dtype`); also a ChatGLM-6B
@@ -270,7 +274,8 @@ def load_model(
 
     Streams: each tensor goes from its file into the model in `dtype` (None: what it runs in,
     `openglm.kernels.run_dtype`), and with `quantize` (8 or 4; `group_size` inputs per scale) the
-    block linears of a float checkpoint are quantized as they arrive (`openglm.loading`)."""
+    block linears of a float checkpoint are quantized as they arrive (`openglm.loading`), and with
+    `head_bits` (8 or 4) its untied output layer too, one scale per vocabulary row."""
     from openglm.convert import SP_TOKENIZER_FILE, is_chatglm_dir, load_chatglm, open_tokenizer
     from openglm.kernels import run_dtype
     from openglm.loading import empty_model, load_float_weights
@@ -279,19 +284,19 @@ def load_model(
     if group_size is not None and quantize is None:
         raise ValueError("a group size applies only when quantizing")
     if is_chatglm_dir(Path(path)):
-        return load_chatglm(path, dtype, quantize, group_size)  # type: ignore[return-value]  # a tokenizer with the same protocol
+        return load_chatglm(path, dtype, quantize, group_size, head_bits)  # type: ignore[return-value]  # a tokenizer with the same protocol
     checkpoint = resolve_checkpoint(path)
     quantization = read_quantization(checkpoint)
     config = load_config(checkpoint)
     dtype = dtype or run_dtype(quantization is not None or quantize is not None)
     if quantization is not None:
-        if quantize is not None:
+        if quantize is not None or head_bits is not None:
             raise CheckpointError(
                 f"{checkpoint}: already quantized (INT{quantization.get('bits')}); load it without quantizing again"
             )
         model = load_quantized(checkpoint, config, quantization, dtype)
     else:
-        model = empty_model(config, dtype, quantize, group_size)
+        model = empty_model(config, dtype, quantize, group_size, head_bits)
         load_float_weights(checkpoint, model)
     tokenizer_path = checkpoint / TOKENIZER_FILE
     if not tokenizer_path.is_file() and (checkpoint / SP_TOKENIZER_FILE).is_file():

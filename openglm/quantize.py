@@ -604,27 +604,49 @@ def _block_linears(model: nn.Module, bits: int, group_size: int | None) -> dict[
     return linears
 
 
-def quantize_model(model: ModelT, bits: int, group_size: int | None = None) -> ModelT:
+def _head(model: nn.Module, bits: int) -> nn.Linear:
+    """The untied output layer `lm_head`, checked to take INT`bits` with a scale per row."""
+    _qmax(bits)
+    head = getattr(model, "lm_head", None)
+    if head is None:
+        raise ValueError("the output layer is the word embedding (tied); only an untied lm_head can be quantized")
+    if not isinstance(head, nn.Linear) or isinstance(head, QuantizedLinear):
+        raise ValueError(f"lm_head is a {type(head).__name__}, not a float nn.Linear")
+    if bits == 4 and head.in_features % 2:
+        raise ValueError(f"lm_head: INT4 needs an even in_features, got {head.in_features}")
+    return head
+
+
+def quantize_model(model: ModelT, bits: int, group_size: int | None = None, head_bits: int | None = None) -> ModelT:
     """Replace the block linears (QKV, attention dense, both FFN matrices) by `QuantizedLinear`s
-    in place and return the model. Everything is checked before anything is replaced."""
+    in place and return the model; with `head_bits`, the untied output layer too (one scale per
+    vocabulary row). Everything is checked before anything is replaced."""
     linears = _block_linears(model, bits, group_size)
-    for name, linear in linears.items():
+    head = None if head_bits is None else _head(model, head_bits)
+    for name, linear in [*linears.items(), *([("lm_head", head)] if head is not None else [])]:
         if linear.weight.is_meta:
             raise ValueError(f"{name} has no weights (meta device)")
     for name, linear in linears.items():
         _set_submodule(model, name, QuantizedLinear.from_linear(linear, bits, group_size))
+    if head is not None and head_bits is not None:
+        _set_submodule(model, "lm_head", QuantizedLinear.from_linear(head, head_bits))
     log.info("quantized %d linear layers to INT%d (group size %s)", len(linears), bits, group_size or "per channel")
     return model
 
 
-def quantize_layout(model: ModelT, bits: int, group_size: int | None = None) -> ModelT:
-    """Replace the block linears by empty `QuantizedLinear`s on the same device (typically meta),
-    to be filled by `QuantizedLinear.set_quantized` as a checkpoint streams in: a model that is
-    quantized on load never holds its float block weights. Checked as `quantize_model` checks."""
+def quantize_layout(model: ModelT, bits: int, group_size: int | None = None, head_bits: int | None = None) -> ModelT:
+    """Replace the block linears (and with `head_bits` the untied output layer) by empty
+    `QuantizedLinear`s on the same device (typically meta), to be filled by
+    `QuantizedLinear.set_quantized` as a checkpoint streams in: a model that is quantized on load
+    never holds its float block weights. Checked as `quantize_model` checks."""
     linears = _block_linears(model, bits, group_size)
-    for name, linear in linears.items():
+    head = None if head_bits is None else _head(model, head_bits)
+    layers = {name: (linear, bits, group_size) for name, linear in linears.items()}
+    if head is not None and head_bits is not None:
+        layers["lm_head"] = (head, head_bits, None)
+    for name, (linear, layer_bits, layer_group) in layers.items():
         with torch.device(linear.weight.device):
-            layer = QuantizedLinear(linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None)
+            layer = QuantizedLinear(linear.in_features, linear.out_features, layer_bits, layer_group, bias=linear.bias is not None)
         _set_submodule(model, name, layer)
     return model
 

@@ -141,19 +141,25 @@ def open_tokenizer(path: Path, special_tokens: SpecialTokens) -> GLMTokenizer | 
     return GLMTokenizer.from_file(path)
 
 
-def load_source(source: Source, dtype: torch.dtype = torch.float32, bits: int | None = None, group_size: int | None = None) -> GLM:
+def load_source(
+    source: Source, dtype: torch.dtype = torch.float32, bits: int | None = None, group_size: int | None = None, head_bits: int | None = None
+) -> GLM:
     """A model (eval mode) filled straight from a foreign checkpoint, without writing a file: each
     tensor converted to `dtype`, or quantized to INT`bits`, as it is read (`openglm.loading`)."""
     from openglm.loading import ModelFiller, empty_model
 
     _, total = scan(source)
-    model = empty_model(source.config, dtype, bits, group_size)
+    model = empty_model(source.config, dtype, bits, group_size, head_bits)
     transfer(source, ModelFiller(model), total)
     return model.eval()
 
 
 def load_chatglm(
-    path: str | Path, dtype: torch.dtype | None = torch.float32, bits: int | None = None, group_size: int | None = None
+    path: str | Path,
+    dtype: torch.dtype | None = torch.float32,
+    bits: int | None = None,
+    group_size: int | None = None,
+    head_bits: int | None = None,
 ) -> tuple[GLM, ChatGLMTokenizer]:
     """Model and tokenizer of a ChatGLM-6B directory (what `openglm.load` does with one), float or
     one of THUDM's INT4/INT8 releases; `dtype` None: what it runs in (`openglm.kernels.run_dtype`)."""
@@ -175,10 +181,10 @@ def load_chatglm(
         raise CheckpointError(f"{tokenizer_path}: {tokenizer.vocab_size} tokens but {config_path} says vocab_size {config.vocab_size}")
     dtype = dtype or run_dtype(bits is not None or released is not None)
     if released is not None:
-        if bits is not None:
+        if bits is not None or head_bits is not None:
             raise CheckpointError(f"{path}: already quantized (quantization_bit={released} in {CONFIG_FILE}); load it without quantizing again")
         model = chatglm.load_release(path, config, released, dtype)
     else:
-        model = load_source(chatglm.source(path), dtype, bits, group_size)
+        model = load_source(chatglm.source(path), dtype, bits, group_size, head_bits)
     log.info("loaded ChatGLM-6B directory %s (%.1fM parameters, %s)", path, model.num_parameters() / 1e6, dtype)
     return model, tokenizer
