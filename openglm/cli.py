@@ -375,13 +375,19 @@ def eval_(
     batch_size: Annotated[int, typer.Option(help="rows per forward pass (sliding windows, generation)")] = 16,
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads")] = None,
     output: Annotated[Path | None, typer.Option(help="write the results JSON here")] = None,
+    quantize_bits: Annotated[int | None, typer.Option("--quantize", help="quantize each float model's block linears to 8 or 4 bits on load")] = None,
+    group_size: Annotated[int | None, typer.Option(help="with --quantize: one scale per this many inputs")] = None,
 ) -> None:
     """Evaluate models on lm (bits per byte), cloze (LAMBADA), mul (BIG-bench, MMLU) and gen tasks; print a Markdown table."""
     from openglm.checkpoint import CheckpointError
     from openglm.eval.runner import evaluate_checkpoints, markdown_table
 
+    if quantize_bits is not None:
+        _check_bits(quantize_bits, "--quantize", group_size)
+    elif group_size is not None:
+        raise _fail("--group-size needs --quantize")
     try:
-        results = evaluate_checkpoints(model, task or (), seed, shots, limit, batch_size, threads)
+        results = evaluate_checkpoints(model, task or (), seed, shots, limit, batch_size, threads, quantize=quantize_bits, group_size=group_size)
     except (CheckpointError, ValueError) as err:
         raise _fail(str(err)) from None
     if output is not None:

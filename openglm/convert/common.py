@@ -98,10 +98,13 @@ def transfer(source: Source, sink: Sink, total_bytes: int) -> None:
 
 def _copy(handle: TensorFile, name: str, source_index: tuple[slice, ...], sink: Sink, target: str, index: tuple[slice, ...]) -> int:
     """Copy one piece; no reference to the source outlives the call, so closing the file unmaps it."""
-    part = handle.tensor(name)[source_index]
     with sink.region(target) as region:
-        region[index].copy_(part)
-    return part.numel() * part.element_size()
+        part = region[index]
+        if source_index:
+            handle.read_into(name, source_index, part)
+        else:
+            handle.copy_into(name, part)  # in row blocks, converting the dtype
+    return part.numel() * handle.dtype(name).itemsize
 
 
 def quantize_file(float_file: Path, out_file: Path, bits: int, group_size: int | None) -> dict[str, object]:

@@ -145,8 +145,16 @@ class TensorFile:
         """Copy the part `index` of tensor `name` into `out`. From safetensors, rows go straight from
         the file into a contiguous `out`; other slices pass through one scratch buffer reused for
         every tensor, so reading leaves no garbage behind in the allocator."""
-        if not self._header:
-            out.copy_(self._tensors[name][index])
+        if not self._header:  # memory-mapped: copied in row blocks, each block's pages let go after
+            source = self._tensors[name][index]
+            if source.dim() == 0 or not source.is_contiguous():
+                out.copy_(source)
+                return
+            step = max(1, _CONVERT_BLOCK_BYTES // max(1, source[0].numel() * source.element_size()))
+            for start in range(0, source.shape[0], step):
+                block = source[start : start + step]
+                out[start : start + step].copy_(block)
+                _release_pages(block)
             return
         dtype, shape, offset = self._header[name]
         rows = range(shape[0])[index[0]] if index and shape else range(shape[0] if shape else 1)

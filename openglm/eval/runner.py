@@ -249,11 +249,15 @@ def evaluate_checkpoints(
     batch_size: int = 16,
     threads: int | None = None,
     progress: bool = True,
+    quantize: int | None = None,
+    group_size: int | None = None,
 ) -> dict[str, Any]:
     """`openglm eval`: every task (default: the bundled suite) on every model; each task's data is
     read and checked before any model is loaded, so a bad file fails at once. `threads` sets
     torch's intra-op threads (on a CPU shared with other work, 1 can be many times faster than
-    2, whose threads wait for each other)."""
+    2, whose threads wait for each other). `quantize` (8 or 4, `group_size` inputs per scale)
+    quantizes each float model's block linears as it loads, run in bf16 where that is native, as
+    `openglm generate --quantize` runs it."""
     import torch
 
     from openglm.checkpoint import load_model
@@ -271,8 +275,8 @@ def evaluate_checkpoints(
         raise TaskError(f"--shots must be >= 0, got {shots}")
     runs: dict[str, Any] = {}
     for path in models:
-        model, tokenizer = load_model(path)
+        model, tokenizer = load_model(path, None if quantize is not None else torch.float32, quantize, group_size)
         run = evaluate_model(configs, ModelScorer(model, tokenizer, batch_size), seed, shots, progress)
         runs[str(path)] = {"objective": model.config.objective, **run}
-    settings = {"seed": seed, "shots": shots, "limit": limit, "threads": torch.get_num_threads()}
+    settings = {"seed": seed, "shots": shots, "limit": limit, "threads": torch.get_num_threads(), "quantize": quantize, "group_size": group_size}
     return settings | {"tasks": [c.name for c in configs], "runs": runs}
