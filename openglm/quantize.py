@@ -3,7 +3,8 @@
 GLM-130B quantizes only the linear layers inside the blocks (QKV, attention output, both FFN
 matrices) with symmetric absmax scales per output channel; activations, embeddings, the (tied)
 output layer, LayerNorms and biases stay in 16/32-bit. Here INT4 may also use a scale per group of
-`group_size` input features, which keeps 4-bit error low on real checkpoints.
+`group_size` input features, which keeps 4-bit error low on real checkpoints, and an untied output
+layer (ChatGLM-6B's `lm_head`) may be quantized too (`head_bits`, one scale per vocabulary row).
 
 Public API (all pure functions except `quantize_model`, which edits the model in place)::
 
@@ -13,7 +14,8 @@ Public API (all pure functions except `quantize_model`, which edits the model in
     dequantize_weight(qweight, scales, bits, dtype=torch.float32) -> weight [out, in]
     pack_int4(values int8 [..., 2k] in -8..7) -> uint8 [..., k];  unpack_int4(packed) -> int8
     QuantizedLinear.from_linear(linear, bits, group_size=None)   drop-in for nn.Linear
-    quantize_model(model, bits, group_size=None) -> model        "quantize on load" (in place)
+    quantize_model(model, bits, group_size=None, head_bits=None) -> model   in place; head_bits: the untied lm_head too
+    quantize_layout(model, bits, group_size=None, head_bits=None) -> model  empty quantized layers (streaming loads)
     quantize_checkpoint(src, out, bits, group_size=None) -> Path a checkpoint `load_model` reads
     save_quantized(model, tokenizer, out) -> Path                 write an already quantized model
     quantized_memory(model) -> QuantizedMemory                    bytes of ints + scales vs bf16

@@ -3,7 +3,7 @@ tensor-parallel shards (see chatglm.py and sat.py for the layouts).
 
     convert(src, out, source_format=None, target_format="openglm", tp=None, bits=None, ...)
     detect_format(path) -> "openglm" | "chatglm-hf" | "glm130b-sat" | None
-    load_chatglm(path, dtype) -> (GLM, tokenizer)     what `openglm.load` does for a ChatGLM directory
+    load_chatglm(path, dtype, bits, group_size, head_bits) -> (GLM, tokenizer)   `openglm.load` of a ChatGLM directory
 
 Every conversion streams: source files are read one at a time (torch files memory-mapped, each
 tensor's pages released once copied; safetensors read at their header's offsets), and the openglm
