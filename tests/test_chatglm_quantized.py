@@ -62,7 +62,9 @@ def write_quantized_release(folder: Path, ice_text: Path, bits: int) -> dict[str
     (folder / "pytorch_model.bin").unlink()
     torch.save(first, folder / "pytorch_model-00001-of-00002.bin")
     torch.save(second, folder / "pytorch_model-00002-of-00002.bin")
-    weight_map = dict.fromkeys(first, "pytorch_model-00001-of-00002.bin") | dict.fromkeys(second, "pytorch_model-00002-of-00002.bin")
+    weight_map = dict.fromkeys(first, "pytorch_model-00001-of-00002.bin") | dict.fromkeys(
+        second, "pytorch_model-00002-of-00002.bin"
+    )
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return stored
 
@@ -102,7 +104,9 @@ def test_what_quantized_releases_cannot_do_is_named(tmp_path: Path, ice_text: Pa
     write_quantized_release(folder, ice_text, 4)
     with pytest.raises(CheckpointError, match=r"already quantized \(quantization_bit=4 in config\.json\)"):
         openglm.load(folder, quantize=8)
-    with pytest.raises(ConvertError, match=r"config\.json: quantization_bit=4 \(a quantized ChatGLM-6B release\); conversion reads float"):
+    with pytest.raises(
+        ConvertError, match=r"config\.json: quantization_bit=4 \(a quantized ChatGLM-6B release\); conversion reads float"
+    ):
         convert(folder, tmp_path / "out")
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "quantization_embeddings": True}))

@@ -278,5 +278,12 @@ def evaluate_checkpoints(
         model, tokenizer = load_model(path, None if quantize is not None else torch.float32, quantize, group_size)
         run = evaluate_model(configs, ModelScorer(model, tokenizer, batch_size), seed, shots, progress)
         runs[str(path)] = {"objective": model.config.objective, **run}
-    settings = {"seed": seed, "shots": shots, "limit": limit, "threads": torch.get_num_threads(), "quantize": quantize, "group_size": group_size}
+    settings = {
+        "seed": seed,
+        "shots": shots,
+        "limit": limit,
+        "threads": torch.get_num_threads(),
+        "quantize": quantize,
+        "group_size": group_size,
+    }
     return settings | {"tasks": [c.name for c in configs], "runs": runs}
