@@ -708,13 +708,11 @@ def save_quantized(model: GLM, tokenizer: GLMTokenizer, out: str | Path) -> Path
 
 def quantize_checkpoint(src: str | Path, out: str | Path, bits: int, group_size: int | None = None) -> Path:
     """Quantize the float checkpoint (or run directory) `src` into the checkpoint directory `out`
-    (config.json and tokenizer.json copied, quantized weights, quantization.json)."""
-    from openglm.checkpoint import CheckpointError, load_model
+    (config.json and tokenizer.json copied, quantized weights, quantization.json). The block
+    linears are quantized as they stream in: the float model is never held whole."""
+    from openglm.checkpoint import load_model
 
-    model, tokenizer = load_model(src)
-    if quantized_layers(model):
-        raise CheckpointError(f"{src}: already quantized")
-    quantize_model(model, bits, group_size)
+    model, tokenizer = load_model(src, torch.float32, bits, group_size)  # refuses a quantized checkpoint
     path = save_quantized(model, tokenizer, out)
     memory = quantized_memory(model)
     log.info("wrote %s: INT%d weights %.1f MB (%.2fx their bf16 size)", path, bits, memory.quantized_bytes / 1e6, memory.ratio)
