@@ -668,6 +668,8 @@ def quantization_record(model: nn.Module) -> dict[str, Any]:
     layers = quantized_layers(model)
     if not layers:
         raise ValueError("model is not quantized")
+    if "lm_head" in layers:
+        raise ValueError("a quantized output layer (head_bits) is not saved in checkpoints; quantize it on load instead")
     specs = {(m.bits, m.group_size) for m in layers.values()}
     if len(specs) != 1:
         raise ValueError(f"mixed quantization settings are not supported: {sorted(specs, key=str)}")

@@ -14,7 +14,7 @@ from test_native import decode_once, error, float64_reference, make_model, one_t
 import openglm
 from openglm import native
 from openglm.checkpoint import save_checkpoint
-from openglm.quantize import QuantizedLinear, dequantize_weight, quantize_model, quantize_weight, quantized_layers
+from openglm.quantize import QuantizedLinear, dequantize_weight, quantize_model, quantize_weight, quantized_layers, save_quantized
 from openglm.tokenizer import GLMTokenizer
 
 UNTIED = {"ffn_type": "gelu", "gelu_approximate": "tanh", "tie_word_embeddings": False, "position_encoding": "rope2d"}
@@ -79,6 +79,9 @@ def test_quantized_on_load_and_refusals(tmp_path: Path) -> None:
     want = quantize_model(copy.deepcopy(float_model), 4, 32, head_bits=4).state_dict()
     got = loaded.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(ValueError, match=r"a quantized output layer \(head_bits\) is not saved"):
+        save_quantized(loaded, tokenizer, tmp_path / "int4")  # no checkpoint that would not load
+    assert not (tmp_path / "int4").exists()
     with pytest.raises(ValueError, match="goes with quantizing the blocks"):
         openglm.load(run, head_bits=8)
     with pytest.raises(ValueError, match=r"the output layer is the word embedding \(tied\)"):
