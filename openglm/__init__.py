@@ -22,15 +22,24 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "generate", "load", "stream"]
 
 
-def load(path: str | Path, dtype: Any = None, *, verify: bool = True) -> tuple[GLM, GLMTokenizer]:
-    """Model (eval mode) and tokenizer of a checkpoint or run directory. The sha256 of every file
-    recorded at save time is checked first (a CheckpointError names a damaged file); `verify=False`
-    skips that for a checkpoint too large to hash on every load."""
-    import torch
+def load(
+    path: str | Path,
+    dtype: Any = None,
+    quantize: int | None = None,
+    group_size: int | None = None,
+    head_bits: int | None = None,
+    *,
+    verify: bool = True,
+) -> tuple[GLM, GLMTokenizer]:
+    """Model (eval mode) and tokenizer of a checkpoint or run directory (or a ChatGLM-6B one).
 
+    `dtype` None: the precision it runs in (fp32; a quantized model bf16 where the CPU has native
+    bf16). `quantize` 8 or 4 quantizes the block linears of a float checkpoint as it streams in
+    (`group_size` inputs per scale), so no float copy of them is ever held; `head_bits` 8 or 4
+    quantizes an untied output layer too (a scale per vocabulary row)."""
     from openglm.checkpoint import load_model
 
-    return load_model(path, dtype or torch.float32, verify=verify)
+    return load_model(path, dtype, quantize, group_size, head_bits, verify=verify)
 
 
 @overload

@@ -391,29 +391,49 @@ def check_model(path: str | Path, *, verify: bool = True) -> None:
     load_config(checkpoint)
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, *, verify: bool = True) -> tuple[GLM, GLMTokenizer]:
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype | None = torch.float32,
+    quantize: int | None = None,
+    group_size: int | None = None,
+    head_bits: int | None = None,
+    *,
+    verify: bool = True,
+) -> tuple[GLM, GLMTokenizer]:
     """The model (in eval mode) and tokenizer of a checkpoint or run directory, quantized or not
     (quantized block linears keep their INT8/INT4 weights whatever `dtype`); also a ChatGLM-6B
     Hugging Face directory, or a checkpoint converted from one (its tokenizer is ice_text.model).
 
     Every file's sha256 recorded at save time is checked first (`verify_checkpoint`); `verify=False`
     skips that for checkpoints too large to hash on every load (the damage then shows up, at best,
-    as a shape or format error, at worst not at all)."""
-    from openglm.convert import SP_TOKENIZER_FILE, is_chatglm_dir, load_chatglm, open_tokenizer
-    from openglm.model import GLM
+    as a shape or format error, at worst not at all).
 
+    Streams: each tensor goes from its file into the model in `dtype` (None: what it runs in,
+    `openglm.kernels.run_dtype`), and with `quantize` (8 or 4; `group_size` inputs per scale) the
+    block linears of a float checkpoint are quantized as they arrive (`openglm.loading`), and with
+    `head_bits` (8 or 4) its untied output layer too, one scale per vocabulary row."""
+    from openglm.convert import SP_TOKENIZER_FILE, is_chatglm_dir, load_chatglm, open_tokenizer
+    from openglm.kernels import run_dtype
+    from openglm.loading import empty_model, load_float_weights
+    from openglm.quantize import load_quantized
+
+    if group_size is not None and quantize is None:
+        raise ValueError("a group size applies only when quantizing")
     if is_chatglm_dir(Path(path)):
-        return load_chatglm(path, dtype)  # type: ignore[return-value]  # a tokenizer with the same protocol
+        return load_chatglm(path, dtype, quantize, group_size, head_bits)  # type: ignore[return-value]  # a tokenizer with the same protocol
     checkpoint = _open_checkpoint(path, verify)
     quantization = read_quantization(checkpoint, verify=False)
     config = load_config(checkpoint)
+    dtype = dtype or run_dtype(quantization is not None or quantize is not None)
     if quantization is not None:
-        from openglm.quantize import load_quantized
-
-        model = load_quantized(checkpoint, config, quantization)
+        if quantize is not None or head_bits is not None:
+            raise CheckpointError(
+                f"{checkpoint}: already quantized (INT{quantization.get('bits')}); load it without quantizing again"
+            )
+        model = load_quantized(checkpoint, config, quantization, dtype)
     else:
-        model = GLM.empty(config)
-        load_weights(checkpoint, dict(model.named_parameters()))
+        model = empty_model(config, dtype, quantize, group_size, head_bits)
+        load_float_weights(checkpoint, model)
     tokenizer_path = checkpoint / TOKENIZER_FILE
     if not tokenizer_path.is_file() and (checkpoint / SP_TOKENIZER_FILE).is_file():
         tokenizer_path = checkpoint / SP_TOKENIZER_FILE
@@ -423,6 +443,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, *, verify: 
         raise CheckpointError(f"{tokenizer_path}: cannot be loaded ({err})") from None
     if tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(f"{tokenizer_path}: {tokenizer.vocab_size} tokens but the model has {config.vocab_size}")
-    detail = "" if quantization is None else f" in float, block linears INT{quantization['bits']}"
-    log.info("loaded %s (%.1fM parameters%s)", checkpoint, model.num_parameters() / 1e6, detail)
-    return model.to(dtype).eval(), tokenizer
+    bits = quantize if quantization is None else quantization["bits"]
+    detail = "" if bits is None else f", block linears INT{bits}"
+    log.info("loaded %s (%.1fM parameters, %s%s)", checkpoint, model.num_parameters() / 1e6, dtype, detail)
+    return model.eval(), tokenizer

@@ -37,11 +37,9 @@ def _fail(message: str) -> typer.Exit:
 
 def default_precision() -> str:
     """bf16 where the CPU has native bf16 matmuls (AMX or AVX512-BF16) or on a GPU, else fp32."""
-    import torch
+    from openglm.kernels import native_bf16
 
-    if torch.cuda.is_available():
-        return "bf16"
-    return "bf16" if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported() else "fp32"
+    return "bf16" if native_bf16() else "fp32"
 
 
 # the TrainConfig and GLMConfig fields that a `train` option sets: field -> option (for messages)
@@ -260,38 +258,20 @@ def _check_bits(bits: int, option: str, group_size: int | None) -> None:
         raise _fail(f"--group-size must be a positive integer, got {group_size}")
 
 
-def _prepare_model(model: GLM, path: Path, bits: int | None, group_size: int | None) -> GLM:
-    """The loaded (fp32) model as `generate` runs it: quantized when `bits` is given, and then (as
-    a loaded quantized checkpoint) cast to bf16 where the CPU has native bf16 matmuls, because the
-    packed INT8/INT4 kernels are 5-15x slower with fp32 activations (quantize.KERNEL_MAX_ROWS).
-    Quantizing the fp32 weights `load_model` holds anyway (not a bf16 copy) makes
-    `generate --quantize 4` compute exactly what `quantize --bits 4` then `generate` computes.
-    Float models keep fp32, as they always have."""
-    import torch
-
-    from openglm.quantize import quantize_model, quantized_layers
-
-    if bits is not None:
-        if quantized_layers(model):
-            raise ValueError(f"{path}: already quantized; drop --quantize")
-        quantize_model(model, bits, group_size)
-    if not quantized_layers(model) or default_precision() != "bf16":
-        return model
-    return model.to(torch.bfloat16)
-
-
 def _load_for_generation(path: Path, bits: int | None, group_size: int | None, verify: bool) -> tuple[GLM, GLMTokenizer]:
-    """The model and tokenizer `generate` and `serve` run: --quantize options checked, then loaded
-    (file hashes checked unless `verify` is False) and prepared (`_prepare_model`); errors exit with a message."""
-    from openglm.checkpoint import CheckpointError, load_model
+    """The model and tokenizer `generate`, `eval` and `serve` run: --quantize options checked, then
+    loaded (file hashes checked unless `verify` is False) in the precision it runs in
+    (`openglm.kernels.run_dtype`), quantized as it streams in when `bits` is given; errors exit with a message."""
+    from openglm.checkpoint import QUANT_FILE, CheckpointError, load_model, resolve_checkpoint
 
     if bits is not None:
         _check_bits(bits, "--quantize", group_size)
     elif group_size is not None:
         raise _fail("--group-size needs --quantize")
     try:
-        model, tokenizer = load_model(path, verify=verify)
-        return _prepare_model(model, path, bits, group_size), tokenizer
+        if bits is not None and (resolve_checkpoint(path) / QUANT_FILE).is_file():
+            raise _fail(f"{path}: already quantized; drop --quantize")
+        return load_model(path, None, bits, group_size, verify=verify)
     except (CheckpointError, ValueError) as err:
         raise _fail(str(err)) from None
 
@@ -452,13 +432,21 @@ def eval_(
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads")] = None,
     output: Annotated[Path | None, typer.Option(help="write the results JSON here")] = None,
     no_verify: Annotated[bool, typer.Option("--no-verify", help=NO_VERIFY_HELP)] = False,
+    quantize_bits: Annotated[int | None, typer.Option("--quantize", help="quantize each float model's block linears to 8 or 4 bits on load")] = None,
+    group_size: Annotated[int | None, typer.Option(help="with --quantize: one scale per this many inputs")] = None,
 ) -> None:
     """Evaluate models on lm (bits per byte), cloze (LAMBADA), mul (BIG-bench, MMLU) and gen tasks; print a Markdown table."""
     from openglm.checkpoint import CheckpointError
     from openglm.eval.runner import evaluate_checkpoints, markdown_table
 
+    if quantize_bits is not None:
+        _check_bits(quantize_bits, "--quantize", group_size)
+    elif group_size is not None:
+        raise _fail("--group-size needs --quantize")
     try:
-        results = evaluate_checkpoints(model, task or (), seed, shots, limit, batch_size, threads, verify=not no_verify)
+        results = evaluate_checkpoints(
+            model, task or (), seed, shots, limit, batch_size, threads, verify=not no_verify, quantize=quantize_bits, group_size=group_size
+        )
     except (CheckpointError, ValueError) as err:
         raise _fail(str(err)) from None
     if output is not None:

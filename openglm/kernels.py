@@ -15,6 +15,21 @@ import torch
 import torch.nn.functional as F
 
 
+def native_bf16() -> bool:
+    """Whether bf16 matmuls are native here (a GPU, or a CPU with AMX or AVX512-BF16): where they
+    are, quantized models run in bf16, since the packed INT8/INT4 kernels are 5-15x slower with
+    fp32 activations (`openglm.quantize.KERNEL_MAX_ROWS`)."""
+    if torch.cuda.is_available():
+        return True
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def run_dtype(quantized: bool) -> torch.dtype:
+    """The dtype a model runs in when none is asked for: bf16 for a quantized model where bf16 is
+    native, else fp32 (float models keep fp32, as they always have)."""
+    return torch.bfloat16 if quantized and native_bf16() else torch.float32
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`, through `torch.mv` / `torch.addmv` for one bf16 row on a CPU."""
     if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() == x.shape[-1]:

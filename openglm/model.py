@@ -299,6 +299,8 @@ class GLM(nn.Module):
         return self.word_embeddings.weight if self.lm_head is None else self.lm_head.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is not None and type(self.lm_head) is not nn.Linear:
+            return self.lm_head(hidden)  # an INT8/INT4 head (`openglm.quantize`, head_bits)
         return kernels.linear(hidden, self.output_weight)
 
     def num_parameters(self) -> int:

@@ -329,15 +329,19 @@ class RowDecoder:
             norm1, qkv, dense, norm2, up, down = parts
             layers.append(_Layer(*norm1, qkv, dense, *norm2, up, down))
         final = norm(model.final_layernorm)
-        head = model.output_weight
-        if final is None or not _plain(model.word_embeddings.weight, dtype, (config.vocab_size, hidden)) \
-                or not _plain(head, dtype, (config.vocab_size, hidden)):
+        if model.lm_head is None:  # tied: the embedding
+            embedding = model.word_embeddings.weight
+            head = _Linear(embedding.data_ptr(), None, config.vocab_size, hidden, FLOAT_WEIGHT) \
+                if _plain(embedding, dtype, (config.vocab_size, hidden)) else None
+        else:  # float or quantized (head_bits), read as the block linears are
+            head = linear(model.lm_head, config.vocab_size, hidden)
+        if final is None or head is None or not _plain(model.word_embeddings.weight, dtype, (config.vocab_size, hidden)):
             return None
         array = (_Layer * len(layers))(*layers)
         struct = _Model(hidden, config.num_heads, head_dim, config.rotary_dim, ffn, config.num_layers, config.vocab_size,
                         int(geglu), int(config.gelu_approximate == "tanh"), int(dtype == torch.bfloat16), config.alpha,
                         config.layernorm_eps, model.word_embeddings.weight.data_ptr(), *final,
-                        _Linear(head.data_ptr(), None, config.vocab_size, hidden, FLOAT_WEIGHT), array)
+                        head, array)
         return cls(lib, model, struct, array)
 
     def __call__(self, token: int, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, padding_mask: torch.Tensor | None) -> torch.Tensor:

@@ -3,7 +3,8 @@
 GLM-130B quantizes only the linear layers inside the blocks (QKV, attention output, both FFN
 matrices) with symmetric absmax scales per output channel; activations, embeddings, the (tied)
 output layer, LayerNorms and biases stay in 16/32-bit. Here INT4 may also use a scale per group of
-`group_size` input features, which keeps 4-bit error low on real checkpoints.
+`group_size` input features, which keeps 4-bit error low on real checkpoints, and an untied output
+layer (ChatGLM-6B's `lm_head`) may be quantized too (`head_bits`, one scale per vocabulary row).
 
 Public API (all pure functions except `quantize_model`, which edits the model in place)::
 
@@ -13,7 +14,8 @@ Public API (all pure functions except `quantize_model`, which edits the model in
     dequantize_weight(qweight, scales, bits, dtype=torch.float32) -> weight [out, in]
     pack_int4(values int8 [..., 2k] in -8..7) -> uint8 [..., k];  unpack_int4(packed) -> int8
     QuantizedLinear.from_linear(linear, bits, group_size=None)   drop-in for nn.Linear
-    quantize_model(model, bits, group_size=None) -> model        "quantize on load" (in place)
+    quantize_model(model, bits, group_size=None, head_bits=None) -> model   in place; head_bits: the untied lm_head too
+    quantize_layout(model, bits, group_size=None, head_bits=None) -> model  empty quantized layers (streaming loads)
     quantize_checkpoint(src, out, bits, group_size=None) -> Path a checkpoint `load_model` reads
     save_quantized(model, tokenizer, out) -> Path                 write an already quantized model
     quantized_memory(model) -> QuantizedMemory                    bytes of ints + scales vs bf16
@@ -147,6 +149,12 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return values - ((values & 0x8) << 1)  # sign-extend the 4-bit two's complement
 
 
+# Rows of a weight quantized at a time: about this many values, so that the fp32 temporaries
+# quantizing makes (~12 bytes a value) stay ~50 MB whatever the layer's size (a ChatGLM-6B FFN
+# matrix at once was 800 MB on top of a streaming load). Rows are independent: same result.
+_QUANTIZE_BLOCK_VALUES = 4 << 20
+
+
 @torch.no_grad()
 def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric absmax quantization of a [out, in] weight, one scale per output channel (or per
@@ -158,13 +166,21 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None = No
     if bits == 4 and in_features % 2:
         raise ValueError(f"INT4 packs two values per byte: in_features must be even, got {in_features}")
     groups = _num_groups(in_features, group_size)
-    w = weight.detach().float().reshape(out_features, groups, in_features // groups)
-    if not torch.isfinite(w).all():
-        raise ValueError("cannot quantize a weight that holds NaN or inf")
-    scales = _bf16_ceil(w.abs().amax(dim=-1) / qmax)  # [out, groups]; 0 for an all-zero group
-    divisor = scales.float().clamp_min(torch.finfo(torch.float32).tiny)[..., None]
-    q = (w / divisor).round_().clamp_(-qmax, qmax).to(torch.int8).reshape(out_features, in_features)
-    return (pack_int4(q) if bits == 4 else q), scales
+    layout = quantized_layout(out_features, in_features, bits, group_size)
+    qweight = torch.empty(layout["qweight"][0], dtype=layout["qweight"][1], device=weight.device)
+    scales = torch.empty(layout["scales"][0], dtype=torch.bfloat16, device=weight.device)
+    step = max(1, _QUANTIZE_BLOCK_VALUES // max(in_features, 1))
+    for start in range(0, out_features, step):
+        stop = min(start + step, out_features)
+        w = weight[start:stop].detach().float().reshape(stop - start, groups, in_features // groups)
+        if not torch.isfinite(w).all():
+            raise ValueError("cannot quantize a weight that holds NaN or inf")
+        block_scales = _bf16_ceil(w.abs().amax(dim=-1) / qmax)  # [rows, groups]; 0 for an all-zero group
+        divisor = block_scales.float().clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+        q = (w / divisor).round_().clamp_(-qmax, qmax).to(torch.int8).reshape(stop - start, in_features)
+        qweight[start:stop] = pack_int4(q) if bits == 4 else q
+        scales[start:stop] = block_scales
+    return qweight, scales
 
 
 def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -565,9 +581,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
 
-def quantize_model(model: ModelT, bits: int, group_size: int | None = None) -> ModelT:
-    """Replace the block linears (QKV, attention dense, both FFN matrices) by `QuantizedLinear`s
-    in place and return the model. Everything is checked before anything is replaced."""
+def _block_linears(model: nn.Module, bits: int, group_size: int | None) -> dict[str, nn.Linear]:
+    """The block linears of `model`, each checked to take INT`bits` with `group_size`."""
     _qmax(bits)
     names = _targets(model)
     if not names:
@@ -579,8 +594,6 @@ def quantize_model(model: ModelT, bits: int, group_size: int | None = None) -> M
             raise ValueError(f"{name} is already quantized")
         if not isinstance(module, nn.Linear):
             raise ValueError(f"{name} is a {type(module).__name__}, not an nn.Linear")
-        if module.weight.is_meta:
-            raise ValueError(f"{name} has no weights (meta device)")
         linears[name] = module
     widths = {linear.in_features for linear in linears.values()}
     for name, linear in linears.items():
@@ -590,9 +603,53 @@ def quantize_model(model: ModelT, bits: int, group_size: int | None = None) -> M
             raise ValueError(f"{name}: {err}; group sizes dividing every layer divide {math.gcd(*widths)}") from None
         if bits == 4 and linear.in_features % 2:
             raise ValueError(f"{name}: INT4 needs an even in_features, got {linear.in_features}")
+    return linears
+
+
+def _head(model: nn.Module, bits: int) -> nn.Linear:
+    """The untied output layer `lm_head`, checked to take INT`bits` with a scale per row."""
+    _qmax(bits)
+    head = getattr(model, "lm_head", None)
+    if head is None:
+        raise ValueError("the output layer is the word embedding (tied); only an untied lm_head can be quantized")
+    if not isinstance(head, nn.Linear) or isinstance(head, QuantizedLinear):
+        raise ValueError(f"lm_head is a {type(head).__name__}, not a float nn.Linear")
+    if bits == 4 and head.in_features % 2:
+        raise ValueError(f"lm_head: INT4 needs an even in_features, got {head.in_features}")
+    return head
+
+
+def quantize_model(model: ModelT, bits: int, group_size: int | None = None, head_bits: int | None = None) -> ModelT:
+    """Replace the block linears (QKV, attention dense, both FFN matrices) by `QuantizedLinear`s
+    in place and return the model; with `head_bits`, the untied output layer too (one scale per
+    vocabulary row). Everything is checked before anything is replaced."""
+    linears = _block_linears(model, bits, group_size)
+    head = None if head_bits is None else _head(model, head_bits)
+    for name, linear in [*linears.items(), *([("lm_head", head)] if head is not None else [])]:
+        if linear.weight.is_meta:
+            raise ValueError(f"{name} has no weights (meta device)")
     for name, linear in linears.items():
         _set_submodule(model, name, QuantizedLinear.from_linear(linear, bits, group_size))
-    log.info("quantized %d linear layers to INT%d (group size %s)", len(names), bits, group_size or "per channel")
+    if head is not None and head_bits is not None:
+        _set_submodule(model, "lm_head", QuantizedLinear.from_linear(head, head_bits))
+    log.info("quantized %d linear layers to INT%d (group size %s)", len(linears), bits, group_size or "per channel")
+    return model
+
+
+def quantize_layout(model: ModelT, bits: int, group_size: int | None = None, head_bits: int | None = None) -> ModelT:
+    """Replace the block linears (and with `head_bits` the untied output layer) by empty
+    `QuantizedLinear`s on the same device (typically meta), to be filled by
+    `QuantizedLinear.set_quantized` as a checkpoint streams in: a model that is quantized on load
+    never holds its float block weights. Checked as `quantize_model` checks."""
+    linears = _block_linears(model, bits, group_size)
+    head = None if head_bits is None else _head(model, head_bits)
+    layers = {name: (linear, bits, group_size) for name, linear in linears.items()}
+    if head is not None and head_bits is not None:
+        layers["lm_head"] = (head, head_bits, None)
+    for name, (linear, layer_bits, layer_group) in layers.items():
+        with torch.device(linear.weight.device):
+            layer = QuantizedLinear(linear.in_features, linear.out_features, layer_bits, layer_group, bias=linear.bias is not None)
+        _set_submodule(model, name, layer)
     return model
 
 
@@ -611,6 +668,8 @@ def quantization_record(model: nn.Module) -> dict[str, Any]:
     layers = quantized_layers(model)
     if not layers:
         raise ValueError("model is not quantized")
+    if "lm_head" in layers:
+        raise ValueError("a quantized output layer (head_bits) is not saved in checkpoints; quantize it on load instead")
     specs = {(m.bits, m.group_size) for m in layers.values()}
     if len(specs) != 1:
         raise ValueError(f"mixed quantization settings are not supported: {sorted(specs, key=str)}")
@@ -651,24 +710,24 @@ def save_quantized(model: GLM, tokenizer: GLMTokenizer, out: str | Path) -> Path
 
 def quantize_checkpoint(src: str | Path, out: str | Path, bits: int, group_size: int | None = None) -> Path:
     """Quantize the float checkpoint (or run directory) `src` into the checkpoint directory `out`
-    (config.json and tokenizer.json copied, quantized weights, quantization.json)."""
-    from openglm.checkpoint import CheckpointError, load_model
+    (config.json and tokenizer.json copied, quantized weights, quantization.json). The block
+    linears are quantized as they stream in: the float model is never held whole."""
+    from openglm.checkpoint import load_model
 
-    model, tokenizer = load_model(src)
-    if quantized_layers(model):
-        raise CheckpointError(f"{src}: already quantized")
-    quantize_model(model, bits, group_size)
+    model, tokenizer = load_model(src, torch.float32, bits, group_size)  # refuses a quantized checkpoint
     path = save_quantized(model, tokenizer, out)
     memory = quantized_memory(model)
     log.info("wrote %s: INT%d weights %.1f MB (%.2fx their bf16 size)", path, bits, memory.quantized_bytes / 1e6, memory.ratio)
     return path
 
 
-def load_quantized(checkpoint: Path, config: GLMConfig, record: dict[str, Any]) -> GLM:
-    """Build the model of a quantized checkpoint directory, naming any bad file or tensor.
+def load_quantized(checkpoint: Path, config: GLMConfig, record: dict[str, Any], dtype: torch.dtype = torch.float32) -> GLM:
+    """Build the model of a quantized checkpoint directory, naming any bad file or tensor: its
+    float tensors in `dtype`, read tensor by tensor (peak memory: the model plus one tensor).
 
     `record` is its parsed quantization.json (sha256s already checked by the caller)."""
-    from openglm.checkpoint import QUANT_FILE, WEIGHTS_FILE, CheckpointError, read_weights
+    from openglm.checkpoint import QUANT_FILE, WEIGHTS_FILE, CheckpointError
+    from openglm.convert.store import open_tensors
     from openglm.model import GLM
 
     record_path = checkpoint / QUANT_FILE
@@ -695,28 +754,31 @@ def load_quantized(checkpoint: Path, config: GLMConfig, record: dict[str, Any]) 
         except ValueError as err:
             raise CheckpointError(f"{record_path}: {name}: {err}") from None
         _set_submodule(model, name, layer)
-    model.to_empty(device="cpu")
+    model.to(dtype).to_empty(device="cpu")
 
     path = checkpoint / WEIGHTS_FILE
-    tensors = read_weights(checkpoint)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: does not match {QUANT_FILE} and the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     layers = quantized_layers(model)
-    with torch.no_grad():
-        for name, layer in layers.items():
-            qweight, scales = tensors[f"{name}.qweight"], tensors[f"{name}.scales"]
-            problem = layer.check_quantized(qweight, scales)
-            if problem:
-                tensor = f"{name}.qweight" if problem.startswith("qweight") else f"{name}.scales"
-                raise CheckpointError(f"{path}: tensor {tensor}: {problem}")
-            layer.set_quantized(qweight, scales)
-        for name, param in model.named_parameters():
-            value = tensors[name]
-            if value.shape != param.shape:
-                raise CheckpointError(f"{path}: tensor {name} has shape {tuple(value.shape)}, the config expects {tuple(param.shape)}")
-            if not value.is_floating_point():
-                raise CheckpointError(f"{path}: tensor {name} has dtype {value.dtype}, expected a float")
-            param.copy_(value)
+    params = dict(model.named_parameters())
+    expected = set(params) | {f"{name}.{part}" for name in layers for part in ("qweight", "scales")}
+    with open_tensors(path) as handle:
+        names = set(handle.names())
+        missing, unexpected = sorted(expected - names), sorted(names - expected)
+        if missing or unexpected:
+            raise CheckpointError(f"{path}: does not match {QUANT_FILE} and the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        for name, param in params.items():
+            if handle.shape(name) != tuple(param.shape):
+                raise CheckpointError(f"{path}: tensor {name} has shape {handle.shape(name)}, the config expects {tuple(param.shape)}")
+            if not handle.dtype(name).is_floating_point:
+                raise CheckpointError(f"{path}: tensor {name} has dtype {handle.dtype(name)}, expected a float")
+        with torch.no_grad():
+            for name, layer in layers.items():  # one layer's ints at a time, never the whole file
+                qweight, scales = handle.tensor(f"{name}.qweight"), handle.tensor(f"{name}.scales")
+                problem = layer.check_quantized(qweight, scales)
+                if problem:
+                    tensor = f"{name}.qweight" if problem.startswith("qweight") else f"{name}.scales"
+                    raise CheckpointError(f"{path}: tensor {tensor}: {problem}")
+                layer.set_quantized(qweight, scales)
+                del qweight, scales
+            for name, param in params.items():
+                handle.copy_into(name, param.data)
     return model

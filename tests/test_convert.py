@@ -415,12 +415,14 @@ def test_sat_quantize_while_converting_equals_quantizing_the_float_model(sat_dir
     folder, _ = sat_dir
     floats = convert(folder, tmp_path / "float", tokenizer=BUNDLED_TOKENIZER)
     quantized = convert(folder, tmp_path / "int", bits=bits, group_size=group_size, tokenizer=BUNDLED_TOKENIZER)
-    loaded, _ = openglm.load(quantized)
     reference, _ = openglm.load(floats)
     quantize_model(reference, bits, group_size)
-    got, want = loaded.state_dict(), reference.state_dict()
-    assert got.keys() == want.keys()
-    assert all(torch.equal(got[k], want[k]) for k in want)
+    want = reference.state_dict()
+    on_load, _ = openglm.load(floats, torch.float32, quantize=bits, group_size=group_size)  # quantized as it streams in
+    for loaded in (openglm.load(quantized, torch.float32)[0], on_load):
+        got = loaded.state_dict()
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_converted_files_get_the_usual_permissions(sat_dir, tmp_path: Path) -> None:

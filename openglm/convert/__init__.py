@@ -3,7 +3,7 @@ tensor-parallel shards (see chatglm.py and sat.py for the layouts).
 
     convert(src, out, source_format=None, target_format="openglm", tp=None, bits=None, ...)
     detect_format(path) -> "openglm" | "chatglm-hf" | "glm130b-sat" | None
-    load_chatglm(path, dtype) -> (GLM, tokenizer)     what `openglm.load` does for a ChatGLM directory
+    load_chatglm(path, dtype, bits, group_size, head_bits) -> (GLM, tokenizer)   `openglm.load` of a ChatGLM directory
 
 Every conversion streams: source files are read one at a time (torch files memory-mapped, each
 tensor's pages released once copied; safetensors read at their header's offsets), and the openglm
@@ -25,7 +25,7 @@ from openglm.config import SpecialTokens
 from openglm.convert import chatglm, sat
 from openglm.convert.common import SP_TOKENIZER_FILE, Source, scan, transfer, write_openglm
 from openglm.convert.sp_tokenizer import ChatGLMTokenizer
-from openglm.convert.store import ConvertError, ModelSink
+from openglm.convert.store import ConvertError, read_json
 
 if TYPE_CHECKING:
     from openglm.model import GLM
@@ -145,28 +145,50 @@ def open_tokenizer(path: Path, special_tokens: SpecialTokens) -> GLMTokenizer | 
     return GLMTokenizer.from_file(path)
 
 
-def load_source(source: Source, dtype: torch.dtype = torch.float32) -> GLM:
-    """A model (eval mode) filled straight from a foreign checkpoint, without writing a file."""
-    from openglm.model import GLM
+def load_source(
+    source: Source, dtype: torch.dtype = torch.float32, bits: int | None = None, group_size: int | None = None, head_bits: int | None = None
+) -> GLM:
+    """A model (eval mode) filled straight from a foreign checkpoint, without writing a file: each
+    tensor converted to `dtype`, or quantized to INT`bits`, as it is read (`openglm.loading`)."""
+    from openglm.loading import ModelFiller, empty_model
 
     _, total = scan(source)
-    model = GLM.empty(source.config)
-    transfer(source, ModelSink(dict(model.named_parameters())), total)
-    return model.to(dtype).eval()
+    model = empty_model(source.config, dtype, bits, group_size, head_bits)
+    transfer(source, ModelFiller(model), total)
+    return model.eval()
 
 
-def load_chatglm(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GLM, ChatGLMTokenizer]:
-    """Model and tokenizer of a ChatGLM-6B directory (what `openglm.load` does with one)."""
+def load_chatglm(
+    path: str | Path,
+    dtype: torch.dtype | None = torch.float32,
+    bits: int | None = None,
+    group_size: int | None = None,
+    head_bits: int | None = None,
+) -> tuple[GLM, ChatGLMTokenizer]:
+    """Model and tokenizer of a ChatGLM-6B directory (what `openglm.load` does with one), float or
+    one of THUDM's INT4/INT8 releases; `dtype` None: what it runs in (`openglm.kernels.run_dtype`)."""
+    from openglm.kernels import run_dtype
+
     path = Path(path)
-    source = chatglm.source(path)
+    config_path = path / CONFIG_FILE
+    config = chatglm.config_from_chatglm(read_json(config_path), config_path)
+    released = chatglm.release_bits(path)
+    chatglm.weight_files(path)  # a missing shard is named before anything else
     tokenizer_path = path / SP_TOKENIZER_FILE
     if not tokenizer_path.is_file():
         raise CheckpointError(f"{tokenizer_path}: missing; a ChatGLM-6B directory carries its tokenizer as {SP_TOKENIZER_FILE}")
     try:
-        tokenizer = ChatGLMTokenizer(tokenizer_path, source.config.special_tokens)
+        tokenizer = ChatGLMTokenizer(tokenizer_path, config.special_tokens)
     except ValueError as err:
         raise CheckpointError(str(err)) from None
-    model = load_source(source, dtype)
-    log.info("loaded ChatGLM-6B directory %s (%.1fM parameters)", path, model.num_parameters() / 1e6)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"{tokenizer_path}: {tokenizer.vocab_size} tokens but {config_path} says vocab_size {config.vocab_size}")
+    dtype = dtype or run_dtype(bits is not None or released is not None)
+    if released is not None:
+        if bits is not None or head_bits is not None:
+            raise CheckpointError(f"{path}: already quantized (quantization_bit={released} in {CONFIG_FILE}); load it without quantizing again")
+        model = chatglm.load_release(path, config, released, dtype)
+    else:
+        model = load_source(chatglm.source(path), dtype, bits, group_size, head_bits)
+    log.info("loaded ChatGLM-6B directory %s (%.1fM parameters, %s)", path, model.num_parameters() / 1e6, dtype)
     return model, tokenizer
-

@@ -21,7 +21,7 @@ import logging
 import math
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
@@ -29,7 +29,11 @@ from safetensors.torch import save_file
 from openglm.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_config, read_quantization, write_text_atomic
 from openglm.config import ConfigError, GLMConfig, SpecialTokens, in_user_terms
 from openglm.convert.common import FOREIGN_KEYS, SP_TOKENIZER_FILE, Piece, Source, parameter_shapes
+from openglm.convert.sp_tokenizer import TOKENIZER_CONFIG_FILE
 from openglm.convert.store import ConvertError, TensorFile, check_names, check_shape, open_tensors, read_json
+
+if TYPE_CHECKING:
+    from openglm.model import GLM
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,7 @@ SINGLE_FILES = ("pytorch_model.bin", "model.safetensors")
 PREFIX = "transformer."
 HEAD = "lm_head.weight"
 TOKEN_FIELDS = {"bos_token_id": "sop", "eos_token_id": "eop", "mask_token_id": "mask", "gmask_token_id": "gmask", "pad_token_id": "pad"}
+RELEASE_BITS = (4, 8)  # THUDM/chatglm-6b-int4 and -int8
 REQUIRED = ("hidden_size", "num_layers", "num_attention_heads", "vocab_size", *TOKEN_FIELDS)
 
 
@@ -63,9 +68,12 @@ def config_from_chatglm(data: dict[str, Any], path: Path) -> GLMConfig:
         raise ConvertError(f"{path}: missing field(s) {', '.join(missing)}")
     if not data.get("position_encoding_2d", True):
         raise ConvertError(f"{path}: position_encoding_2d is false; only ChatGLM-6B's 2-D RoPE is supported")
-    for field in ("pre_seq_len", "quantization_bit"):
-        if data.get(field):
-            raise ConvertError(f"{path}: {field}={data[field]!r} (P-tuning prefixes and ChatGLM's own quantized weights are not supported)")
+    if data.get("pre_seq_len"):
+        raise ConvertError(f"{path}: pre_seq_len={data['pre_seq_len']!r} (P-tuning v2 prefixes are not supported)")
+    if data.get("quantization_bit") and data["quantization_bit"] not in RELEASE_BITS:
+        raise ConvertError(f"{path}: quantization_bit={data['quantization_bit']!r}; ChatGLM-6B's quantized releases are 4 or 8 bits")
+    if data.get("quantization_embeddings"):
+        raise ConvertError(f"{path}: quantization_embeddings is true (chatglm-6b-int4-qe's INT4 embedding); only releases with float embeddings are supported")
     ids = {name: data[field] for field, name in TOKEN_FIELDS.items()}
     try:
         return GLMConfig(
@@ -158,7 +166,13 @@ def weight_files(root: Path) -> list[Path]:
 def source(root: Path) -> Source:
     """A ChatGLM-6B directory as a conversion source."""
     config_path = root / CONFIG_FILE
-    config = config_from_chatglm(read_json(config_path), config_path)
+    data = read_json(config_path)
+    config = config_from_chatglm(data, config_path)
+    if data.get("quantization_bit"):
+        raise ConvertError(
+            f"{config_path}: quantization_bit={data['quantization_bit']} (a quantized ChatGLM-6B release); "
+            "conversion reads float checkpoints: load this one directly (openglm.load, --model)"
+        )
     shapes = parameter_shapes(config)
 
     def route(handle: TensorFile, name: str) -> list[Piece]:
@@ -171,6 +185,72 @@ def source(root: Path) -> Source:
         return [(target, (), ())]
 
     return Source(root, config, weight_files(root), route)
+
+
+def release_bits(root: Path) -> int | None:
+    """`quantization_bit` of a ChatGLM-6B directory: 4 or 8 for THUDM's quantized releases."""
+    return read_json(root / CONFIG_FILE).get("quantization_bit") or None
+
+
+def release_weights(weight: torch.Tensor, weight_scale: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A quantized release's linear as openglm's portable (qweight, scales).
+
+    ChatGLM-6B's quantization.py keeps int8 `weight` [out, in * bits / 8] and fp16 `weight_scale`
+    [out] (absmax / (2^(bits-1) - 1) per row, w = q * scale). INT4 bytes hold element 2j in the
+    high nibble and 2j + 1 in the low one (both two's complement), the reverse of `pack_int4`, so
+    swapping the nibbles is exact. Scales are rounded to nearest bf16 (openglm's scale dtype): a
+    relative change of at most 2^-8 per row."""
+    qweight = weight.contiguous()
+    if bits == 4:
+        packed = qweight.view(torch.uint8)
+        qweight = (packed << 4) | (packed >> 4)
+    return qweight, weight_scale.to(torch.float32).to(torch.bfloat16)[:, None].contiguous()
+
+
+def load_release(root: Path, config: GLMConfig, bits: int, dtype: torch.dtype) -> GLM:
+    """The model of a quantized ChatGLM-6B release (`quantization_bit` 4 or 8): its packed weights
+    and scales imported into INT`bits` `QuantizedLinear`s, the float tensors read into `dtype`, one
+    tensor at a time (a layer's weight and scale may lie in different shards)."""
+    from openglm.loading import empty_model
+    from openglm.quantize import quantized_layers
+
+    config_path = root / CONFIG_FILE
+    model = empty_model(config, dtype, bits)
+    layers = quantized_layers(model)
+    params = dict(model.named_parameters())
+    expected = {_chatglm_name(name) for name in params} | {f"{PREFIX}{name}.{part}" for name in layers for part in ("weight", "weight_scale")}
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    seen: set[str] = set()
+    for file in weight_files(root):
+        with open_tensors(file) as handle:
+            for name in handle.names():
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                target = name if name == HEAD else name.removeprefix(PREFIX)
+                module, _, part = target.rpartition(".")
+                if name not in expected:
+                    raise ConvertError(f"{file}: unexpected tensor {name} (not in the INT{bits} {config.num_layers}-layer model {config_path.name} describes)")
+                seen.add(name)
+                if target in params:  # float tensors, the quantized layers' biases among them
+                    check_shape(file, name, handle.shape(name), tuple(params[target].shape), config_path)
+                    handle.copy_into(name, params[target].data)
+                    continue
+                layer = layers[module]
+                shape = (layer.out_features, layer.in_features * bits // 8) if part == "weight" else (layer.out_features,)
+                check_shape(file, name, handle.shape(name), shape, config_path)
+                wanted = torch.int8 if part == "weight" else None
+                dtype_ok = handle.dtype(name) == wanted if wanted else handle.dtype(name).is_floating_point
+                if not dtype_ok:
+                    raise ConvertError(f"{file}: tensor {name} has dtype {handle.dtype(name)}, the INT{bits} layout has {wanted or 'a float'}")
+                parts = pending.setdefault(module, {})
+                parts[part] = handle.tensor(name).clone()  # a copy: the file's mapping closes with it
+                if len(parts) == 2:
+                    layer.set_quantized(*release_weights(parts["weight"], parts["weight_scale"], bits))
+                    del pending[module]
+    missing = sorted(expected - seen)
+    if missing:
+        raise ConvertError(f"{root}: tensor(s) {', '.join(missing[:5])} missing from the weight files")
+    return model.eval()
 
 
 def _chatglm_name(name: str) -> str:
@@ -212,6 +292,7 @@ def export(checkpoint: Path, folder: Path, use_safetensors: bool = False, max_sh
         index = {"metadata": {"total_size": 2 * sum(math.prod(s) for s in shapes.values())}, "weight_map": weight_map}
         write_text_atomic(folder / f"{stem}.{suffix}.index.json", json.dumps(index, indent=2) + "\n")
     write_text_atomic(folder / CONFIG_FILE, json.dumps(data, indent=2) + "\n")
-    if (checkpoint / SP_TOKENIZER_FILE).is_file():
-        shutil.copyfile(checkpoint / SP_TOKENIZER_FILE, folder / SP_TOKENIZER_FILE)
+    for name in (SP_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE):
+        if (checkpoint / name).is_file():
+            shutil.copyfile(checkpoint / name, folder / name)
 

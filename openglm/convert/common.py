@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from openglm.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, write_quantization
 from openglm.config import GLMConfig
+from openglm.convert.sp_tokenizer import TOKENIZER_CONFIG_FILE
 from openglm.convert.store import ConvertError, Plan, SafetensorsWriter, Sink, TensorFile, open_tensors
 from openglm.quantize import SUPPORTED_BITS, is_quantized_weight, make_record, quantize_weight, quantized_layout
 
@@ -100,10 +101,13 @@ def transfer(source: Source, sink: Sink, total_bytes: int) -> None:
 
 def _copy(handle: TensorFile, name: str, source_index: tuple[slice, ...], sink: Sink, target: str, index: tuple[slice, ...]) -> int:
     """Copy one piece; no reference to the source outlives the call, so closing the file unmaps it."""
-    part = handle.tensor(name)[source_index]
     with sink.region(target) as region:
-        region[index].copy_(part)
-    return part.numel() * part.element_size()
+        part = region[index]
+        if source_index:
+            handle.read_into(name, source_index, part)
+        else:
+            handle.copy_into(name, part)  # in row blocks, converting the dtype
+    return part.numel() * handle.dtype(name).itemsize
 
 
 def quantize_file(float_file: Path, out_file: Path, bits: int, group_size: int | None) -> dict[str, object]:
@@ -158,6 +162,9 @@ def write_openglm(source: Source, folder: Path, bits: int | None = None, group_s
     if tokenizer is not None:
         name = TOKENIZER_FILE if tokenizer.suffix == ".json" else SP_TOKENIZER_FILE
         shutil.copyfile(tokenizer, folder / name)
+        settings = tokenizer.parent / TOKENIZER_CONFIG_FILE  # ice_text.model's id offset (num_image_tokens)
+        if name == SP_TOKENIZER_FILE and settings.is_file():
+            shutil.copyfile(settings, folder / TOKENIZER_CONFIG_FILE)
     if bits is not None:
         record = quantize_file(float_file, folder / WEIGHTS_FILE, bits, group_size)
         float_file.unlink()

@@ -66,6 +66,7 @@ def _release_pages(tensor: torch.Tensor) -> None:
         _LIBC.madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), _MADV_DONTNEED)
 
 
+_CONVERT_BLOCK_BYTES = 16 << 20  # rows of a tensor converted to another dtype at a time (`copy_into`)
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 _MADV_DONTNEED = 4
 
@@ -144,8 +145,16 @@ class TensorFile:
         """Copy the part `index` of tensor `name` into `out`. From safetensors, rows go straight from
         the file into a contiguous `out`; other slices pass through one scratch buffer reused for
         every tensor, so reading leaves no garbage behind in the allocator."""
-        if not self._header:
-            out.copy_(self._tensors[name][index])
+        if not self._header:  # memory-mapped: copied in row blocks, each block's pages let go after
+            source = self._tensors[name][index]
+            if source.dim() == 0 or not source.is_contiguous():
+                out.copy_(source)
+                return
+            step = max(1, _CONVERT_BLOCK_BYTES // max(1, source[0].numel() * source.element_size()))
+            for start in range(0, source.shape[0], step):
+                block = source[start : start + step]
+                out[start : start + step].copy_(block)
+                _release_pages(block)
             return
         dtype, shape, offset = self._header[name]
         rows = range(shape[0])[index[0]] if index and shape else range(shape[0] if shape else 1)
@@ -153,7 +162,7 @@ class TensorFile:
             raise ValueError("only unit-step row slices are read")
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
         rest = index[1:]
-        direct = not rest and out.is_contiguous()
+        direct = not rest and out.is_contiguous() and out.dtype == dtype
         if direct:
             target = out.reshape(-1).view(torch.uint8)
         else:
@@ -165,6 +174,18 @@ class TensorFile:
             handle.readinto(target.numpy())
         if not direct:
             out.copy_(target.view(dtype).view(len(rows), *shape[1:])[(slice(None), *rest)])
+
+    def copy_into(self, name: str, out: torch.Tensor) -> None:
+        """Copy the whole tensor `name` into `out` (its shape), converting to `out`'s dtype: read
+        straight into `out` where the dtypes agree, else through one tensor of the file's dtype."""
+        if not self._header or self._header[name][0] == out.dtype or out.dim() == 0:
+            self.read_into(name, (), out)
+        else:  # converted in blocks of rows through the scratch buffer: no whole-tensor temporary
+            dtype, shape, _ = self._header[name]
+            step = max(1, _CONVERT_BLOCK_BYTES // max(1, math.prod(shape[1:]) * dtype.itemsize))
+            for start in range(0, shape[0], step):
+                self.read_into(name, (slice(start, start + step),), out[start : start + step])
+        self.release(name)
 
     def release(self, name: str) -> None:
         """Done with `name`: let its memory-mapped pages go."""
@@ -289,18 +310,6 @@ class TorchFileWriter:
             yield tensor
         finally:
             _release_pages(tensor)
-
-
-class ModelSink:
-    """Writes converted tensors straight into a model's parameters (loading without a file)."""
-
-    def __init__(self, params: dict[str, torch.Tensor]) -> None:
-        self.params = params
-
-    @contextmanager
-    def region(self, name: str) -> Iterator[torch.Tensor]:
-        with torch.no_grad():
-            yield self.params[name].data
 
 
 def check_shape(path: Path, name: str, actual: tuple[int, ...], expected: tuple[int, ...], config_file: Path) -> None:

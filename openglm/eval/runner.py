@@ -250,13 +250,17 @@ def evaluate_checkpoints(
     threads: int | None = None,
     progress: bool = True,
     verify: bool = True,
+    quantize: int | None = None,
+    group_size: int | None = None,
 ) -> dict[str, Any]:
     """`openglm eval`: every task (default: the bundled suite) on every model; each task's data is
     read and every model's directory, config and file hashes (unless `verify` is False) checked
     before any model is evaluated, so a bad file or a misspelled path fails at once. A model that
     still fails later (while loading or evaluating) is listed under "failed" with its message and
     the others are evaluated all the same. `threads` sets torch's intra-op threads (on a CPU shared
-    with other work, 1 can be many times faster than 2, whose threads wait for each other)."""
+    with other work, 1 can be many times faster than 2, whose threads wait for each other).
+    `quantize` (8 or 4, `group_size` inputs per scale) quantizes each float model's block linears
+    as it loads, run in bf16 where that is native, as `openglm generate --quantize` runs it."""
     import torch
 
     from openglm.checkpoint import CheckpointError, check_model, load_model
@@ -278,11 +282,19 @@ def evaluate_checkpoints(
     failed: dict[str, str] = {}
     for path in models:
         try:
-            model, tokenizer = load_model(path, verify=False)  # its hashes were checked above
+            # its hashes were checked above
+            model, tokenizer = load_model(path, None if quantize is not None else torch.float32, quantize, group_size, verify=False)
             run = evaluate_model(configs, ModelScorer(model, tokenizer, batch_size), seed, shots, progress)
         except (CheckpointError, ValueError) as err:
             failed[str(path)] = str(err)
             continue
         runs[str(path)] = {"objective": model.config.objective, **run}
-    settings = {"seed": seed, "shots": shots, "limit": limit, "threads": torch.get_num_threads()}
+    settings = {
+        "seed": seed,
+        "shots": shots,
+        "limit": limit,
+        "threads": torch.get_num_threads(),
+        "quantize": quantize,
+        "group_size": group_size,
+    }
     return settings | {"tasks": [c.name for c in configs], "runs": runs} | ({"failed": failed} if failed else {})
