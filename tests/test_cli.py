@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -65,14 +64,7 @@ def test_bad_input_gives_clear_errors(tmp_path, shard_cache):
 # -- openglm generate: modes, options and errors, in process on a saved random micro model -----------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """In-process generation with a micro model: intra-op threads only add synchronisation (seconds
-    per test on a busy machine). Subprocesses are not affected."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one torch thread for in-process micro models
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import itertools
 import logging
 import re
 import string
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -69,14 +69,7 @@ class CharTokenizer:
 TOK = CharTokenizer()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """These models are so small that intra-op threads only add synchronisation, which turns into
-    seconds per test on a busy machine; restore the setting for other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one torch thread for in-process micro models
 
 
 def make_model(seed: int = 0, **overrides: Any) -> GLM:

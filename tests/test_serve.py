@@ -40,17 +40,7 @@ from openglm.tokenizer import GLMTokenizer
 NAME = "micro"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> GLMTokenizer:
-    return GLMTokenizer.default()
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one torch thread for in-process micro models
 
 
 def micro_model(tokenizer: GLMTokenizer, seed: int = 0) -> GLM:

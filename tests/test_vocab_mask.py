@@ -9,8 +9,6 @@ exactly what it gives for the same model without the bias: greedy, sampling at a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
 import pytest
 import torch
@@ -27,17 +25,7 @@ EXTRA_ROWS = 8
 PROMPTS = ["It is a truth universally [gMASK]", "曹操引兵", "Emma was [MASK] happy, [MASK] rich.", "Mr. Darcy"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> GLMTokenizer:
-    return GLMTokenizer.default()
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one torch thread for in-process micro models
 
 
 def padded_model(tokenizer: GLMTokenizer, bias: float = 0.0) -> GLM:
