@@ -230,7 +230,7 @@ def verify_files(checkpoint: Path) -> dict[str, Any]:
     state_path = checkpoint / STATE_FILE
     if not state_path.is_file():
         raise CheckpointError(f"{state_path}: missing; {checkpoint} holds no training state to resume from")
-    state = _read_record(state_path)
+    state = read_record(state_path)
     files = state.get("files")
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
         raise CheckpointError(f"{state_path}: damaged (no sha256 record of the checkpoint's files)")
@@ -251,7 +251,7 @@ def verify_checkpoint(checkpoint: Path) -> None:
     verify_files(checkpoint)
 
 
-def _read_record(path: Path) -> dict[str, Any]:
+def read_record(path: Path) -> dict[str, Any]:
     """A JSON object file (trainer_state.json, quantization.json), or a CheckpointError naming it."""
     try:
         record = json.loads(path.read_bytes().decode("utf-8"))
@@ -321,7 +321,7 @@ def read_quantization(checkpoint: Path, verify: bool = True) -> dict[str, Any] |
     path = checkpoint / QUANT_FILE
     if not path.is_file():
         return None
-    record = _read_record(path)
+    record = read_record(path)
     files = record.get("files")
     if not isinstance(files, dict) or WEIGHTS_FILE not in files:
         raise CheckpointError(f"{path}: damaged (no sha256 record of {WEIGHTS_FILE})")
