@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,29 @@ def test_an_error_inside_the_ranks_reaches_the_user_once(tmp_path: Path, shard_c
     assert lines[-1].endswith("too few for one sequence of --seq-len 64 (62 tokens); add text or lower --seq-len")
     assert [line for line in lines if line.split(" ")[2:4] != ["rank", "0"]] == [lines[-1]], result.stderr
     assert "Traceback" not in result.stderr and "SIGTERM" not in result.stderr
+
+
+def test_sigterm_under_nproc_saves_and_says_so_once(tmp_path: Path, shard_cache: str) -> None:
+    """SIGTERM to `train --nproc 2` reaches both ranks: they save, and the user sees one stop line
+    (not one per rank, nor the launcher's "process exited with code") and exit status 128 + 15."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "openglm", "train", *FLAGS, "--max-steps", "500", "--save-every", "1000", "--out", str(run)]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OPENGLM_CACHE=shard_cache))
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "train: step 1/500" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    lines += proc.stderr.readlines()
+    assert proc.wait(timeout=300) == 128 + signal.SIGTERM, "".join(lines)
+    stops = [line for line in lines if "stopped by SIGTERM" in line]
+    assert len(stops) == 1 and stops[0] == lines[-1] and stops[0].startswith("stopped by SIGTERM at step "), "".join(lines)
+    step = int(stops[0].split(" at step ")[1].split(";")[0])
+    assert stops[0] == f"stopped by SIGTERM at step {step}; saved {run / f'dist-checkpoint-{step:07d}'}: continue with --resume\n"
+    assert (run / "dist-latest").read_text() == f"dist-checkpoint-{step:07d}\n"
+    assert "Traceback" not in "".join(lines) and "exited with code" not in "".join(lines)
 
 
 # ------------------------------------------------------------------- spawn itself (no process group)
