@@ -290,7 +290,7 @@ def verify_checkpoint(checkpoint: Path, names: tuple[str, ...] | None = None) ->
 
 
 def read_record(path: Path) -> dict[str, Any]:
-    """A JSON object file (trainer_state.json, quantization.json), or a CheckpointError naming it."""
+    """A JSON object file (trainer_state.json, quantization.json, checksums.json), or a CheckpointError naming it."""
     try:
         record = json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
