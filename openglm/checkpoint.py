@@ -22,6 +22,15 @@ A quantized checkpoint (`openglm.quantize`) is a directory of config.json, token
 model.safetensors (INT8/INT4 `qweight` + bf16 `scales` for the block linears, float tensors for the
 rest) and quantization.json (bits, group size, modules, and the sha256 of every other file, checked
 on every load). `load_model` reads either kind.
+
+A float checkpoint written by `openglm convert` (no training state) records the sha256 of each of
+its files in checksums.json, ``{"files": {name: sha256}}``, checked on every load like the others::
+
+    converted/
+        config.json, model.safetensors, tokenizer.json (or ice_text.model)
+        checksums.json          sha256 of every other file (written last)
+
+One converted by an older openglm, without checksums.json, loads unverified (said at info level).
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 LATEST_FILE = "latest"
 QUANT_FILE = "quantization.json"
+CHECKSUM_FILE = "checksums.json"
 
 
 class CheckpointError(RuntimeError):
@@ -225,34 +235,62 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{path}: neither a checkpoint (no {CONFIG_FILE}) nor a run directory (no {LATEST_FILE})")
 
 
-def verify_files(checkpoint: Path) -> dict[str, Any]:
-    """Read trainer_state.json and check every file's sha256 against it."""
+def _state_record(checkpoint: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """trainer_state.json and its record of the files' sha256s."""
     state_path = checkpoint / STATE_FILE
     if not state_path.is_file():
         raise CheckpointError(f"{state_path}: missing; {checkpoint} holds no training state to resume from")
-    state = _read_record(state_path)
+    state = read_record(state_path)
     files = state.get("files")
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
         raise CheckpointError(f"{state_path}: damaged (no sha256 record of the checkpoint's files)")
+    return state, files
+
+
+def verify_files(checkpoint: Path) -> dict[str, Any]:
+    """Read trainer_state.json and check every file's sha256 against it."""
+    state, files = _state_record(checkpoint)
     _check_sha256(checkpoint, files)
     return state
 
 
-def verify_checkpoint(checkpoint: Path) -> None:
-    """Check the sha256 of every file the checkpoint recorded at save time (in quantization.json,
-    else trainer_state.json), so that a damaged file is refused before its weights are used. A
-    checkpoint that recorded none (one converted from another format) is loaded as it is."""
-    if read_quantization(checkpoint) is not None:
-        return
-    state_path = checkpoint / STATE_FILE
-    if not state_path.is_file():
-        log.info("%s records no sha256 of its files (no %s); loading it unverified", checkpoint, STATE_FILE)
-        return
-    verify_files(checkpoint)
+def write_checksums(folder: Path) -> None:
+    """Record the sha256 of every file now in `folder` in checksums.json (call it once every other
+    file is in place): how a checkpoint with neither trainer state nor quantization.json, one
+    converted from another format, is verified on load."""
+    write_text_atomic(folder / CHECKSUM_FILE, json.dumps({"files": _file_hashes(folder)}, indent=2) + "\n")
 
 
-def _read_record(path: Path) -> dict[str, Any]:
-    """A JSON object file (trainer_state.json, quantization.json), or a CheckpointError naming it."""
+def recorded_sha256s(checkpoint: Path) -> dict[str, str] | None:
+    """Each file's sha256 as recorded at save time, from quantization.json, else trainer_state.json,
+    else checksums.json; None for a checkpoint that records none (converted by an older openglm)."""
+    quantization = read_quantization(checkpoint, verify=False)
+    if quantization is not None:
+        return quantization["files"]
+    if (checkpoint / STATE_FILE).is_file():
+        return _state_record(checkpoint)[1]
+    path = checkpoint / CHECKSUM_FILE
+    if not path.is_file():
+        return None
+    files = read_record(path).get("files")
+    if not isinstance(files, dict) or WEIGHTS_FILE not in files:
+        raise CheckpointError(f"{path}: damaged (no sha256 record of {WEIGHTS_FILE})")
+    return files
+
+
+def verify_checkpoint(checkpoint: Path, names: tuple[str, ...] | None = None) -> None:
+    """Check the sha256 of every file the checkpoint recorded at save time (`recorded_sha256s`), or
+    of just the recorded ones among `names`, so that a damaged file is refused before it is used. A
+    checkpoint that recorded none is loaded as it is."""
+    files = recorded_sha256s(checkpoint)
+    if files is None:
+        log.info("%s records no sha256 of its files (no %s, %s or %s); loading it unverified", checkpoint, QUANT_FILE, STATE_FILE, CHECKSUM_FILE)
+        return
+    _check_sha256(checkpoint, files if names is None else {name: files[name] for name in names if name in files})
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """A JSON object file (trainer_state.json, quantization.json, checksums.json), or a CheckpointError naming it."""
     try:
         record = json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
@@ -321,7 +359,7 @@ def read_quantization(checkpoint: Path, verify: bool = True) -> dict[str, Any] |
     path = checkpoint / QUANT_FILE
     if not path.is_file():
         return None
-    record = _read_record(path)
+    record = read_record(path)
     files = record.get("files")
     if not isinstance(files, dict) or WEIGHTS_FILE not in files:
         raise CheckpointError(f"{path}: damaged (no sha256 record of {WEIGHTS_FILE})")

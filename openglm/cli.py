@@ -498,16 +498,23 @@ def convert(
 def info(
     preset: Annotated[str | None, typer.Option(help="a model preset")] = None,
     model: Annotated[Path | None, typer.Option(help="a checkpoint or run directory")] = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="do not check config.json against its recorded sha256")] = False,
 ) -> None:
-    """Print a model's configuration and parameter count (presets are built on the meta device)."""
+    """Print a model's configuration and parameter count (presets are built on the meta device).
+
+    With --model only config.json is read, checked against the sha256 recorded at save time; the
+    weights are neither read nor checked (`openglm generate` and `eval` check every file)."""
     import torch
 
-    from openglm.checkpoint import CheckpointError, load_config, resolve_checkpoint
+    from openglm.checkpoint import CONFIG_FILE, CheckpointError, load_config, resolve_checkpoint, verify_checkpoint
     from openglm.model import GLM
 
     try:
         if model is not None:
-            config = load_config(resolve_checkpoint(model))
+            checkpoint = resolve_checkpoint(model)
+            if not no_verify:
+                verify_checkpoint(checkpoint, (CONFIG_FILE,))
+            config = load_config(checkpoint)
         else:
             config = model_preset(preset or "tiny")
     except (ConfigError, CheckpointError) as err:

@@ -7,8 +7,10 @@ forward written below from the reference descriptions, independently of openglm.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import openglm
+from openglm.checkpoint import CheckpointError
 from openglm.cli import app
 from openglm.convert import ChatGLMTokenizer, ConvertError, convert, detect_format
 from openglm.convert import chatglm as chatglm_layout
@@ -484,3 +487,54 @@ def test_cli_convert_writes_a_loadable_checkpoint(chatglm_dir, tmp_path: Path) -
     _, tokenizer = openglm.load(tmp_path / "o")
     assert isinstance(tokenizer, ChatGLMTokenizer)
     assert json.loads((tmp_path / "o" / "quantization.json").read_text())["bits"] == 8
+
+
+# ----------------------------------------------------------------------------- sha256 of converted checkpoints
+DAMAGED = "damaged (sha256 differs from the one recorded at save time)"
+
+
+def _flip_middle_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # tensor data: the file stays well-formed, only the hash can tell
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("source", ["chatglm-hf", "glm130b-sat"])
+def test_a_converted_float_checkpoint_records_and_checks_every_files_sha256(
+    source: str, chatglm_dir, sat_dir, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    src, extra = (chatglm_dir[0], []) if source == "chatglm-hf" else (sat_dir[0], ["--tokenizer", str(BUNDLED_TOKENIZER)])
+    out = tmp_path / "converted"
+    result = CliRunner().invoke(app, ["convert", str(src), "--out", str(out), *extra])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "checksums.json").read_text())
+    written = sorted(p.name for p in out.iterdir() if p.name != "checksums.json")
+    assert "model.safetensors" in written and "config.json" in written
+    assert record == {"files": {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in written}}
+    assert openglm.load(out)[0].num_parameters() > 0
+
+    _flip_middle_byte(out / "model.safetensors")
+    with pytest.raises(CheckpointError) as raised:
+        openglm.load(out)
+    assert str(raised.value) == f"{out / 'model.safetensors'}: {DAMAGED}"
+    refused = CliRunner().invoke(app, ["generate", "--model", str(out), "--max-new-tokens", "2", "Hi [gMASK]"])
+    assert refused.exit_code == 2 and refused.stderr == f"error: {out / 'model.safetensors'}: {DAMAGED}\n", refused.stderr
+    unverified = CliRunner().invoke(app, ["generate", "--model", str(out), "--max-new-tokens", "2", "--no-verify", "Hi [gMASK]"])
+    assert unverified.exit_code == 0, unverified.output
+    assert openglm.load(out, verify=False)[0].num_parameters() > 0
+
+    # Converted by an older openglm (no record): loads, saying at info level that it is unverified.
+    (out / "checksums.json").unlink()
+    with caplog.at_level(logging.INFO, logger="openglm.checkpoint"):
+        assert openglm.load(out)[0].num_parameters() > 0
+    assert f"{out} records no sha256 of its files" in caplog.text
+
+
+def test_a_damaged_checksums_record_is_refused(sat_dir, tmp_path: Path) -> None:
+    out = convert(sat_dir[0], tmp_path / "converted", tokenizer=BUNDLED_TOKENIZER)
+    (out / "checksums.json").write_text('{"files": {"config.json": "00"}}\n')
+    with pytest.raises(CheckpointError, match=r"checksums\.json: damaged \(no sha256 record of model\.safetensors\)"):
+        openglm.load(out)
+    (out / "checksums.json").write_text("[]\n")
+    with pytest.raises(CheckpointError, match=r"checksums\.json: damaged \(not a JSON object\)"):
+        openglm.load(out)

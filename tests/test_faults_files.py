@@ -144,6 +144,30 @@ def test_the_opt_out_loads_unverified(checkpoint: Path, tmp_path: Path) -> None:
     assert refused.exit_code == 2 and "No such option: --no-verify" in refused.stderr
 
 
+@pytest.mark.parametrize("record", ["trainer_state.json", "quantization.json", "checksums.json"])
+def test_info_checks_the_config_against_its_record_only(checkpoint: Path, tmp_path: Path, record: str) -> None:
+    """`info --model` reads config.json alone: a damaged config is refused by name, a damaged weights
+    file is not read (its help says so), `--no-verify` skips the check, no record: nothing to check."""
+    if record == "quantization.json":
+        assert cli("quantize", "--model", str(checkpoint), "--bits", "8", "--out", str(tmp_path / "q")).exit_code == 0
+        checkpoint = tmp_path / "q"
+    elif record == "checksums.json":
+        from openglm.checkpoint import write_checksums
+
+        (checkpoint / "trainer_state.json").unlink()
+        (checkpoint / "optimizer.pt").unlink()
+        write_checksums(checkpoint)
+    flip_byte(checkpoint / "model.safetensors")
+    shown = cli("info", "--model", str(checkpoint))
+    assert shown.exit_code == 0 and "parameters" in shown.stdout, shown.stderr
+    text = (checkpoint / "config.json").read_text()
+    (checkpoint / "config.json").write_text(text.replace('"hidden_size": ', '"hidden_size":  '))  # same config, other bytes
+    assert_one_line_error(cli("info", "--model", str(checkpoint)), f"{checkpoint / 'config.json'}: {DAMAGED}")
+    assert cli("info", "--model", str(checkpoint), "--no-verify").stdout == shown.stdout
+    (checkpoint / record).unlink()
+    assert cli("info", "--model", str(checkpoint)).stdout == shown.stdout
+
+
 def test_a_checkpoint_with_no_record_loads(checkpoint: Path) -> None:
     """A converted checkpoint has no trainer_state.json: nothing recorded, nothing to check."""
     (checkpoint / "trainer_state.json").unlink()
@@ -238,7 +262,7 @@ def test_file_errors_name_the_key_and_convert_says_what_to_do(checkpoint: Path, 
     (checkpoint / "config.json").write_text(json.dumps(config | {"objective": "gpt"}))
     result = cli("generate", "--model", str(checkpoint), "--no-verify", "Hi")
     assert_one_line_error(result, f"{checkpoint / 'config.json'}: objective must be one of ('glm', 'causal'), got 'gpt'")
-    result = cli("info", "--model", str(checkpoint))
+    result = cli("info", "--model", str(checkpoint), "--no-verify")
     assert result.exit_code == 2 and "GLMConfig" not in result.stderr and "objective must be one of" in result.stderr
 
 

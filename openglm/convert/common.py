@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from openglm.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, write_quantization
+from openglm.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, write_checksums, write_quantization
 from openglm.config import GLMConfig
 from openglm.convert.sp_tokenizer import TOKENIZER_CONFIG_FILE
 from openglm.convert.store import ConvertError, Plan, SafetensorsWriter, Sink, TensorFile, open_tensors
@@ -152,7 +152,8 @@ def quantize_file(float_file: Path, out_file: Path, bits: int, group_size: int |
 
 def write_openglm(source: Source, folder: Path, bits: int | None = None, group_size: int | None = None, tokenizer: Path | None = None) -> None:
     """Fill `folder` (empty) with an openglm checkpoint of `source`: config.json, model.safetensors
-    in the source's dtypes (or INT8/INT4 block linears plus quantization.json), and the tokenizer."""
+    in the source's dtypes (or INT8/INT4 block linears), the tokenizer, and last the sha256 of each
+    file, checked on every load (checksums.json, or quantization.json when quantized)."""
     dtypes, total = scan(source)
     shapes = parameter_shapes(source.config)
     plan: Plan = {name: (shapes[name], dtypes[name]) for name in shapes}
@@ -169,3 +170,5 @@ def write_openglm(source: Source, folder: Path, bits: int | None = None, group_s
         record = quantize_file(float_file, folder / WEIGHTS_FILE, bits, group_size)
         float_file.unlink()
         write_quantization(folder, record, atomic=True)
+    else:
+        write_checksums(folder)

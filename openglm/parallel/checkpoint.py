@@ -51,6 +51,7 @@ from openglm.config import GLMConfig, TrainConfig
 from openglm.model import GLM
 from openglm.parallel.parallelize import geglu_row_order, is_geglu_input
 from openglm.tokenizer import GLMTokenizer
+from openglm.train import rundir
 from openglm.train.optim import build_optimizer
 from openglm.train.trainer import TRAINER_STATE_KEYS
 
@@ -196,12 +197,43 @@ def save_distributed(
     return path
 
 
-def load_distributed(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: GLMConfig, tp: int) -> dict[str, Any]:
-    """Collective: restore this rank's shards from a checkpoint saved under any layout; returns
-    the trainer state."""
+def read_distributed_state(path: Path) -> dict[str, Any]:
+    """The trainer_state.json of distributed checkpoint `path`, every field a resume reads checked;
+    else a CheckpointError naming the file."""
     state_file = path / ckpt.STATE_FILE
     if not state_file.exists():
         raise ckpt.CheckpointError(f"{path}: no {ckpt.STATE_FILE}; the save did not complete")
+    state = ckpt.read_record(state_file)
+    rundir.check_state_fields(state, state_file)
+    for key in ("loss_scaler", "torch_rng"):
+        if key not in state:
+            raise ckpt.CheckpointError(f"{state_file}: damaged ({key!r} is missing)")
+    return state
+
+
+def check_distributed(path: Path) -> None:
+    """What a resume from `path` reads before any rank starts: the trainer state, `.metadata`
+    (through the restricted unpickler) and that every shard holds the bytes the metadata indexes,
+    so that a refused or damaged checkpoint is one error, not one per rank."""
+    read_distributed_state(path)
+    metadata = MetadataReader(path).read_metadata()
+    sizes: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        shard = path / info.relative_path
+        if info.relative_path not in sizes:
+            if Path(info.relative_path).name != info.relative_path or not shard.is_file():
+                raise ckpt.CheckpointError(f"{shard}: missing; the distributed checkpoint is incomplete")
+            sizes[info.relative_path] = shard.stat().st_size
+        if info.offset + info.length > sizes[info.relative_path]:
+            raise ckpt.CheckpointError(
+                f"{shard}: damaged (truncated: {sizes[info.relative_path]} bytes, the metadata indexes {info.offset + info.length})"
+            )
+
+
+def load_distributed(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: GLMConfig, tp: int) -> dict[str, Any]:
+    """Collective: restore this rank's shards from a checkpoint saved under any layout; returns
+    the trainer state."""
+    state = read_distributed_state(path)
     model_state, optim_state = _state(model, optimizer, config, tp)
     _load({"model": model_state, "optim": optim_state}, path)
     if tp > 1 and config.ffn_type == "geglu":
@@ -210,7 +242,7 @@ def load_distributed(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
         _map_geglu(model_state, optim_state, lambda t: _reorder_rows(t, order))
     set_model_state_dict(model, model_state)
     set_optimizer_state_dict(model, optimizer, optim_state)
-    return json.loads(state_file.read_text())
+    return state
 
 
 def resolve_distributed(run_dir: Path) -> Path | None:

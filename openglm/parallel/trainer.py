@@ -24,7 +24,14 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from openglm.config import ConfigError, GLMConfig, TrainConfig
-from openglm.parallel.checkpoint import DIST_LATEST, export_checkpoint, load_distributed, resolve_distributed, save_distributed
+from openglm.parallel.checkpoint import (
+    DIST_LATEST,
+    check_distributed,
+    export_checkpoint,
+    load_distributed,
+    resolve_distributed,
+    save_distributed,
+)
 from openglm.parallel.launch import spawn
 from openglm.parallel.parallelize import DATA_PARALLEL, GLMStage, apply_data_parallel, apply_tensor_parallel
 from openglm.parallel.plan import Layout, stage_layers, validate_layout
@@ -402,9 +409,12 @@ def run_parallel(
     validate_layout(layout, model_config, nproc)
     check_batch(layout, config)
     run_dir = Path(config.out_dir)
-    rundir.check_start(run_dir, resume, overwrite, resolve_distributed(run_dir) is not None)  # errors before any process starts
+    checkpoint = resolve_distributed(run_dir)
+    # errors before any process starts: a run that would be lost, a refused or damaged checkpoint
+    if rundir.check_start(run_dir, resume, overwrite, checkpoint is not None) and checkpoint is not None:
+        check_distributed(checkpoint)
     try:
         spawn(fit_parallel, nproc, model_config, config, layout, resume, overwrite, options)
-    except mp.ProcessExitedException as err:  # a rank stopped on purpose (signal, divergence) and said why
+    except mp.ProcessExitedException as err:  # a rank died without saying why (killed: out of memory, SIGKILL)
         raise TrainingStopped(f"training process {err.error_index} exited with code {err.exit_code}", err.exit_code) from None
     return None

@@ -159,6 +159,12 @@ def read_resume_state(checkpoint: Path) -> dict[str, Any]:
     for name in (ckpt.CONFIG_FILE, ckpt.WEIGHTS_FILE, ckpt.TOKENIZER_FILE, ckpt.OPTIMIZER_FILE):
         if name not in state["files"]:
             raise ckpt.CheckpointError(f"{state_path}: damaged (no sha256 record of {name}; not a training checkpoint)")
+    check_state_fields(state, state_path)
+    return state
+
+
+def check_state_fields(state: dict[str, Any], state_path: Path) -> None:
+    """A CheckpointError naming `state_path` unless every field a resume reads is there and valid."""
     for key, kind in STATE_FIELDS.items():
         value = state.get(key)
         if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
@@ -167,7 +173,6 @@ def read_resume_state(checkpoint: Path) -> dict[str, Any]:
             )
     if not isinstance(state["spikes"].get("history"), list):
         raise ckpt.CheckpointError(f"{state_path}: damaged ('spikes' has no history list)")
-    return state
 
 
 def resume_checkpoint(run_dir: Path) -> tuple[Path, dict[str, Any]]:
