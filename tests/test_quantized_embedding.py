@@ -21,7 +21,7 @@ from openglm import native
 from openglm.checkpoint import QUANT_FILE, WEIGHTS_FILE, CheckpointError, save_checkpoint, write_quantization
 from openglm.cli import app
 from openglm.convert import convert
-from openglm.quantize import QuantizedEmbedding, QuantizedLinear, quantize_model, quantize_weight, unpack_int4
+from openglm.quantize import QuantizedEmbedding, QuantizedLinear, make_record, quantize_model, quantize_weight, unpack_int4
 from openglm.tokenizer import GLMTokenizer
 
 TOKENIZER = Path(openglm.__file__).parent / "resources" / "tokenizer.json"
@@ -190,3 +190,23 @@ def test_convert_bits_quantizes_the_embedding_as_quantizing_the_float_model_does
         assert isinstance(loaded.word_embeddings, QuantizedEmbedding)
         got = loaded.state_dict()
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_generate_quantized_on_load_equals_the_quantized_checkpoint(tmp_path: Path) -> None:
+    float_model = make_model()
+    run = tmp_path / "run"
+    save_checkpoint(run, 1, float_model.config, float_model.state_dict(), GLMTokenizer.from_file(TOKENIZER), {})
+    options = ["--bits", "4", "--group-size", "32", "--embedding-bits", "4"]
+    assert CliRunner().invoke(app, ["quantize", "--model", str(run), *options, "--out", str(tmp_path / "q")]).exit_code == 0
+    texts = []
+    for model, extra in ((tmp_path / "q", []), (run, ["--quantize", "4", "--group-size", "32", "--embedding-bits", "4"])):
+        for threads in ("1", "2"):  # one thread: the native kernel; two: the PyTorch step
+            result = CliRunner().invoke(app, ["generate", "--model", str(model), *extra, "--threads", threads, "--max-new-tokens", "8",
+                                              "Emma [gMASK]"])
+            assert result.exit_code == 0, result.output
+            texts.append(result.output)
+    assert len(set(texts[::2])) == 1 and len(set(texts[1::2])) == 1 and texts[0].strip()
+
+
+def test_records_without_a_quantized_embedding_keep_the_old_format() -> None:
+    assert set(make_record(4, 32, ["layers.0.attention.dense"])) == {"format", "bits", "group_size", "scale_dtype", "modules"}
