@@ -67,7 +67,8 @@ def measure(run: Path, group_size: int) -> None:
                 path = quantize_checkpoint(run, Path(tmp) / "q", bits, group, embedding_bits)
                 size = (path / WEIGHTS_FILE).stat().st_size
             blocks = f"INT{bits}" + (f" g{group}" if group else "")
-            print(f"| {blocks} | {label} | {bpb['bpb_en']:.5f} | {bpb['bpb_zh']:.5f} | {size / 1e6:.2f} MB |", flush=True)
+            kind = label if embedding_bits is not None else "float (fp32 file, bf16 run)"
+            print(f"| {blocks} | {kind} | {bpb['bpb_en']:.5f} | {bpb['bpb_zh']:.5f} | {size / 1e6:.2f} MB |", flush=True)
 
 
 def main() -> None:

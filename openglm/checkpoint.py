@@ -19,9 +19,10 @@ is never removed before its replacement is in place), and `latest` is replaced a
 so an interrupted save never leaves `latest` naming a half-written checkpoint.
 
 A quantized checkpoint (`openglm.quantize`) is a directory of config.json, tokenizer.json,
-model.safetensors (INT8/INT4 `qweight` + bf16 `scales` for the block linears, float tensors for the
-rest) and quantization.json (bits, group size, modules, and the sha256 of every other file, checked
-on every load). `load_model` reads either kind.
+model.safetensors (INT8/INT4 `qweight` + bf16 `scales` for the block linears, and for the word
+embedding / untied output layer when quantized, float tensors for the rest) and quantization.json
+(bits, group size, modules, `embedding_bits` / `head_bits` when set, and the sha256 of every other
+file, checked on every load). `load_model` reads either kind.
 """
 
 from __future__ import annotations

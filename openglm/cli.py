@@ -415,8 +415,8 @@ def quantize(
     group_size: Annotated[int | None, typer.Option(help="one scale per this many inputs (default: per output channel)")] = None,
     embedding_bits: Annotated[int | None, typer.Option(help=EMBEDDING_BITS_HELP.format(blocks="--bits"))] = None,
 ) -> None:
-    """Quantize a checkpoint's block linears to INT8/INT4 (weight-only, GLM-130B style) into a new
-    checkpoint directory that `openglm generate --model OUT` runs.
+    """Quantize a checkpoint's block linears to INT8/INT4 (weight-only, GLM-130B style; with --embedding-bits
+    the embedding and output layer too) into a new checkpoint directory that `openglm generate --model OUT` runs.
 
     The source's files are always checked against the sha256 recorded at save time (there is no --no-verify here): the new checkpoint records fresh hashes, so damage must be caught first."""
     from openglm.checkpoint import WEIGHTS_FILE, CheckpointError, resolve_checkpoint
