@@ -672,7 +672,7 @@ def _head(model: nn.Module, bits: int) -> nn.Linear:
     _qmax(bits)
     head = getattr(model, "lm_head", None)
     if head is None:
-        raise ValueError("the output layer is the word embedding (tied); only an untied lm_head can be quantized")
+        raise ValueError("the output layer is the word embedding (tied); quantize that table with embedding_bits")
     if not isinstance(head, nn.Linear) or isinstance(head, QuantizedLinear):
         raise ValueError(f"lm_head is a {type(head).__name__}, not a float nn.Linear")
     if bits == 4 and head.in_features % 2:
