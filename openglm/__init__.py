@@ -28,6 +28,7 @@ def load(
     quantize: int | None = None,
     group_size: int | None = None,
     head_bits: int | None = None,
+    embedding_bits: int | None = None,
     *,
     verify: bool = True,
 ) -> tuple[GLM, GLMTokenizer]:
@@ -36,10 +37,11 @@ def load(
     `dtype` None: the precision it runs in (fp32; a quantized model bf16 where the CPU has native
     bf16). `quantize` 8 or 4 quantizes the block linears of a float checkpoint as it streams in
     (`group_size` inputs per scale), so no float copy of them is ever held; `head_bits` 8 or 4
-    quantizes an untied output layer too (a scale per vocabulary row)."""
+    quantizes an untied output layer too (a scale per vocabulary row), `embedding_bits` 8 or 4 the
+    word embedding and the output layer (tied or not; `head_bits` overrides the untied one's)."""
     from openglm.checkpoint import load_model
 
-    return load_model(path, dtype, quantize, group_size, head_bits, verify=verify)
+    return load_model(path, dtype, quantize, group_size, head_bits, embedding_bits, verify=verify)
 
 
 @overload

@@ -19,9 +19,10 @@ is never removed before its replacement is in place), and `latest` is replaced a
 so an interrupted save never leaves `latest` naming a half-written checkpoint.
 
 A quantized checkpoint (`openglm.quantize`) is a directory of config.json, tokenizer.json,
-model.safetensors (INT8/INT4 `qweight` + bf16 `scales` for the block linears, float tensors for the
-rest) and quantization.json (bits, group size, modules, and the sha256 of every other file, checked
-on every load). `load_model` reads either kind.
+model.safetensors (INT8/INT4 `qweight` + bf16 `scales` for the block linears, and for the word
+embedding / untied output layer when quantized, float tensors for the rest) and quantization.json
+(bits, group size, modules, `embedding_bits` / `head_bits` when set, and the sha256 of every other
+file, checked on every load). `load_model` reads either kind.
 
 A float checkpoint written by `openglm convert` (no training state) records the sha256 of each of
 its files in checksums.json, ``{"files": {name: sha256}}``, checked on every load like the others::
@@ -435,6 +436,7 @@ def load_model(
     quantize: int | None = None,
     group_size: int | None = None,
     head_bits: int | None = None,
+    embedding_bits: int | None = None,
     *,
     verify: bool = True,
 ) -> tuple[GLM, GLMTokenizer]:
@@ -449,7 +451,9 @@ def load_model(
     Streams: each tensor goes from its file into the model in `dtype` (None: what it runs in,
     `openglm.kernels.run_dtype`), and with `quantize` (8 or 4; `group_size` inputs per scale) the
     block linears of a float checkpoint are quantized as they arrive (`openglm.loading`), and with
-    `head_bits` (8 or 4) its untied output layer too, one scale per vocabulary row."""
+    `head_bits` (8 or 4) its untied output layer too, one scale per vocabulary row, and with
+    `embedding_bits` (8 or 4) the word embedding (tied: also the output layer; untied: lm_head too
+    unless `head_bits` is given)."""
     from openglm.convert import SP_TOKENIZER_FILE, is_chatglm_dir, load_chatglm, open_tokenizer
     from openglm.kernels import run_dtype
     from openglm.loading import empty_model, load_float_weights
@@ -458,19 +462,19 @@ def load_model(
     if group_size is not None and quantize is None:
         raise ValueError("a group size applies only when quantizing")
     if is_chatglm_dir(Path(path)):
-        return load_chatglm(path, dtype, quantize, group_size, head_bits)  # type: ignore[return-value]  # a tokenizer with the same protocol
+        return load_chatglm(path, dtype, quantize, group_size, head_bits, embedding_bits)  # type: ignore[return-value]  # a tokenizer with the same protocol
     checkpoint = _open_checkpoint(path, verify)
     quantization = read_quantization(checkpoint, verify=False)
     config = load_config(checkpoint)
     dtype = dtype or run_dtype(quantization is not None or quantize is not None)
     if quantization is not None:
-        if quantize is not None or head_bits is not None:
+        if quantize is not None or head_bits is not None or embedding_bits is not None:
             raise CheckpointError(
                 f"{checkpoint}: already quantized (INT{quantization.get('bits')}); load it without quantizing again"
             )
         model = load_quantized(checkpoint, config, quantization, dtype)
     else:
-        model = empty_model(config, dtype, quantize, group_size, head_bits)
+        model = empty_model(config, dtype, quantize, group_size, head_bits, embedding_bits)
         load_float_weights(checkpoint, model)
     tokenizer_path = checkpoint / TOKENIZER_FILE
     if not tokenizer_path.is_file() and (checkpoint / SP_TOKENIZER_FILE).is_file():

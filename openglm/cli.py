@@ -28,6 +28,10 @@ NO_VERIFY_HELP = (
     "do not check each checkpoint file against the sha256 recorded at save time (hashing reads every file once more, "
     "about 1 s per GB on one core): for checkpoints too large to hash at every start"
 )
+EMBEDDING_BITS_HELP = (
+    "with {blocks}: also quantize the word embedding and the output layer (tied: the same table; untied: both) "
+    "to 8 or 4 bits, one scale per vocabulary row (default: they stay 16/32-bit)"
+)
 
 
 def _fail(message: str) -> typer.Exit:
@@ -188,6 +192,7 @@ def generate(
         int | None, typer.Option("--quantize", help="quantize the block linears to 8 or 4 bits on load (a float checkpoint)")
     ] = None,
     group_size: Annotated[int | None, typer.Option(help="with --quantize: one scale per this many inputs (default: per channel)")] = None,
+    embedding_bits: Annotated[int | None, typer.Option(help=EMBEDDING_BITS_HELP.format(blocks="--quantize"))] = None,
     threads: Annotated[
         int | None, typer.Option(help="torch intra-op threads; with 1, one prompt at a time decodes through the native kernel")
     ] = None,
@@ -235,7 +240,7 @@ def generate(
         raise _fail("--stream prints one prompt's text as it is made; --input-file writes whole results")
     if prompt is not None and not prompt.strip():
         raise _fail('the prompt is empty; give text to continue or to fill, e.g. "It is a truth [MASK]."')
-    glm, tokenizer = _load_for_generation(model, quantize_bits, group_size, verify=not no_verify)
+    glm, tokenizer = _load_for_generation(model, quantize_bits, group_size, verify=not no_verify, embedding_bits=embedding_bits)
     if prompt is not None:
         try:
             _print_result(glm, tokenizer, prompt, config, stream)
@@ -258,7 +263,18 @@ def _check_bits(bits: int, option: str, group_size: int | None) -> None:
         raise _fail(f"--group-size must be a positive integer, got {group_size}")
 
 
-def _load_for_generation(path: Path, bits: int | None, group_size: int | None, verify: bool) -> tuple[GLM, GLMTokenizer]:
+def _check_embedding_bits(embedding_bits: int | None, bits: int | None, blocks: str) -> None:
+    """--embedding-bits is 8 or 4 and comes with the blocks quantized (`blocks`: that option)."""
+    if embedding_bits is None:
+        return
+    _check_bits(embedding_bits, "--embedding-bits", None)
+    if bits is None:
+        raise _fail(f"--embedding-bits needs {blocks}")
+
+
+def _load_for_generation(
+    path: Path, bits: int | None, group_size: int | None, verify: bool, embedding_bits: int | None = None
+) -> tuple[GLM, GLMTokenizer]:
     """The model and tokenizer `generate`, `eval` and `serve` run: --quantize options checked, then
     loaded (file hashes checked unless `verify` is False) in the precision it runs in
     (`openglm.kernels.run_dtype`), quantized as it streams in when `bits` is given; errors exit with a message."""
@@ -268,10 +284,11 @@ def _load_for_generation(path: Path, bits: int | None, group_size: int | None, v
         _check_bits(bits, "--quantize", group_size)
     elif group_size is not None:
         raise _fail("--group-size needs --quantize")
+    _check_embedding_bits(embedding_bits, bits, "--quantize")
     try:
         if bits is not None and (resolve_checkpoint(path) / QUANT_FILE).is_file():
             raise _fail(f"{path}: already quantized; drop --quantize")
-        return load_model(path, None, bits, group_size, verify=verify)
+        return load_model(path, None, bits, group_size, embedding_bits=embedding_bits, verify=verify)
     except (CheckpointError, ValueError) as err:
         raise _fail(str(err)) from None
 
@@ -283,6 +300,7 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     quantize_bits: Annotated[int | None, typer.Option("--quantize", help="quantize the block linears to 8 or 4 bits on load")] = None,
     group_size: Annotated[int | None, typer.Option(help="with --quantize: one scale per this many inputs")] = None,
+    embedding_bits: Annotated[int | None, typer.Option(help=EMBEDDING_BITS_HELP.format(blocks="--quantize"))] = None,
     model_name: Annotated[str | None, typer.Option(help="the model's name in the API (default: the directory name)")] = None,
     max_batch: Annotated[int, typer.Option(help="rows decoded together (1: no batching)")] = 64,
     max_queue: Annotated[int, typer.Option(help="requests that may wait before 429")] = 256,
@@ -296,7 +314,7 @@ def serve(
 
     if max_batch < 1 or max_queue < 1 or max_body_bytes < 1 or timeout <= 0:
         raise _fail("--max-batch, --max-queue and --max-body-bytes must be >= 1 and --timeout > 0")
-    glm, tokenizer = _load_for_generation(model, quantize_bits, group_size, verify=not no_verify)
+    glm, tokenizer = _load_for_generation(model, quantize_bits, group_size, verify=not no_verify, embedding_bits=embedding_bits)
     name = model_name or model.resolve().name
     app = create_app(glm, tokenizer, model_name=name, max_batch=max_batch, max_queue=max_queue, timeout=timeout, max_body_bytes=max_body_bytes)
     run_server(app, host, port)
@@ -395,24 +413,27 @@ def quantize(
     bits: Annotated[int, typer.Option(help="8 or 4")],
     out: Annotated[Path, typer.Option(help="new checkpoint directory (must not exist, or be empty)")],
     group_size: Annotated[int | None, typer.Option(help="one scale per this many inputs (default: per output channel)")] = None,
+    embedding_bits: Annotated[int | None, typer.Option(help=EMBEDDING_BITS_HELP.format(blocks="--bits"))] = None,
 ) -> None:
-    """Quantize a checkpoint's block linears to INT8/INT4 (weight-only, GLM-130B style) into a new
-    checkpoint directory that `openglm generate --model OUT` runs.
+    """Quantize a checkpoint's block linears to INT8/INT4 (weight-only, GLM-130B style; with --embedding-bits
+    the embedding and output layer too) into a new checkpoint directory that `openglm generate --model OUT` runs.
 
     The source's files are always checked against the sha256 recorded at save time (there is no --no-verify here): the new checkpoint records fresh hashes, so damage must be caught first."""
     from openglm.checkpoint import WEIGHTS_FILE, CheckpointError, resolve_checkpoint
     from openglm.quantize import quantize_checkpoint
 
     _check_bits(bits, "--bits", group_size)
+    _check_embedding_bits(embedding_bits, bits, "--bits")
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise _fail(f"{out}: exists and is not an empty directory; refusing to overwrite it (choose a new --out)")
     try:
         source = resolve_checkpoint(model)
-        path = quantize_checkpoint(source, out, bits, group_size)
+        path = quantize_checkpoint(source, out, bits, group_size, embedding_bits)
     except (CheckpointError, ValueError) as err:
         raise _fail(str(err)) from None
     before, after = (source / WEIGHTS_FILE).stat().st_size, (path / WEIGHTS_FILE).stat().st_size
     layout = f"groups of {group_size}" if group_size else "per channel"
+    layout += f"; embedding and output layer INT{embedding_bits}" if embedding_bits else ""
     typer.echo(f"wrote {path}: INT{bits} ({layout}), {WEIGHTS_FILE} {after / 1e6:.1f} MB (was {before / 1e6:.1f} MB)")
 
 
@@ -434,6 +455,7 @@ def eval_(
     no_verify: Annotated[bool, typer.Option("--no-verify", help=NO_VERIFY_HELP)] = False,
     quantize_bits: Annotated[int | None, typer.Option("--quantize", help="quantize each float model's block linears to 8 or 4 bits on load")] = None,
     group_size: Annotated[int | None, typer.Option(help="with --quantize: one scale per this many inputs")] = None,
+    embedding_bits: Annotated[int | None, typer.Option(help=EMBEDDING_BITS_HELP.format(blocks="--quantize"))] = None,
 ) -> None:
     """Evaluate models on lm (bits per byte), cloze (LAMBADA), mul (BIG-bench, MMLU) and gen tasks; print a Markdown table."""
     from openglm.checkpoint import CheckpointError
@@ -443,9 +465,11 @@ def eval_(
         _check_bits(quantize_bits, "--quantize", group_size)
     elif group_size is not None:
         raise _fail("--group-size needs --quantize")
+    _check_embedding_bits(embedding_bits, quantize_bits, "--quantize")
     try:
         results = evaluate_checkpoints(
-            model, task or (), seed, shots, limit, batch_size, threads, verify=not no_verify, quantize=quantize_bits, group_size=group_size
+            model, task or (), seed, shots, limit, batch_size, threads, verify=not no_verify, quantize=quantize_bits,
+            group_size=group_size, embedding_bits=embedding_bits,
         )
     except (CheckpointError, ValueError) as err:
         raise _fail(str(err)) from None
@@ -474,6 +498,7 @@ def convert(
     tp: Annotated[int | None, typer.Option(help="with --to glm130b-sat: tensor-parallel shards to write")] = None,
     bits: Annotated[int | None, typer.Option(help="with --to openglm: quantize the block linears to 8 or 4 bits")] = None,
     group_size: Annotated[int | None, typer.Option(help="with --bits: one scale per this many inputs")] = None,
+    embedding_bits: Annotated[int | None, typer.Option(help=EMBEDDING_BITS_HELP.format(blocks="--bits"))] = None,
     tokenizer: Annotated[Path | None, typer.Option(help="tokenizer.json or ice_text.model to put into the openglm checkpoint")] = None,
     safetensors: Annotated[bool, typer.Option("--safetensors", help="with --to chatglm-hf: safetensors shards instead of .bin")] = False,
 ) -> None:
@@ -487,8 +512,9 @@ def convert(
 
     if bits is not None:
         _check_bits(bits, "--bits", group_size)
+    _check_embedding_bits(embedding_bits, bits, "--bits")
     try:
-        path = run_convert(src, out, source_format, target_format, tp, bits, group_size, tokenizer, safetensors)
+        path = run_convert(src, out, source_format, target_format, tp, bits, group_size, tokenizer, safetensors, embedding_bits)
     except (CheckpointError, ConfigError, ValueError) as err:
         raise _fail(str(err)) from None
     typer.echo(f"wrote {path} ({target_format})")

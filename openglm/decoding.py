@@ -116,7 +116,11 @@ class DecodeStep:
         self.head_dim, self.rotary_dim = config.head_dim, config.rotary_dim
         self.alpha, self.eps = config.alpha, config.layernorm_eps
         self.geglu, self.approximate = config.ffn_type == "geglu", config.gelu_approximate
-        self.embedding = model.word_embeddings.weight
+        embedding = model.word_embeddings
+        # A float table is indexed directly; an INT8/INT4 one (`QuantizedEmbedding`) dequantizes the rows.
+        self.embed: Callable[[torch.Tensor], torch.Tensor] = (
+            partial(F.embedding, weight=embedding.weight) if type(embedding) is nn.Embedding else partial(embedding, dtype=model.dtype)
+        )
         self.final_norm = (model.final_layernorm.weight, model.final_layernorm.bias)
         self.blocks = [
             _Block(
@@ -156,7 +160,7 @@ class DecodeStep:
         cos, sin = rope
         mask = None if padding_mask is None else padding_mask[:, None, None, :]
         eps, alpha, head_dim, rotary_dim = self.eps, self.alpha, self.head_dim, self.rotary_dim
-        h = F.embedding(ids, self.embedding)
+        h = self.embed(ids)
         for block, keys, values in zip(self.blocks, cache.keys.unbind(0), cache.values.unbind(0), strict=True):
             y = torch.layer_norm(h, self.hidden, *block.norm1, eps)
             qkv = block.query_key_value(y).view(rows, 1, -1, 3, head_dim)

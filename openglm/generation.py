@@ -464,14 +464,13 @@ class _Batch:
 
     def __init__(self, model: GLM, prefills: Sequence[_Prefill], max_new_tokens: int) -> None:
         config = model.config
-        weight = model.word_embeddings.weight
-        device = weight.device
+        device = model.device
         self.model = model
         self._modules = list(model.modules())
         longest = max(len(p.tokens) for p in prefills)
         pads = [longest - len(p.tokens) for p in prefills]
         capacity = longest + max_new_tokens - 1  # the last token is never fed back
-        self.cache = KVCache.empty(config, len(prefills), capacity, weight.dtype, device)
+        self.cache = KVCache.empty(config, len(prefills), capacity, model.dtype, device)
         self.padding = torch.arange(capacity, device=device)[None] >= torch.tensor(pads, device=device)[:, None]
         self.layout = Layout(
             pad=torch.tensor(pads, device=device),
@@ -699,7 +698,7 @@ def generate_tokens(
     """
     config = config or GenerationConfig()
     config.validate()
-    device = model.word_embeddings.weight.device
+    device = model.device
     rules = _Rules(model.config, config, None, device)
     job = _Job(list(context_ids), _Text(rules, incremental=False), generator or make_generator(config.seed, device))
     sent = 0
@@ -837,7 +836,7 @@ def check_prompt(model: GLM, tokenizer: Tokenizer, text: str) -> list[int]:
 
 def _prepare(model: GLM, tokenizer: Tokenizer, texts: Sequence[str], config: GenerationConfig, named: bool) -> list[_Prompt]:
     """Every prompt checked before any is generated (errors name the prompt's index in a list)."""
-    device = model.word_embeddings.weight.device
+    device = model.device
     prompts = []
     for index, text in enumerate(texts):
         try:
@@ -877,7 +876,7 @@ def _chunks(prompts: list[_Prompt], size: int) -> Iterator[list[_Prompt]]:
 def _setup(model: GLM, tokenizer: Tokenizer, texts: Sequence[str], config: GenerationConfig | None, named: bool) -> tuple[GenerationConfig, _Rules, list[_Prompt]]:
     config = config or GenerationConfig()
     config.validate()
-    rules = _Rules(model.config, config, tokenizer, model.word_embeddings.weight.device)
+    rules = _Rules(model.config, config, tokenizer, model.device)
     return config, rules, _prepare(model, tokenizer, texts, config, named)
 
 

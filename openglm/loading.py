@@ -8,7 +8,7 @@ fp32 staging tensor that is quantized and dropped at once. So peak memory is the
 plus one tensor: a bf16 load of an fp16 checkpoint never holds an fp32 copy, an INT4 load never
 holds the float block weights.
 
-    empty_model(config, dtype, bits=None, group_size=None, head_bits=None) -> GLM
+    empty_model(config, dtype, bits=None, group_size=None, head_bits=None, embedding_bits=None) -> GLM
     ModelFiller(model)            a `Sink` (openglm.convert.store) that quantizes on arrival
     load_float_weights(checkpoint, model)   an openglm model.safetensors into such a model
 """
@@ -35,19 +35,27 @@ log = logging.getLogger(__name__)
 
 
 def empty_model(
-    config: GLMConfig, dtype: torch.dtype, bits: int | None = None, group_size: int | None = None, head_bits: int | None = None
+    config: GLMConfig,
+    dtype: torch.dtype,
+    bits: int | None = None,
+    group_size: int | None = None,
+    head_bits: int | None = None,
+    embedding_bits: int | None = None,
 ) -> GLM:
-    """A model with uninitialised CPU storage in `dtype` (block linears INT`bits`, the untied output
-    layer INT`head_bits`, when given) to fill from a checkpoint; raises ValueError for bits or a
-    group size the layers do not take."""
+    """A model with uninitialised CPU storage in `dtype` (block linears INT`bits`, the word
+    embedding INT`embedding_bits`, the untied output layer INT`head_bits`, by default
+    `embedding_bits`, when given) to fill from a checkpoint; raises ValueError for bits or a group
+    size the layers do not take."""
     from openglm.model import GLM
 
     with torch.device("meta"):
         model = GLM(config)
     if head_bits is not None and bits is None:
         raise ValueError("quantizing the output layer (head_bits) goes with quantizing the blocks (quantize)")
+    if embedding_bits is not None and bits is None:
+        raise ValueError("quantizing the embedding (embedding_bits) goes with quantizing the blocks (quantize)")
     if bits is not None:
-        quantize_layout(model, bits, group_size, head_bits)
+        quantize_layout(model, bits, group_size, head_bits, embedding_bits)
     return model.to(dtype).to_empty(device="cpu")
 
 

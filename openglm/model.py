@@ -206,8 +206,20 @@ class GLM(nn.Module):
                 norm.reset_parameters()
         self.final_layernorm.reset_parameters()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (a quantized embedding has no float weight to ask)."""
+        return self.final_layernorm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.final_layernorm.weight.device
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        e = self.word_embeddings(input_ids)
+        if type(self.word_embeddings) is nn.Embedding:
+            e = self.word_embeddings(input_ids)
+        else:  # an INT8/INT4 table (`openglm.quantize.QuantizedEmbedding`) dequantizes the rows it gathers
+            e = self.word_embeddings(input_ids, self.dtype)
         scale = self.embedding_grad_scale
         if self.training and scale != 1.0:
             # The paper's e*a + e.detach()*(1-a), arranged so the forward value is bit-identical
@@ -249,7 +261,7 @@ class GLM(nn.Module):
                 raise ValueError("position_ids are required when continuing from a KV cache")
             position_ids, derived_blocks = derive_positions(input_ids, prefix_len, self.config)
             block_position_ids = derived_blocks if block_position_ids is None else block_position_ids
-        rope = self._rope_tables(position_ids, block_position_ids, self.word_embeddings.weight.dtype)
+        rope = self._rope_tables(position_ids, block_position_ids, self.dtype)
         if padding_mask is not None and padding_mask.shape != (input_ids.shape[0], offset + seq):
             raise ValueError(f"padding_mask has shape {tuple(padding_mask.shape)}, expected {(input_ids.shape[0], offset + seq)}")
         mask = self._mask(prefix_len, offset, seq, padding_mask)
@@ -301,6 +313,8 @@ class GLM(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None and type(self.lm_head) is not nn.Linear:
             return self.lm_head(hidden)  # an INT8/INT4 head (`openglm.quantize`, head_bits)
+        if self.lm_head is None and type(self.word_embeddings) is not nn.Embedding:
+            return self.word_embeddings.project(hidden)  # tied to an INT8/INT4 embedding (embedding_bits)
         return kernels.linear(hidden, self.output_weight)
 
     def num_parameters(self) -> int:

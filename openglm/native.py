@@ -41,7 +41,7 @@ from torch import nn
 
 from openglm.config import ANY_VALUE, cache_dir, unsupported_fields
 from openglm.model import GLM, KVCache
-from openglm.quantize import QuantizedLinear
+from openglm.quantize import QuantizedEmbedding, QuantizedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -272,9 +272,11 @@ class RowDecoder:
     sharded layers, a dtype other than fp32/bf16, non-CPU tensors, patched `logits`, a quantized layout it does not read); it
     holds the model, so the pointers stay valid."""
 
-    def __init__(self, lib: ctypes.CDLL, model: GLM, struct: _Model, layers: ctypes.Array[_Layer]) -> None:
+    def __init__(self, lib: ctypes.CDLL, model: GLM, struct: _Model, layers: ctypes.Array[_Layer], row: torch.Tensor | None = None) -> None:
         self.lib, self.model, self.struct, self._layers = lib, model, struct, layers
-        self.dtype = model.word_embeddings.weight.dtype
+        # A quantized embedding: the token's row is dequantized into `row`, the kernel's one-row table.
+        self._row = row
+        self.dtype = model.dtype
         self.vocab = model.config.vocab_size
         self._scratch, self._scratch_capacity = torch.empty(0), -1
 
@@ -286,7 +288,7 @@ class RowDecoder:
             logger.debug("the native kernel is not declared for %s; decoding runs in PyTorch", ", ".join(unsupported))
             return None
         lib = library()
-        dtype = model.word_embeddings.weight.dtype
+        dtype = model.dtype
         hidden, head_dim = config.hidden_size, config.head_dim
         if lib is None or dtype not in DTYPES or config.num_heads * head_dim != hidden:
             return None
@@ -304,7 +306,7 @@ class RowDecoder:
                 if not _plain(module.weight, dtype, (out_features, in_features)):
                     return None
                 return _Linear(module.weight.data_ptr(), bias_pointer, out_features, in_features, FLOAT_WEIGHT)
-            if type(module) is QuantizedLinear and (module.out_features, module.in_features) == (out_features, in_features):
+            if type(module) in (QuantizedLinear, QuantizedEmbedding) and (module.out_features, module.in_features) == (out_features, in_features):
                 layout = _quantized_layout(module)
                 return None if layout is None else _Linear(module.qweight.data_ptr(), bias_pointer, out_features, in_features, *layout)
             return None
@@ -329,20 +331,25 @@ class RowDecoder:
             norm1, qkv, dense, norm2, up, down = parts
             layers.append(_Layer(*norm1, qkv, dense, *norm2, up, down))
         final = norm(model.final_layernorm)
-        if model.lm_head is None:  # tied: the embedding
-            embedding = model.word_embeddings.weight
-            head = _Linear(embedding.data_ptr(), None, config.vocab_size, hidden, FLOAT_WEIGHT) \
-                if _plain(embedding, dtype, (config.vocab_size, hidden)) else None
-        else:  # float or quantized (head_bits), read as the block linears are
+        embedding, row, table = model.word_embeddings, None, None
+        if type(embedding) is nn.Embedding:
+            table = embedding.weight if _plain(embedding.weight, dtype, (config.vocab_size, hidden)) else None
+        elif type(embedding) is QuantizedEmbedding:  # INT8/INT4 (embedding_bits): each step dequantizes its token's row
+            table = row = torch.empty(1, hidden, dtype=dtype)
+        if model.lm_head is not None:  # float or quantized (head_bits), read as the block linears are
             head = linear(model.lm_head, config.vocab_size, hidden)
-        if final is None or head is None or not _plain(model.word_embeddings.weight, dtype, (config.vocab_size, hidden)):
+        elif row is not None:  # tied to the quantized embedding
+            head = linear(embedding, config.vocab_size, hidden)
+        else:  # tied to the float embedding
+            head = None if table is None else _Linear(table.data_ptr(), None, config.vocab_size, hidden, FLOAT_WEIGHT)
+        if final is None or head is None or table is None:
             return None
         array = (_Layer * len(layers))(*layers)
         struct = _Model(hidden, config.num_heads, head_dim, config.rotary_dim, ffn, config.num_layers, config.vocab_size,
                         int(geglu), int(config.gelu_approximate == "tanh"), int(dtype == torch.bfloat16), config.alpha,
-                        config.layernorm_eps, model.word_embeddings.weight.data_ptr(), *final,
+                        config.layernorm_eps, table.data_ptr(), *final,
                         head, array)
-        return cls(lib, model, struct, array)
+        return cls(lib, model, struct, array, row)
 
     def __call__(self, token: int, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, padding_mask: torch.Tensor | None) -> torch.Tensor:
         """fp32 logits [1, vocab] of `token` fed after the `cache.length` cached positions of a
@@ -352,6 +359,9 @@ class RowDecoder:
         start = cache.length
         if not 0 <= token < self.vocab:
             raise IndexError(f"token id {token} is outside the vocabulary (0..{self.vocab - 1})")
+        if self._row is not None:
+            self._row.copy_(self.model.word_embeddings(torch.tensor([token]), self.dtype))
+            token = 0  # the kernel's table is that one row
         keys, values = cache.keys, cache.values
         config = self.model.config
         shape = (config.num_layers, 1, config.num_heads, cache.capacity, config.head_dim)

@@ -3,8 +3,10 @@
 GLM-130B quantizes only the linear layers inside the blocks (QKV, attention output, both FFN
 matrices) with symmetric absmax scales per output channel; activations, embeddings, the (tied)
 output layer, LayerNorms and biases stay in 16/32-bit. Here INT4 may also use a scale per group of
-`group_size` input features, which keeps 4-bit error low on real checkpoints, and an untied output
-layer (ChatGLM-6B's `lm_head`) may be quantized too (`head_bits`, one scale per vocabulary row).
+`group_size` input features, which keeps 4-bit error low on real checkpoints, and the word embedding
+(`embedding_bits`; when tied, the same table is the output layer) and an untied output layer
+(ChatGLM-6B's `lm_head`, `head_bits`, by default `embedding_bits`) may be quantized too, one scale
+per vocabulary row (`QuantizedEmbedding`: a lookup dequantizes only the rows it gathers).
 
 Public API (all pure functions except `quantize_model`, which edits the model in place)::
 
@@ -14,9 +16,10 @@ Public API (all pure functions except `quantize_model`, which edits the model in
     dequantize_weight(qweight, scales, bits, dtype=torch.float32) -> weight [out, in]
     pack_int4(values int8 [..., 2k] in -8..7) -> uint8 [..., k];  unpack_int4(packed) -> int8
     QuantizedLinear.from_linear(linear, bits, group_size=None)   drop-in for nn.Linear
-    quantize_model(model, bits, group_size=None, head_bits=None) -> model   in place; head_bits: the untied lm_head too
-    quantize_layout(model, bits, group_size=None, head_bits=None) -> model  empty quantized layers (streaming loads)
-    quantize_checkpoint(src, out, bits, group_size=None) -> Path a checkpoint `load_model` reads
+    QuantizedEmbedding(num_embeddings, embedding_dim, bits)      drop-in for nn.Embedding (+ `project`)
+    quantize_model(model, bits, group_size=None, head_bits=None, embedding_bits=None) -> model   in place
+    quantize_layout(model, bits, group_size=None, head_bits=None, embedding_bits=None) -> model  empty quantized layers
+    quantize_checkpoint(src, out, bits, group_size=None, embedding_bits=None) -> Path  a checkpoint `load_model` reads
     save_quantized(model, tokenizer, out) -> Path                 write an already quantized model
     quantized_memory(model) -> QuantizedMemory                    bytes of ints + scales vs bf16
 
@@ -568,6 +571,64 @@ class QuantizedLinear(nn.Module):
         self.set_quantized(state_dict[names[0]], state_dict[names[1]])
 
 
+def _gather_int4_rows(packed: torch.Tensor, block: int, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` (int64 [n]) of an INT4 weight in the kernel layout as int8 [n, in] in -8..7, read
+    straight from the tiles (`_untile_int4` describes them) without untiling the rest."""
+    out_features, half = packed.shape
+    in_features = 2 * half
+    full = out_features // block * block
+    columns = torch.arange(in_features, device=packed.device)[None]
+    within = (rows % block)[:, None]
+    tile_byte = rows[:, None] // block * (block * half) + columns * (block // 2) + within % (block // 2)
+    tail = (rows - full)[:, None]
+    tail_byte = full * half + columns * ((out_features - full) // 2) + tail // 2
+    in_tiles = (rows < full)[:, None]
+    byte = torch.where(in_tiles, tile_byte, tail_byte)
+    shift = torch.where(in_tiles, within >= block // 2, tail % 2).to(torch.uint8) * 4
+    nibbles = torch.bitwise_right_shift(packed.reshape(-1)[byte], shift) & 0xF
+    return nibbles.to(torch.int8) - 8
+
+
+class QuantizedEmbedding(QuantizedLinear):
+    """nn.Embedding with an INT8/INT4 table, one bf16 scale per row (token), stored as a
+    `QuantizedLinear` of [vocab, hidden] so the same table can be the tied output layer.
+
+    `forward(ids, dtype)` dequantizes only the rows it gathers (the table is never expanded);
+    `project(hidden)` is hidden @ table.T through `QuantizedLinear`'s kernels, which is the output
+    layer of a tied model. The state dict holds `qweight` and `scales`, as a quantized linear's."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int) -> None:
+        super().__init__(embedding_dim, num_embeddings, bits, None, bias=False)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, bits: int) -> QuantizedEmbedding:
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, bits)
+        module.set_quantized(*quantize_weight(embedding.weight, bits))
+        return module
+
+    def forward(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:  # type: ignore[override]
+        """The rows of `ids` ([...] int64) as [..., embedding_dim] `dtype`, each q * scale rounded
+        once, bit-identical to `dequantize(dtype)[ids]`."""
+        flat = ids.reshape(-1)
+        if flat.numel() and (flat.min() < 0 or flat.max() >= self.num_embeddings):
+            raise IndexError(f"token ids must lie in 0..{self.num_embeddings - 1}")
+        if self.int4_block is not None:
+            q = _gather_int4_rows(self.qweight, self.int4_block, flat)
+        else:
+            q = unpack_int4(self.qweight[flat]) if self.bits == 4 else self.qweight[flat]
+        rows = torch.empty(flat.shape[0], self.embedding_dim, dtype=_compute_dtype(dtype), device=self.qweight.device)
+        _scale_rows_into(rows, q, self.scales[flat])
+        return rows.to(dtype).view(*ids.shape, self.embedding_dim)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., embedding_dim] @ table.T: the logits of a tied output layer."""
+        return super().forward(hidden)
+
+    def extra_repr(self) -> str:
+        return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, " + super().extra_repr()
+
+
 # ----------------------------------------------------------------------------- models
 def _targets(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_modules() if _TARGET.fullmatch(name)]
@@ -611,7 +672,7 @@ def _head(model: nn.Module, bits: int) -> nn.Linear:
     _qmax(bits)
     head = getattr(model, "lm_head", None)
     if head is None:
-        raise ValueError("the output layer is the word embedding (tied); only an untied lm_head can be quantized")
+        raise ValueError("the output layer is the word embedding (tied); quantize that table with embedding_bits")
     if not isinstance(head, nn.Linear) or isinstance(head, QuantizedLinear):
         raise ValueError(f"lm_head is a {type(head).__name__}, not a float nn.Linear")
     if bits == 4 and head.in_features % 2:
@@ -619,37 +680,78 @@ def _head(model: nn.Module, bits: int) -> nn.Linear:
     return head
 
 
-def quantize_model(model: ModelT, bits: int, group_size: int | None = None, head_bits: int | None = None) -> ModelT:
+def _embedding(model: nn.Module, bits: int) -> nn.Embedding:
+    """The word embedding, checked to take INT`bits` with a scale per row."""
+    _qmax(bits)
+    embedding = getattr(model, "word_embeddings", None)
+    if type(embedding) is not nn.Embedding:
+        raise ValueError(f"word_embeddings is a {type(embedding).__name__}, not a float nn.Embedding")
+    if bits == 4 and embedding.embedding_dim % 2:
+        raise ValueError(f"word_embeddings: INT4 needs an even embedding_dim, got {embedding.embedding_dim}")
+    return embedding
+
+
+def _output_layers(model: nn.Module, head_bits: int | None, embedding_bits: int | None) -> dict[str, tuple[nn.Module, int]]:
+    """The embedding and output layers to quantize, name -> (float module, bits): the word embedding
+    with `embedding_bits` (tied: it is the output layer too), the untied lm_head with `head_bits`,
+    which defaults to `embedding_bits`."""
+    layers: dict[str, tuple[nn.Module, int]] = {}
+    if embedding_bits is not None:
+        layers["word_embeddings"] = (_embedding(model, embedding_bits), embedding_bits)
+        if head_bits is None and getattr(model, "lm_head", None) is not None:
+            head_bits = embedding_bits
+    if head_bits is not None:
+        layers["lm_head"] = (_head(model, head_bits), head_bits)
+    return layers
+
+
+def _empty_output_layer(module: nn.Module, bits: int) -> QuantizedLinear:
+    """An empty quantized counterpart of a float embedding or output layer, on its device."""
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    with torch.device(weight.device):
+        if isinstance(module, nn.Embedding):
+            return QuantizedEmbedding(module.num_embeddings, module.embedding_dim, bits)
+        return QuantizedLinear(weight.shape[1], weight.shape[0], bits, None, bias=False)
+
+
+def quantize_model(
+    model: ModelT, bits: int, group_size: int | None = None, head_bits: int | None = None, embedding_bits: int | None = None
+) -> ModelT:
     """Replace the block linears (QKV, attention dense, both FFN matrices) by `QuantizedLinear`s
-    in place and return the model; with `head_bits`, the untied output layer too (one scale per
-    vocabulary row). Everything is checked before anything is replaced."""
+    in place and return the model; with `embedding_bits` the word embedding too (and an untied
+    output layer, unless `head_bits` says otherwise), with `head_bits` the untied output layer, one
+    scale per vocabulary row. Everything is checked before anything is replaced."""
     linears = _block_linears(model, bits, group_size)
-    head = None if head_bits is None else _head(model, head_bits)
-    for name, linear in [*linears.items(), *([("lm_head", head)] if head is not None else [])]:
-        if linear.weight.is_meta:
+    outputs = _output_layers(model, head_bits, embedding_bits)
+    for name, module in [*linears.items(), *((name, module) for name, (module, _) in outputs.items())]:
+        if module.weight.is_meta:
             raise ValueError(f"{name} has no weights (meta device)")
     for name, linear in linears.items():
         _set_submodule(model, name, QuantizedLinear.from_linear(linear, bits, group_size))
-    if head is not None and head_bits is not None:
-        _set_submodule(model, "lm_head", QuantizedLinear.from_linear(head, head_bits))
+    for name, (module, layer_bits) in outputs.items():
+        layer = _empty_output_layer(module, layer_bits)
+        layer.set_quantized(*quantize_weight(module.weight, layer_bits))
+        _set_submodule(model, name, layer)
     log.info("quantized %d linear layers to INT%d (group size %s)", len(linears), bits, group_size or "per channel")
     return model
 
 
-def quantize_layout(model: ModelT, bits: int, group_size: int | None = None, head_bits: int | None = None) -> ModelT:
-    """Replace the block linears (and with `head_bits` the untied output layer) by empty
-    `QuantizedLinear`s on the same device (typically meta), to be filled by
-    `QuantizedLinear.set_quantized` as a checkpoint streams in: a model that is quantized on load
-    never holds its float block weights. Checked as `quantize_model` checks."""
+def quantize_layout(
+    model: ModelT, bits: int, group_size: int | None = None, head_bits: int | None = None, embedding_bits: int | None = None
+) -> ModelT:
+    """Replace the block linears (and the embedding / output layers `head_bits` and
+    `embedding_bits` name) by empty quantized layers on the same device (typically meta), to be
+    filled by `QuantizedLinear.set_quantized` as a checkpoint streams in: a model that is quantized
+    on load never holds its float block weights. Checked as `quantize_model` checks."""
     linears = _block_linears(model, bits, group_size)
-    head = None if head_bits is None else _head(model, head_bits)
-    layers = {name: (linear, bits, group_size) for name, linear in linears.items()}
-    if head is not None and head_bits is not None:
-        layers["lm_head"] = (head, head_bits, None)
-    for name, (linear, layer_bits, layer_group) in layers.items():
+    outputs = _output_layers(model, head_bits, embedding_bits)
+    for name, linear in linears.items():
         with torch.device(linear.weight.device):
-            layer = QuantizedLinear(linear.in_features, linear.out_features, layer_bits, layer_group, bias=linear.bias is not None)
+            layer = QuantizedLinear(linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None)
         _set_submodule(model, name, layer)
+    for name, (module, layer_bits) in outputs.items():
+        _set_submodule(model, name, _empty_output_layer(module, layer_bits))
     return model
 
 
@@ -657,24 +759,37 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantizedLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
 
-def make_record(bits: int, group_size: int | None, modules: Iterable[str]) -> dict[str, Any]:
-    """The quantization.json record of `modules` quantized to INT`bits` with `group_size` (the
-    checkpoint writer adds the sha256 of every file, see `openglm.checkpoint.write_quantization`)."""
-    return {"format": 1, "bits": bits, "group_size": group_size, "scale_dtype": "bfloat16", "modules": sorted(modules)}
+OUTPUT_LAYERS = ("word_embeddings", "lm_head")  # quantized per row, recorded as embedding_bits / head_bits
+
+
+def make_record(
+    bits: int, group_size: int | None, modules: Iterable[str], embedding_bits: int | None = None, head_bits: int | None = None
+) -> dict[str, Any]:
+    """The quantization.json record of the block linears `modules` quantized to INT`bits` with
+    `group_size`, and of a word embedding / untied output layer quantized per row (the keys
+    `embedding_bits` / `head_bits`, written only when set, so such a record reads as before
+    everywhere else). The checkpoint writer adds the sha256 of every file
+    (`openglm.checkpoint.write_quantization`)."""
+    record: dict[str, Any] = {"format": 1, "bits": bits, "group_size": group_size, "scale_dtype": "bfloat16", "modules": sorted(modules)}
+    if embedding_bits is not None:
+        record["embedding_bits"] = embedding_bits
+    if head_bits is not None:
+        record["head_bits"] = head_bits
+    return record
 
 
 def quantization_record(model: nn.Module) -> dict[str, Any]:
     """The bits, group size and module names of a quantized model (written as quantization.json)."""
     layers = quantized_layers(model)
-    if not layers:
-        raise ValueError("model is not quantized")
-    if "lm_head" in layers:
-        raise ValueError("a quantized output layer (head_bits) is not saved in checkpoints; quantize it on load instead")
-    specs = {(m.bits, m.group_size) for m in layers.values()}
+    blocks = {name: layer for name, layer in layers.items() if name not in OUTPUT_LAYERS}
+    if not blocks:
+        raise ValueError("model is not quantized" if not layers else "only block-quantized models are saved (quantize the blocks too)")
+    specs = {(m.bits, m.group_size) for m in blocks.values()}
     if len(specs) != 1:
         raise ValueError(f"mixed quantization settings are not supported: {sorted(specs, key=str)}")
     bits, group_size = specs.pop()
-    return make_record(bits, group_size, layers)
+    embedding, head = layers.get("word_embeddings"), layers.get("lm_head")
+    return make_record(bits, group_size, blocks, None if embedding is None else embedding.bits, None if head is None else head.bits)
 
 
 @dataclass(frozen=True)
@@ -708,13 +823,16 @@ def save_quantized(model: GLM, tokenizer: GLMTokenizer, out: str | Path) -> Path
     return save_quantized_checkpoint(out, model.config, model.state_dict(), tokenizer, record)
 
 
-def quantize_checkpoint(src: str | Path, out: str | Path, bits: int, group_size: int | None = None) -> Path:
+def quantize_checkpoint(
+    src: str | Path, out: str | Path, bits: int, group_size: int | None = None, embedding_bits: int | None = None
+) -> Path:
     """Quantize the float checkpoint (or run directory) `src` into the checkpoint directory `out`
-    (config.json and tokenizer.json copied, quantized weights, quantization.json). The block
-    linears are quantized as they stream in: the float model is never held whole."""
+    (config.json and tokenizer.json copied, quantized weights, quantization.json); with
+    `embedding_bits` the word embedding and the output layer too. Layers are quantized as they
+    stream in: the float model is never held whole."""
     from openglm.checkpoint import load_model
 
-    model, tokenizer = load_model(src, torch.float32, bits, group_size)  # refuses a quantized checkpoint
+    model, tokenizer = load_model(src, torch.float32, bits, group_size, embedding_bits=embedding_bits)  # refuses a quantized checkpoint
     path = save_quantized(model, tokenizer, out)
     memory = quantized_memory(model)
     log.info("wrote %s: INT%d weights %.1f MB (%.2fx their bf16 size)", path, bits, memory.quantized_bytes / 1e6, memory.ratio)
@@ -754,6 +872,17 @@ def load_quantized(checkpoint: Path, config: GLMConfig, record: dict[str, Any], 
         except ValueError as err:
             raise CheckpointError(f"{record_path}: {name}: {err}") from None
         _set_submodule(model, name, layer)
+    embedding_bits, head_bits = record.get("embedding_bits"), record.get("head_bits")  # absent before they existed
+    for key, value in (("embedding_bits", embedding_bits), ("head_bits", head_bits)):
+        if value is not None and (not isinstance(value, int) or value not in SUPPORTED_BITS):
+            raise CheckpointError(f"{record_path}: unknown {key} {value!r} (supported: {SUPPORTED_BITS})")
+    if head_bits is not None and config.tie_word_embeddings:
+        raise CheckpointError(f"{record_path}: head_bits is set but the config ties the output layer to the embedding")
+    try:
+        for name, (module, layer_bits) in _output_layers(model, head_bits, embedding_bits).items():
+            _set_submodule(model, name, _empty_output_layer(module, layer_bits))
+    except ValueError as err:
+        raise CheckpointError(f"{record_path}: {err}") from None
     model.to(dtype).to_empty(device="cpu")
 
     path = checkpoint / WEIGHTS_FILE

@@ -41,6 +41,14 @@ class StubModel(nn.Module):
             probs[YES], probs[NO] = 0.5, 0.2
         self.register_buffer("log_probs", probs.log().float())
 
+    @property
+    def dtype(self) -> torch.dtype:  # as GLM.dtype / GLM.device, which generation asks
+        return self.log_probs.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.log_probs.device
+
     def forward(self, input_ids: torch.Tensor, *args: object, return_hidden: bool = False, **kwargs: object) -> torch.Tensor:
         hidden = torch.ones(*input_ids.shape, 1)
         return hidden if return_hidden else self.logits(hidden)

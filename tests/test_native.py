@@ -60,7 +60,7 @@ def prefilled(model: GLM, padded: bool) -> tuple[KVCache, torch.Tensor | None]:
     ids[0, -1] = config.special_tokens.sop
     padding = torch.arange(PROMPT + 1)[None] >= (PAD if padded else 0)
     positions = (torch.arange(PROMPT)[None] - (PAD if padded else 0)).clamp(min=0)
-    cache = KVCache.empty(config, 1, PROMPT + 3, model.word_embeddings.weight.dtype)
+    cache = KVCache.empty(config, 1, PROMPT + 3, model.dtype)
     with torch.no_grad():
         model(ids, positions, torch.zeros_like(positions), torch.tensor([PROMPT - 1]), cache,
               padding_mask=padding[:, :PROMPT] if padded else None)
@@ -79,7 +79,7 @@ def decode_once(model: GLM, padded: bool, use_native: bool) -> tuple[torch.Tenso
     token, position, block = next_token(model, padded)
     step = DecodeStep(model, native=use_native)
     assert (step.native is not None) == use_native
-    logits = step(token, model._rope_tables(position, block, model.word_embeddings.weight.dtype), cache, padding)
+    logits = step(token, model._rope_tables(position, block, model.dtype), cache, padding)
     return logits, cache
 
 

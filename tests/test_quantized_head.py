@@ -14,7 +14,15 @@ from test_native import decode_once, error, float64_reference, make_model, one_t
 import openglm
 from openglm import native
 from openglm.checkpoint import save_checkpoint
-from openglm.quantize import QuantizedLinear, dequantize_weight, quantize_model, quantize_weight, quantized_layers, save_quantized
+from openglm.quantize import (
+    QuantizedEmbedding,
+    QuantizedLinear,
+    dequantize_weight,
+    quantize_model,
+    quantize_weight,
+    quantized_layers,
+    save_quantized,
+)
 from openglm.tokenizer import GLMTokenizer
 
 UNTIED = {"ffn_type": "gelu", "gelu_approximate": "tanh", "tie_word_embeddings": False, "position_encoding": "rope2d"}
@@ -22,10 +30,13 @@ KINDS = {8: native.INT8_ROWS, 4: native.INT4_TILED}
 
 
 def dequantized(model: torch.nn.Module) -> torch.nn.Module:
-    """The model with every quantized layer an nn.Linear of the weight it computes with."""
+    """The model with every quantized layer an nn.Linear (nn.Embedding) of the weight it computes with."""
     plain = copy.deepcopy(model)
     for name, layer in quantized_layers(plain).items():
-        linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        if isinstance(layer, QuantizedEmbedding):
+            linear = torch.nn.Embedding(layer.num_embeddings, layer.embedding_dim)
+        else:
+            linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
         linear.weight.data = layer.dequantize(torch.float32)
         if layer.bias is not None:
             linear.bias.data = layer.bias.data.float()
@@ -79,9 +90,11 @@ def test_quantized_on_load_and_refusals(tmp_path: Path) -> None:
     want = quantize_model(copy.deepcopy(float_model), 4, 32, head_bits=4).state_dict()
     got = loaded.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    with pytest.raises(ValueError, match=r"a quantized output layer \(head_bits\) is not saved"):
-        save_quantized(loaded, tokenizer, tmp_path / "int4")  # no checkpoint that would not load
-    assert not (tmp_path / "int4").exists()
+    save_quantized(loaded, tokenizer, tmp_path / "int4")  # the quantized head is saved and loads back as it was
+    reloaded, _ = openglm.load(tmp_path / "int4", torch.float32)
+    again = reloaded.state_dict()
+    assert isinstance(reloaded.lm_head, QuantizedLinear) and reloaded.lm_head.bits == 4
+    assert again.keys() == want.keys() and all(torch.equal(again[k], want[k]) for k in want)
     with pytest.raises(ValueError, match="goes with quantizing the blocks"):
         openglm.load(run, head_bits=8)
     with pytest.raises(ValueError, match=r"the output layer is the word embedding \(tied\)"):

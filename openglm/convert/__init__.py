@@ -3,7 +3,7 @@ tensor-parallel shards (see chatglm.py and sat.py for the layouts).
 
     convert(src, out, source_format=None, target_format="openglm", tp=None, bits=None, ...)
     detect_format(path) -> "openglm" | "chatglm-hf" | "glm130b-sat" | None
-    load_chatglm(path, dtype, bits, group_size, head_bits) -> (GLM, tokenizer)   `openglm.load` of a ChatGLM directory
+    load_chatglm(path, dtype, bits, group_size, head_bits, embedding_bits) -> (GLM, tokenizer)   `openglm.load` of a ChatGLM directory
 
 Every conversion streams: source files are read one at a time (torch files memory-mapped, each
 tensor's pages released once copied; safetensors read at their header's offsets), and the openglm
@@ -71,11 +71,13 @@ def convert(
     group_size: int | None = None,
     tokenizer: str | Path | None = None,
     use_safetensors: bool = False,
+    embedding_bits: int | None = None,
 ) -> Path:
     """Convert checkpoint `src` into the new directory `out`.
 
     To openglm (the default target) from chatglm-hf or glm130b-sat, optionally quantizing the block
-    linears to `bits` (8/4, `group_size` inputs per scale); from openglm to chatglm-hf (fp16 shards,
+    linears to `bits` (8/4, `group_size` inputs per scale; `embedding_bits` the embedding and output
+    layer too, a scale per row); from openglm to chatglm-hf (fp16 shards,
     `.bin` or safetensors) or glm130b-sat (`tp` shards). Between two foreign formats (re-sharding
     SAT to another `tp`, as GLM-130B's tools/convert_tp.py does) it goes through a temporary openglm
     checkpoint beside `out`. `tokenizer` (a tokenizer.json or ice_text.model) is copied into an
@@ -95,6 +97,8 @@ def convert(
             raise ConvertError(f"unknown {name} format {value!r}; choose from {', '.join(FORMATS)}")
     if group_size is not None and bits is None:
         raise ConvertError("a group size applies only when quantizing (--bits)")
+    if embedding_bits is not None and bits is None:
+        raise ConvertError("quantizing the embedding (--embedding-bits) goes with quantizing the blocks (--bits)")
     if bits is not None and target_format != OPENGLM:
         raise ConvertError("quantizing while converting writes an openglm checkpoint (--to openglm)")
     if tp is not None and target_format != sat.FORMAT:
@@ -112,7 +116,7 @@ def convert(
         source = _SOURCES[source_format](src)
         if tokenizer_path is None and (src / SP_TOKENIZER_FILE).is_file():
             tokenizer_path = src / SP_TOKENIZER_FILE
-        _write_dir_atomic(out, lambda tmp: write_openglm(source, tmp, bits, group_size, tokenizer_path))
+        _write_dir_atomic(out, lambda tmp: write_openglm(source, tmp, bits, group_size, tokenizer_path, embedding_bits))
     elif source_format == OPENGLM:
         checkpoint = resolve_checkpoint(src)
         verify_checkpoint(checkpoint)  # never write a damaged source out in another format
@@ -146,14 +150,19 @@ def open_tokenizer(path: Path, special_tokens: SpecialTokens) -> GLMTokenizer | 
 
 
 def load_source(
-    source: Source, dtype: torch.dtype = torch.float32, bits: int | None = None, group_size: int | None = None, head_bits: int | None = None
+    source: Source,
+    dtype: torch.dtype = torch.float32,
+    bits: int | None = None,
+    group_size: int | None = None,
+    head_bits: int | None = None,
+    embedding_bits: int | None = None,
 ) -> GLM:
     """A model (eval mode) filled straight from a foreign checkpoint, without writing a file: each
     tensor converted to `dtype`, or quantized to INT`bits`, as it is read (`openglm.loading`)."""
     from openglm.loading import ModelFiller, empty_model
 
     _, total = scan(source)
-    model = empty_model(source.config, dtype, bits, group_size, head_bits)
+    model = empty_model(source.config, dtype, bits, group_size, head_bits, embedding_bits)
     transfer(source, ModelFiller(model), total)
     return model.eval()
 
@@ -164,6 +173,7 @@ def load_chatglm(
     bits: int | None = None,
     group_size: int | None = None,
     head_bits: int | None = None,
+    embedding_bits: int | None = None,
 ) -> tuple[GLM, ChatGLMTokenizer]:
     """Model and tokenizer of a ChatGLM-6B directory (what `openglm.load` does with one), float or
     one of THUDM's INT4/INT8 releases; `dtype` None: what it runs in (`openglm.kernels.run_dtype`)."""
@@ -185,10 +195,10 @@ def load_chatglm(
         raise CheckpointError(f"{tokenizer_path}: {tokenizer.vocab_size} tokens but {config_path} says vocab_size {config.vocab_size}")
     dtype = dtype or run_dtype(bits is not None or released is not None)
     if released is not None:
-        if bits is not None or head_bits is not None:
+        if bits is not None or head_bits is not None or embedding_bits is not None:
             raise CheckpointError(f"{path}: already quantized (quantization_bit={released} in {CONFIG_FILE}); load it without quantizing again")
         model = chatglm.load_release(path, config, released, dtype)
     else:
-        model = load_source(chatglm.source(path), dtype, bits, group_size, head_bits)
+        model = load_source(chatglm.source(path), dtype, bits, group_size, head_bits, embedding_bits)
     log.info("loaded ChatGLM-6B directory %s (%.1fM parameters, %s)", path, model.num_parameters() / 1e6, dtype)
     return model, tokenizer

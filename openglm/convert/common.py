@@ -23,7 +23,7 @@ from openglm.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, write_
 from openglm.config import GLMConfig
 from openglm.convert.sp_tokenizer import TOKENIZER_CONFIG_FILE
 from openglm.convert.store import ConvertError, Plan, SafetensorsWriter, Sink, TensorFile, open_tensors
-from openglm.quantize import SUPPORTED_BITS, is_quantized_weight, make_record, quantize_weight, quantized_layout
+from openglm.quantize import OUTPUT_LAYERS, SUPPORTED_BITS, is_quantized_weight, make_record, quantize_weight, quantized_layout
 
 log = logging.getLogger(__name__)
 
@@ -110,26 +110,43 @@ def _copy(handle: TensorFile, name: str, source_index: tuple[slice, ...], sink: 
     return part.numel() * handle.dtype(name).itemsize
 
 
-def quantize_file(float_file: Path, out_file: Path, bits: int, group_size: int | None) -> dict[str, object]:
-    """Quantize the block linears of a float safetensors file tensor by tensor into `out_file`
+def quantize_file(
+    float_file: Path, out_file: Path, bits: int, group_size: int | None, embedding_bits: int | None = None
+) -> dict[str, object]:
+    """Quantize the block linears (and with `embedding_bits` the word embedding and an untied
+    output layer, a scale per row) of a float safetensors file tensor by tensor into `out_file`
     (the layout `openglm.quantize.load_quantized` reads); returns the quantization record."""
-    if bits not in SUPPORTED_BITS:
-        raise ConvertError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    for value in (bits, embedding_bits):
+        if value is not None and value not in SUPPORTED_BITS:
+            raise ConvertError(f"bits must be one of {SUPPORTED_BITS}, got {value}")
+
+    def quantized_as(name: str) -> tuple[int, int | None] | None:
+        """(bits, group size) a tensor is quantized with, or None: kept as it is."""
+        if is_quantized_weight(name):
+            return bits, group_size
+        if embedding_bits is not None and name in {f"{layer}.weight" for layer in OUTPUT_LAYERS}:
+            return embedding_bits, None
+        return None
+
     with open_tensors(float_file) as handle:
         plan: Plan = {}
         modules = []
         for name in handle.names():
             shape = handle.shape(name)
-            if not is_quantized_weight(name):
+            quantized = quantized_as(name)
+            if quantized is None:
                 plan[name] = (shape, handle.dtype(name))
                 continue
+            layer_bits, layer_group = quantized
             out_features, in_features = shape
-            if group_size is not None and (group_size <= 0 or in_features % group_size):
-                raise ConvertError(f"{float_file}: tensor {name}: group size {group_size} does not divide its {in_features} inputs")
+            if layer_group is not None and (layer_group <= 0 or in_features % layer_group):
+                raise ConvertError(f"{float_file}: tensor {name}: group size {layer_group} does not divide its {in_features} inputs")
             module = name.removesuffix(".weight")
             modules.append(module)
             try:
-                layout = quantized_layout(out_features, in_features, bits, group_size)
+                layout = quantized_layout(out_features, in_features, layer_bits, layer_group)
+                if layer_bits == 4 and in_features % 2:
+                    raise ValueError(f"INT4 needs an even number of inputs, got {in_features}")
             except ValueError as err:
                 raise ConvertError(f"{float_file}: tensor {name}: {err}") from None
             for suffix, spec in layout.items():
@@ -137,23 +154,35 @@ def quantize_file(float_file: Path, out_file: Path, bits: int, group_size: int |
         writer = SafetensorsWriter(out_file, plan)
         for name in tqdm(handle.names(), desc=f"INT{bits}", unit="tensor", disable=None):
             tensor = handle.tensor(name)
-            if is_quantized_weight(name):
+            quantized = quantized_as(name)
+            if quantized is not None:
                 module = name.removesuffix(".weight")
                 try:
-                    qweight, scales = quantize_weight(tensor, bits, group_size)
+                    qweight, scales = quantize_weight(tensor, *quantized)
                 except ValueError as err:
                     raise ConvertError(f"{float_file}: tensor {name}: {err}") from None
                 writer.write(f"{module}.qweight", qweight)
                 writer.write(f"{module}.scales", scales)
             else:
                 writer.write(name, tensor)
-    return make_record(bits, group_size, modules)
+    outputs = [module for module in modules if module in OUTPUT_LAYERS]
+    blocks = [module for module in modules if module not in OUTPUT_LAYERS]
+    embedding = embedding_bits if "word_embeddings" in outputs else None
+    return make_record(bits, group_size, blocks, embedding, embedding_bits if "lm_head" in outputs else None)
 
 
-def write_openglm(source: Source, folder: Path, bits: int | None = None, group_size: int | None = None, tokenizer: Path | None = None) -> None:
+def write_openglm(
+    source: Source,
+    folder: Path,
+    bits: int | None = None,
+    group_size: int | None = None,
+    tokenizer: Path | None = None,
+    embedding_bits: int | None = None,
+) -> None:
     """Fill `folder` (empty) with an openglm checkpoint of `source`: config.json, model.safetensors
-    in the source's dtypes (or INT8/INT4 block linears), the tokenizer, and last the sha256 of each
-    file, checked on every load (checksums.json, or quantization.json when quantized)."""
+    in the source's dtypes (or INT8/INT4 block linears, and with `embedding_bits` the embedding and
+    output layer), the tokenizer, and last the sha256 of each file, checked on every load
+    (checksums.json, or quantization.json when quantized)."""
     dtypes, total = scan(source)
     shapes = parameter_shapes(source.config)
     plan: Plan = {name: (shapes[name], dtypes[name]) for name in shapes}
@@ -167,7 +196,7 @@ def write_openglm(source: Source, folder: Path, bits: int | None = None, group_s
         if name == SP_TOKENIZER_FILE and settings.is_file():
             shutil.copyfile(settings, folder / TOKENIZER_CONFIG_FILE)
     if bits is not None:
-        record = quantize_file(float_file, folder / WEIGHTS_FILE, bits, group_size)
+        record = quantize_file(float_file, folder / WEIGHTS_FILE, bits, group_size, embedding_bits)
         float_file.unlink()
         write_quantization(folder, record, atomic=True)
     else:

@@ -252,6 +252,7 @@ def evaluate_checkpoints(
     verify: bool = True,
     quantize: int | None = None,
     group_size: int | None = None,
+    embedding_bits: int | None = None,
 ) -> dict[str, Any]:
     """`openglm eval`: every task (default: the bundled suite) on every model; each task's data is
     read and every model's directory, config and file hashes (unless `verify` is False) checked
@@ -260,7 +261,8 @@ def evaluate_checkpoints(
     the others are evaluated all the same. `threads` sets torch's intra-op threads (on a CPU shared
     with other work, 1 can be many times faster than 2, whose threads wait for each other).
     `quantize` (8 or 4, `group_size` inputs per scale) quantizes each float model's block linears
-    as it loads, run in bf16 where that is native, as `openglm generate --quantize` runs it."""
+    as it loads, run in bf16 where that is native, as `openglm generate --quantize` runs it;
+    `embedding_bits` (8 or 4) the word embedding and output layer too."""
     import torch
 
     from openglm.checkpoint import CheckpointError, check_model, load_model
@@ -283,7 +285,9 @@ def evaluate_checkpoints(
     for path in models:
         try:
             # its hashes were checked above
-            model, tokenizer = load_model(path, None if quantize is not None else torch.float32, quantize, group_size, verify=False)
+            model, tokenizer = load_model(
+                path, None if quantize is not None else torch.float32, quantize, group_size, embedding_bits=embedding_bits, verify=False
+            )
             run = evaluate_model(configs, ModelScorer(model, tokenizer, batch_size), seed, shots, progress)
         except (CheckpointError, ValueError) as err:
             failed[str(path)] = str(err)
@@ -296,5 +300,5 @@ def evaluate_checkpoints(
         "threads": torch.get_num_threads(),
         "quantize": quantize,
         "group_size": group_size,
-    }
+    } | ({"embedding_bits": embedding_bits} if embedding_bits is not None else {})
     return settings | {"tasks": [c.name for c in configs], "runs": runs} | ({"failed": failed} if failed else {})
