@@ -38,7 +38,9 @@ def load(
     bf16). `quantize` 8 or 4 quantizes the block linears of a float checkpoint as it streams in
     (`group_size` inputs per scale), so no float copy of them is ever held; `head_bits` 8 or 4
     quantizes an untied output layer too (a scale per vocabulary row), `embedding_bits` 8 or 4 the
-    word embedding and the output layer (tied or not; `head_bits` overrides the untied one's)."""
+    word embedding and the output layer (tied or not; `head_bits` overrides the untied one's).
+    Every file's sha256 recorded at save time is checked first (a CheckpointError names a damaged
+    file); `verify=False` skips that for a checkpoint too large to hash on every load."""
     from openglm.checkpoint import load_model
 
     return load_model(path, dtype, quantize, group_size, head_bits, embedding_bits, verify=verify)
