@@ -132,7 +132,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _write_dir_atomic(final: Path, fill: Callable[[Path], None]) -> None:
+def write_dir_atomic(final: Path, fill: Callable[[Path], None]) -> None:
     """Build a directory with `fill(tmp)` under a temporary name beside `final`, then put it in
     place with `install_dir`, so a crash never leaves a half-written directory at `final`."""
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
@@ -168,7 +168,7 @@ def install_dir(tmp: Path, final: Path) -> None:
 
 def restore_aside(folder: Path) -> None:
     """Put back a previous checkpoint copy moved aside by a save that crashed before its
-    replacement was renamed in (`_write_dir_atomic` on a platform without an atomic swap)."""
+    replacement was renamed in (`write_dir_atomic` on a platform without an atomic swap)."""
     name = folder.name[1:].partition(ASIDE_MARK)[0]
     if folder.name.startswith(".") and ASIDE_MARK in folder.name and not (folder.parent / name).exists():
         os.replace(folder, folder.parent / name)
@@ -203,7 +203,7 @@ def save_checkpoint(
         state = dict(trainer_state, step=step, files=_file_hashes(tmp))
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
-    _write_dir_atomic(final, fill)
+    write_dir_atomic(final, fill)
     fault_point("save-renamed")
     write_text_atomic(run_dir / LATEST_FILE, final.name + "\n")
     # Prune among the saves up to this one: higher-numbered folders (left by a run resumed from an
@@ -350,7 +350,7 @@ def save_quantized_checkpoint(
         tokenizer.save(tmp / TOKENIZER_FILE)
         write_quantization(tmp, record)
 
-    _write_dir_atomic(out, fill)
+    write_dir_atomic(out, fill)
     return out
 
 

@@ -189,7 +189,7 @@ def test_resave_replaces_a_checkpoint_only_once_the_new_one_is_complete(run: Pat
     from openglm import checkpoint as ckpt
 
     with pytest.raises(OSError, match="disk full"):
-        ckpt._write_dir_atomic(checkpoint, failing_fill)
+        ckpt.write_dir_atomic(checkpoint, failing_fill)
     assert snapshot(checkpoint) == before and not list(run.glob(".checkpoint-*"))
 
     for exchange in (True, False):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from openglm.checkpoint import CONFIG_FILE, CheckpointError, _write_dir_atomic, resolve_checkpoint, verify_checkpoint
+from openglm.checkpoint import CONFIG_FILE, CheckpointError, resolve_checkpoint, verify_checkpoint, write_dir_atomic
 from openglm.config import SpecialTokens
 from openglm.convert import chatglm, sat
 from openglm.convert.common import SP_TOKENIZER_FILE, Source, scan, transfer, write_openglm
@@ -116,7 +116,7 @@ def convert(
         source = _SOURCES[source_format](src)
         if tokenizer_path is None and (src / SP_TOKENIZER_FILE).is_file():
             tokenizer_path = src / SP_TOKENIZER_FILE
-        _write_dir_atomic(out, lambda tmp: write_openglm(source, tmp, bits, group_size, tokenizer_path, embedding_bits))
+        write_dir_atomic(out, lambda tmp: write_openglm(source, tmp, bits, group_size, tokenizer_path, embedding_bits))
     elif source_format == OPENGLM:
         checkpoint = resolve_checkpoint(src)
         verify_checkpoint(checkpoint)  # never write a damaged source out in another format
@@ -133,10 +133,10 @@ def convert(
 
 def _export(checkpoint: Path, out: Path, target_format: str, tp: int | None, use_safetensors: bool) -> None:
     if target_format == chatglm.FORMAT:
-        _write_dir_atomic(out, lambda tmp: chatglm.export(checkpoint, tmp, use_safetensors))
+        write_dir_atomic(out, lambda tmp: chatglm.export(checkpoint, tmp, use_safetensors))
     else:
         assert tp is not None
-        _write_dir_atomic(out, lambda tmp: sat.export(checkpoint, tmp, tp))
+        write_dir_atomic(out, lambda tmp: sat.export(checkpoint, tmp, tp))
 
 
 def open_tokenizer(path: Path, special_tokens: SpecialTokens) -> GLMTokenizer | ChatGLMTokenizer:
