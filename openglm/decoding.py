@@ -17,6 +17,7 @@ runs the path above.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,8 +111,7 @@ class DecodeStep:
     def __init__(self, model: GLM, native: bool = True) -> None:
         config = model.config
         self.model = model
-        # One row (batch 1) goes through the native kernel where it covers the model (`native.RowDecoder`).
-        self.native = RowDecoder.build(model) if native else None
+        self.use_native = native
         self.hidden = (config.hidden_size,)
         self.head_dim, self.rotary_dim = config.head_dim, config.rotary_dim
         self.alpha, self.eps = config.alpha, config.layernorm_eps
@@ -134,6 +134,13 @@ class DecodeStep:
             for block in model.layers
         ]
 
+    @functools.cached_property
+    def native(self) -> RowDecoder | None:
+        """The native kernel for one row (batch 1) where it covers the model (`native.RowDecoder`),
+        built on the first call that would run it: compiling it costs seconds that a step that
+        never runs one row at one thread should not pay."""
+        return RowDecoder.build(self.model) if self.use_native else None
+
     @torch.inference_mode()  # not no_grad: it also skips view and version tracking, 5-10% of a tiny step (measured)
     def __call__(
         self,
@@ -153,7 +160,7 @@ class DecodeStep:
             raise ValueError(f"KV cache holds {cache.capacity} positions; {start + 1} requested")
         # The kernel is single-threaded: with more intra-op threads PyTorch's parallel matrix products
         # win on memory-bound (large) models, so it runs only when PyTorch is set to one thread.
-        if rows == 1 and self.native is not None and torch.get_num_threads() == 1:
+        if rows == 1 and self.use_native and torch.get_num_threads() == 1 and self.native is not None:
             logits = self.native(int(ids), rope, cache, padding_mask)
             cache.length = start + 1
             return logits

@@ -193,7 +193,7 @@ def library() -> ctypes.CDLL | None:
             if reason is None:
                 try:
                     return _load(cached)
-                except (OSError, AttributeError) as err:  # damaged: rebuilt below, into a path never loaded
+                except (OSError, AttributeError, AbiMismatch) as err:  # damaged or stale: rebuilt below, into a path never loaded
                     reason = f"{cached} did not load ({err})"
             logger.warning("rebuilding the native decode kernel: %s", reason)
         return _build(compiler, name, cache)
@@ -225,8 +225,29 @@ def _build(compiler: str, name: str, cache: Path | None) -> ctypes.CDLL:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+ABI_VERSION = 1  # `OPENGLM_ABI_VERSION` in csrc/decode_row.c
+
+
+class AbiMismatch(RuntimeError):
+    """A library whose version or struct sizes differ from this module's ctypes mirrors."""
+
+
+def check_abi(lib: ctypes.CDLL) -> None:
+    """Refuse a library built from another version of the source: its structs would be read at the wrong offsets."""
+    lib.openglm_abi_version.restype = ctypes.c_int
+    version = lib.openglm_abi_version()
+    if version != ABI_VERSION:
+        raise AbiMismatch(f"ABI version {version}, expected {ABI_VERSION}")
+    for name, struct in (("linear", _Linear), ("layer", _Layer), ("model", _Model), ("cache", _Cache)):
+        size_of = getattr(lib, f"openglm_sizeof_{name}")
+        size_of.restype = ctypes.c_size_t
+        if size_of() != ctypes.sizeof(struct):
+            raise AbiMismatch(f"sizeof({name}) is {size_of()} bytes in C, {ctypes.sizeof(struct)} in ctypes")
+
+
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
+    check_abi(lib)
     lib.openglm_scratch_floats.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64]
     lib.openglm_scratch_floats.restype = ctypes.c_int64
     lib.openglm_decode_row.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,

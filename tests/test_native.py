@@ -356,3 +356,28 @@ def test_without_a_compiler_or_when_disabled_decoding_falls_back(tmp_path: Path)
     disabled = run_python(code, OPENGLM_CACHE=str(tmp_path), OPENGLM_NATIVE="0")
     assert disabled.stdout.split() == ["False", "True"], disabled.stderr
     assert not (tmp_path / "native").exists()
+
+
+def test_a_library_with_another_abi_is_refused_with_one_warning(tmp_path: Path) -> None:
+    # The C source says version 1; this process expects 2, as after an edit of one side only.
+    code = "import logging; logging.basicConfig(); from openglm import native; native.ABI_VERSION = 2; " \
+        "print(native.library() is not None)"
+    refused = run_python(code, OPENGLM_CACHE=str(tmp_path))
+    assert refused.stdout.strip() == "False", refused.stderr
+    assert refused.stderr.count("WARNING") == 1 and "ABI version 1, expected 2" in refused.stderr
+
+
+def test_a_struct_size_mismatch_is_refused(tmp_path: Path) -> None:
+    code = "import ctypes, logging; logging.basicConfig(); from openglm import native; " \
+        "\n" \
+        "class Wider(ctypes.Structure):\n    _fields_ = [*native._Cache._fields_, ('extra', ctypes.c_int64)]\n" \
+        "native._Cache = Wider; print(native.library() is not None)"
+    refused = run_python(code, OPENGLM_CACHE=str(tmp_path))
+    assert refused.stdout.strip() == "False", refused.stderr
+    assert "sizeof(cache) is 40 bytes in C, 48 in ctypes" in refused.stderr
+
+
+def test_building_a_decode_step_compiles_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel is compiled on the first one-row, one-thread step, not when a step is built."""
+    monkeypatch.setattr(native, "library", lambda: pytest.fail("compiled before a step needed it"))
+    DecodeStep(GLM(model_preset("micro")).eval())

@@ -15,6 +15,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stddef.h>
 #include <string.h>
 
 enum { FLOAT_WEIGHT = 0, INT8_ROWS = 1, INT4_ROWS = 2, INT4_TILED = 3 };
@@ -422,3 +423,12 @@ void openglm_decode_row(const glm_model *m, int64_t token, const void *cos, cons
     layer_norm(h, m->final_norm_weight, m->final_norm_bias, hidden, m->eps, bf16, y);
     linear(&m->head, y, logits, bf16);
 }
+
+/* What openglm/native.py checks on load: a library whose structs differ from its ctypes mirrors
+ * would read every pointer at the wrong offset, so a mismatch is refused, not called. */
+#define OPENGLM_ABI_VERSION 1
+int openglm_abi_version(void) { return OPENGLM_ABI_VERSION; }
+size_t openglm_sizeof_linear(void) { return sizeof(glm_linear); }
+size_t openglm_sizeof_layer(void) { return sizeof(glm_layer); }
+size_t openglm_sizeof_model(void) { return sizeof(glm_model); }
+size_t openglm_sizeof_cache(void) { return sizeof(glm_cache); }
