@@ -647,7 +647,7 @@ def record_contexts(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
         contexts.extend(list(job.context) for job in jobs)
         return real(model, jobs, *args)
 
-    monkeypatch.setattr(gen, "_run", spy)
+    monkeypatch.setattr("openglm.generation.blanks.run", spy)
     return contexts
 
 

@@ -4,7 +4,7 @@ stop strings and streaming.
 The modules build on each other and each can be used (and tested) alone: `options`
 (`GenerationConfig`), `rules` (what may be generated at a step), `text` (a Part B's text, stop
 strings, streamed pieces), `batch` (rows of different lengths decoded with one KV cache), `search`
-(greedy, sampling, beam search), `infill` (GLM-130B blank filling: `generate`, `stream`). The
+(greedy, sampling, beam search), `blanks` (GLM-130B blank filling: `generate`, `stream`). The
 server's continuous batching is `openglm.serve.engine`.
 
 GLM conventions (GLM-130B generate.py, ChatGLM-6B): the context is Part A, seen bidirectionally;
@@ -15,7 +15,7 @@ mask's position and a block position counting 1, 2, ... from <sop>. These rules,
 training and the model, are `openglm.positions`.
 """
 
-from openglm.generation.infill import check_prompt, generate, infill, infill_batch, stream
+from openglm.generation.blanks import check_prompt, generate, infill, infill_batch, stream
 from openglm.generation.options import GenerationConfig, Tokenizer
 from openglm.generation.rules import filter_logits, make_generator, never_generated_ids, sample_next
 from openglm.generation.search import generate_tokens

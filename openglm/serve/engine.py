@@ -12,7 +12,7 @@ import torch
 
 from openglm.generation import GenerationConfig, TextPiece, Tokenizer
 from openglm.generation.batch import Batch, prefill
-from openglm.generation.infill import Prompt, fill, prepare
+from openglm.generation.blanks import Prompt, fill, prepare
 from openglm.generation.rules import Rules
 from openglm.generation.search import Job, ends, pick
 from openglm.generation.text import Text
