@@ -17,12 +17,12 @@ import torch
 
 import openglm
 import openglm.generation as gen
+import openglm.generation.search as search
 from openglm.config import SPECIAL_TOKEN_TEXT, ConfigError, SpecialTokens, model_preset
 from openglm.generation import (
     GenerationConfig,
     TextPiece,
     filter_logits,
-    find_blank,
     generate,
     generate_tokens,
     infill,
@@ -30,7 +30,11 @@ from openglm.generation import (
     sample_next,
     stream,
 )
+from openglm.generation.rules import Rules, banned_by_ngrams
+from openglm.generation.search import Job, run
+from openglm.generation.text import Text
 from openglm.model import GLM, derive_positions, derive_prefix_len
+from openglm.positions import find_blank
 
 TOKENS = SpecialTokens()
 NEVER_GENERATED = {*TOKENS.mask_ids, TOKENS.sop, TOKENS.pad}
@@ -137,16 +141,16 @@ def force_token(monkeypatch: pytest.MonkeyPatch, model: GLM, token: int) -> None
 
 def run_jobs(model: GLM, contexts: list[list[int]], config: GenerationConfig) -> list[list[int]]:
     """The engine below `infill`: one Part B per context, all in one batch."""
-    rules = gen._Rules(model.config, config, None, torch.device("cpu"))
+    rules = Rules(model.config, config, None, torch.device("cpu"))
     seeds = [None if config.seed is None else config.seed + i for i in range(len(contexts))]
-    jobs = [gen._Job(list(c), gen._Text(rules, False), gen.make_generator(s)) for c, s in zip(contexts, seeds, strict=True)]
-    for _ in gen._run(model, jobs, config, rules):
+    jobs = [Job(list(c), Text(rules, False), gen.make_generator(s)) for c, s in zip(contexts, seeds, strict=True)]
+    for _ in run(model, jobs, config, rules):
         pass
     return [job.text.tokens for job in jobs]
 
 
 def use_beam_search_always(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(gen, "_choose_strategy", lambda config: gen._beam)
+    monkeypatch.setattr(search, "choose_strategy", lambda config: search.beam)
 
 
 # -- cached and batched decoding == full recompute ---------------------------------------------------
@@ -543,12 +547,12 @@ def test_beam_search_fills_every_blank_and_streams_whole(monkeypatch: pytest.Mon
 
 
 def test_banned_by_ngrams_examples() -> None:
-    assert gen._banned_by_ngrams([1, 2, 3, 1, 2], 3) == [3]
-    assert gen._banned_by_ngrams([1, 2, 1, 3, 1], 2) == [2, 3]
-    assert sorted(gen._banned_by_ngrams([4, 5, 4], 1)) == [4, 4, 5]
-    assert gen._banned_by_ngrams([1, 2], 3) == []
-    assert gen._banned_by_ngrams([1], 3) == []
-    assert gen._banned_by_ngrams([7, 7, 7], 0) == []
+    assert banned_by_ngrams([1, 2, 3, 1, 2], 3) == [3]
+    assert banned_by_ngrams([1, 2, 1, 3, 1], 2) == [2, 3]
+    assert sorted(banned_by_ngrams([4, 5, 4], 1)) == [4, 4, 5]
+    assert banned_by_ngrams([1, 2], 3) == []
+    assert banned_by_ngrams([1], 3) == []
+    assert banned_by_ngrams([7, 7, 7], 0) == []
 
 
 @pytest.mark.parametrize("options", [{"greedy": True}, {"seed": 3}, {"num_beams": 2, "temperature": 0}])
@@ -637,13 +641,13 @@ def test_stop_strings_cut_the_text_and_rows_stop_independently() -> None:
 def record_contexts(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
     """Make every later decode round append each job's context (Part A) to the returned list."""
     contexts: list[list[int]] = []
-    real = gen._run
+    real = run
 
     def spy(model: GLM, jobs: Sequence[Any], *args: Any) -> Any:
         contexts.extend(list(job.context) for job in jobs)
         return real(model, jobs, *args)
 
-    monkeypatch.setattr(gen, "_run", spy)
+    monkeypatch.setattr("openglm.generation.blanks.run", spy)
     return contexts
 
 

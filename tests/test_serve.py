@@ -1,7 +1,7 @@
 """The HTTP server on a loopback port: every endpoint, streaming (raw SSE framing and through the
 pinned `openai` client), concurrency, the queue, timeouts, disconnects and every validation
 error. Texts must equal `openglm.generate` with the same options and seed, batched or not. First
-the engine under it without HTTP: continuous batching (`openglm.generation.Engine`) gives every
+the engine under it without HTTP: continuous batching (`openglm.serve.engine.Engine`) gives every
 prompt what `generate` gives it alone however requests arrive, and the sort-free nucleus agrees
 with the sorted definition.
 
@@ -30,11 +30,13 @@ from typer.testing import CliRunner
 import openglm
 from openglm.cli import app as cli
 from openglm.config import model_preset
-from openglm.generation import Engine, GenerationConfig, Submission, _outside_nucleus, infill
+from openglm.generation import GenerationConfig, infill
+from openglm.generation.rules import outside_nucleus
 from openglm.model import GLM
 from openglm.serve import create_app, serve_in_thread
 from openglm.serve.app import CompletionRequest, InfillRequest
 from openglm.serve.batcher import Batcher
+from openglm.serve.engine import Engine, Submission
 from openglm.tokenizer import GLMTokenizer
 
 NAME = "micro"
@@ -169,7 +171,7 @@ def test_sort_free_nucleus_equals_the_sorted_definition() -> None:
             ordered, order = probs.sort(-1, descending=True)
             before = ordered.cumsum(-1) - ordered
             expected = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, before >= top_p)
-            got = _outside_nucleus(probs, top_p)
+            got = outside_nucleus(probs, top_p)
             untied = [r for r in range(6) if r != 1]  # the sort splits ties; the histogram keeps them together
             assert torch.equal(got[untied], expected[untied]), (vocab, scale, top_p)
             assert (~got).any(-1).all()

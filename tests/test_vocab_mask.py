@@ -16,9 +16,10 @@ import torch
 import openglm
 from openglm.config import model_preset
 from openglm.eval.scorer import ModelScorer
-from openglm.generation import Engine, GenerationConfig, never_generated_ids
+from openglm.generation import GenerationConfig, never_generated_ids
 from openglm.model import GLM
 from openglm.serve import create_app, serve_in_thread
+from openglm.serve.engine import Engine
 from openglm.tokenizer import GLMTokenizer
 
 EXTRA_ROWS = 8

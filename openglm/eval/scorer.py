@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from openglm.eval.lm import LMScore, score_tokens
-from openglm.generation import GenerationConfig, _Batch, _Prefill, infill_batch, never_generated_ids
-from openglm.generation import _prefill as generation_prefill
+from openglm.generation import GenerationConfig, infill_batch, never_generated_ids
+from openglm.generation.batch import Batch, Prefill, prefill
 from openglm.model import GLM, KVCache, derive_positions, derive_prefix_len
 from openglm.tokenizer import GLMTokenizer
 
@@ -177,7 +177,7 @@ class ModelScorer:
         texts = []
         for index, (context, limit) in enumerate(zip(contexts, max_new_tokens, strict=True)):
             request = self._request(context, [[0] * limit], unidirectional, mask)
-            batch = _Batch(self.model, [self._prefill_layout([*request.shared, request.rows[0][0]], unidirectional)], limit)
+            batch = Batch(self.model, [self._prefill_layout([*request.shared, request.rows[0][0]], unidirectional)], limit)
             logits = batch.step(batch.first)
             tokens: list[int] = []
             while True:
@@ -192,14 +192,14 @@ class ModelScorer:
             texts.append(self.tokenizer.decode(tokens))
         return texts
 
-    def _prefill_layout(self, prefix: list[int], unidirectional: bool) -> _Prefill:
+    def _prefill_layout(self, prefix: list[int], unidirectional: bool) -> Prefill:
         """The generation engine's first forward for a `_prefix` row: where Part A ends and which
         position the decoded tokens take, as generation derives them."""
         if self.causal:
-            return generation_prefill(self.config, prefix)
+            return prefill(self.config, prefix)
         if unidirectional:  # [gMASK] <sop> context: a [gMASK] continuation whose Part B starts with the context
-            return dataclasses.replace(generation_prefill(self.config, prefix[:1]), tokens=prefix)
-        return generation_prefill(self.config, prefix[:-1])  # context [MASK|gMASK]; <sop> is added back
+            return dataclasses.replace(prefill(self.config, prefix[:1]), tokens=prefix)
+        return prefill(self.config, prefix[:-1])  # context [MASK|gMASK]; <sop> is added back
 
     def generate(self, contexts: Sequence[str], max_new_tokens: int, stop: str | None) -> list[str]:
         """Greedy generation with the library's KV-cached decoder: a GLM model fills a [gMASK]

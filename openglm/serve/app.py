@@ -31,9 +31,10 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from openglm.config import ConfigError
-from openglm.generation import GenerationConfig, Submission, Tokenizer
+from openglm.generation import GenerationConfig, Tokenizer
 from openglm.model import GLM
 from openglm.serve.batcher import Batcher, Event, Overloaded, Ticket
+from openglm.serve.engine import Submission
 from openglm.serve.metrics import CONTENT_TYPE, Metrics
 
 logger = logging.getLogger(__name__)

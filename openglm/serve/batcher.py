@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from openglm.generation import Engine, GenerationConfig, Submission, TextPiece, Tokenizer
+from openglm.generation import GenerationConfig, TextPiece, Tokenizer
 from openglm.model import GLM
+from openglm.serve.engine import Engine, Submission
 
 logger = logging.getLogger(__name__)
 
