@@ -91,6 +91,14 @@ def has_hooks(model: nn.Module) -> bool:
     return any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
 
 
+def warm(model: nn.Module) -> bool:
+    """Build the native kernel now if one-row decoding of `model` will run it (one intra-op
+    thread), so that a server's first request does not pay the compile (about 1 s); True if built."""
+    if torch.get_num_threads() != 1 or not DecodeStep.usable(model):
+        return False
+    return DecodeStep(model).native is not None
+
+
 class DecodeStep:
     """Built per generation from the model's current weights (cheap: it only gathers references),
     so it can never run stale weights after training or a cast. `usable(model)` says whether the

@@ -479,3 +479,20 @@ def test_cli_serve_checks_options() -> None:
     assert result.exit_code == 2 and "--group-size needs --quantize" in result.output
     result = runner.invoke(cli, ["serve", "--model", "nowhere"])
     assert result.exit_code == 2 and "nowhere" in result.output
+
+
+def test_the_server_builds_the_native_kernel_before_its_first_request(
+    model: GLM, tokenizer: GLMTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from openglm import decoding
+
+    built: list[GLM] = []
+    monkeypatch.setattr(decoding.RowDecoder, "build", classmethod(lambda cls, m: built.append(m)))
+    with serve_in_thread(create_app(model, tokenizer, model_name=NAME)):
+        assert built == [model]  # at startup, before any request
+    torch.set_num_threads(2)  # with two threads one row decodes in PyTorch: nothing to build
+    try:
+        with serve_in_thread(create_app(model, tokenizer, model_name=NAME)):
+            assert len(built) == 1
+    finally:
+        torch.set_num_threads(1)

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from openglm.config import ConfigError
+from openglm.decoding import warm
 from openglm.generation import GenerationConfig, Tokenizer
 from openglm.model import GLM
 from openglm.serve.batcher import Batcher, Event, Overloaded, Ticket
@@ -258,6 +259,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(warm, model)  # before the server accepts its first request
         yield
         await asyncio.to_thread(batcher.close)
 
