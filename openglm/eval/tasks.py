@@ -36,14 +36,13 @@ import yaml
 
 from openglm.config import ConfigError
 from openglm.data.corpus import CorpusError, iter_documents, json_object
+from openglm.eval.metrics import CJK
 
 logger = logging.getLogger(__name__)
 
 TASK_TYPES = ("lm", "cloze", "mul", "gen")
 CHOICE_ORDERS = ("bigbench", "seeded")
 BIGBENCH_SEED = 42  # JsonTask's random_seed (bigbench 1.0.0, bigbench/api/json_task.py)
-# Scripts written without spaces between words: a cloze target joins such a context directly.
-_UNSPACED = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef]")
 CLOZE_MODES = ("bidirectional", "unidirectional")
 # BIG-bench's JsonTask defaults (bigbench/api/json_task.py).
 BIGBENCH_DEFAULTS = {
@@ -398,7 +397,7 @@ def _cloze_example(path: Path, index: int, context: str, target: str, joined: bo
     if not stripped:
         raise TaskError(f"{path}: example {index}: no context before the target")
     space = context[len(stripped) :] + target[: len(target) - len(target.lstrip())]
-    if not space and not joined and not (_UNSPACED.match(stripped[-1]) or _UNSPACED.match(word[0])):
+    if not space and not joined and not (CJK.match(stripped[-1]) or CJK.match(word[0])):
         space = " "
     return ClozeExample(stripped, space + word, word)
 
