@@ -444,9 +444,7 @@ def eval_(
         list[str] | None,
         typer.Option(help="bundled task name, task YAML, or a data file/folder (repeatable; default: the bundled suite)"),
     ] = None,
-    shots: Annotated[
-        int | None, typer.Option(help="demonstrations per multiple-choice/generation prompt (default: each task's)")
-    ] = None,
+    shots: Annotated[int | None, typer.Option(help="demonstrations per multiple-choice/generation prompt (default: each task's)")] = None,
     seed: Annotated[int, typer.Option(help="seeds demonstrations, listed choice order and bootstrap")] = 1234,
     limit: Annotated[int | None, typer.Option(help="at most this many examples per subtask")] = None,
     batch_size: Annotated[int, typer.Option(help="rows per forward pass (sliding windows, generation)")] = 16,
@@ -456,6 +454,7 @@ def eval_(
     quantize_bits: Annotated[int | None, typer.Option("--quantize", help="quantize each float model's block linears to 8 or 4 bits on load")] = None,
     group_size: Annotated[int | None, typer.Option(help="with --quantize: one scale per this many inputs")] = None,
     embedding_bits: Annotated[int | None, typer.Option(help=EMBEDDING_BITS_HELP.format(blocks="--quantize"))] = None,
+    task_type: Annotated[str | None, typer.Option(help="read every --task data file or folder as lm, cloze, mul or gen")] = None,
 ) -> None:
     """Evaluate models on lm (bits per byte), cloze (LAMBADA), mul (BIG-bench, MMLU) and gen tasks; print a Markdown table."""
     from openglm.checkpoint import CheckpointError
@@ -469,7 +468,7 @@ def eval_(
     try:
         results = evaluate_checkpoints(
             model, task or (), seed, shots, limit, batch_size, threads, verify=not no_verify, quantize=quantize_bits,
-            group_size=group_size, embedding_bits=embedding_bits,
+            group_size=group_size, embedding_bits=embedding_bits, task_type=task_type,
         )
     except (CheckpointError, ValueError) as err:
         raise _fail(str(err)) from None

@@ -2,12 +2,13 @@
 
 The first release (vocabulary 150,528) offsets every sentencepiece id by 20000 image tokens and has
 no tokenizer_config.json field for it; the "slim" release of April 2023 (vocabulary 130,528) says
-`"num_image_tokens": 0` there. In both, [MASK] [gMASK] [sMASK] <unused_0> <sop> <eop> <ENC>
-<dBLOCK> are control pieces appended after the trained pieces, then <|tab|> and <|blank_2..80|>
-as user-defined ones. The golden ids are the fixture model's own sentencepiece ids of each string
-as tokenization_chatglm.py preprocesses it, with that preprocessing written out by hand below
-(newline -> <n>, tab -> <|tab|>, runs of 2-80 spaces -> <|blank_N|>, longest first), plus the
-offset.
+`"num_image_tokens": 0` there. In both, <unk> <s> </s> <pad> <n> are pieces 0-4, and [MASK]
+[gMASK] [sMASK] <unused_0> <sop> <eop> <ENC> <dBLOCK> are control pieces appended after the
+trained pieces, then <|tab|> and <|blank_2..80|> as user-defined ones; tokenizer_config.json is
+each release's own (its eos_token is </s> in the first, <eop> in the slim one). The golden ids are
+the fixture model's own sentencepiece ids of each string as tokenization_chatglm.py preprocesses
+it, with that preprocessing written out by hand below (newline -> <n>, tab -> <|tab|>, runs of
+2-80 spaces -> <|blank_N|>, longest first), plus the offset.
 """
 
 from __future__ import annotations
@@ -47,6 +48,38 @@ GOLDEN = [
 ]
 
 
+# Special-token text in a prompt: (text, what the reference encodes in the first release, in the slim
+# one when that differs). A str is text sentencepiece encodes on its own (already preprocessed), a
+# 1-tuple one special token's text. Derived by hand from transformers 4.27's PreTrainedTokenizer.tokenize
+# (its trie splits off the registered special tokens, tokenizer_config.json's bos/eos/unk/pad/mask_token,
+# and strips the whitespace on both sides of each; every other piece goes to _tokenize, which encodes it
+# with the dummy prefix) and each release's tokenization_chatglm.py; then checked once, outside this
+# suite, by running transformers 4.27.1 with THUDM/chatglm-6b's tokenization_chatglm.py (of 2023-04-06
+# for the first release, of 2023-05-08 for the slim one) on this fixture, which gave these ids.
+SPECIAL_GOLDEN = [
+    ("Hello [MASK] world", ["Hello", ("[MASK]",), "world"], None),
+    ("[gMASK]x", ["[gMASK]x"], None),  # a control piece: sentencepiece never emits it for text
+    ("a <sop> b", ["a", ("<sop>",), "b"], None),
+    ("  [MASK]  ", [("[MASK]",)], None),
+    ("问题[MASK]答案", ["问题", ("[MASK]",), "答案"], None),
+    ("Emma [gMASK]", ["Emma [gMASK]"], None),
+    ("[MASK] is", [("[MASK]",), "is"], None),
+    ("a [MASK]", ["a", ("[MASK]",)], None),
+    ("x</s>y", ["x", ("</s>",), "y"], ["x</s>y"]),  # eos_token: </s> in the first release, <eop> in the slim one
+    ("<eop> z", ["<eop> z"], [("<eop>",), "z"]),
+    ("<unk> a", [("<unk>",), "a"], None),
+    ("b <pad>", ["b", ("<pad>",)], None),
+    ("[sMASK] q", ["[sMASK] q"], None),
+    ("a\n[MASK]\tb", ["a", ("[MASK]",), "b"], None),  # newlines and tabs are whitespace too
+    ("a [MASK] b [MASK]", ["a", ("[MASK]",), "b", ("[MASK]",)], None),
+    ("x  <sop>  y", ["x", ("<sop>",), "y"], None),
+    ("[MASK][MASK]", [("[MASK]",), ("[MASK]",)], None),
+    ("混合 [gMASK] 文本", ["混合 [gMASK] 文本"], None),
+    ("Hello\n\n[MASK]", ["Hello", ("[MASK]",)], None),
+    ("a  b [MASK]\n\nc\td", ["a<|blank_2|>b", ("[MASK]",), "c<|tab|>d"], None),
+]
+
+
 def build_ice_text(folder: Path) -> Path:
     """A sentencepiece model trained on the bundled English and Chinese text, with ChatGLM's
     special pieces appended at its end as the releases have them."""
@@ -60,7 +93,7 @@ def build_ice_text(folder: Path) -> Path:
         lines += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()][:400]
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buffer, vocab_size=2000, user_defined_symbols=["<n>"],
+        sentence_iterator=iter(lines), model_writer=buffer, vocab_size=2000, pad_id=3, user_defined_symbols=["<n>"],
         character_coverage=0.98, byte_fallback=True, minloglevel=2,
     )  # fmt: skip
     proto = model_pb2.ModelProto()
@@ -86,9 +119,21 @@ def piece_id(model: Path, text: str) -> int:
     return spm.SentencePieceProcessor(model_file=str(model)).piece_to_id(text)
 
 
+# tokenizer_config.json of each release (THUDM/chatglm-6b before and after 2023-04-06), less auto_map
+TOKENIZER_CONFIG = {
+    "name_or_path": "THUDM/chatglm-6b", "bos_token": "<sop>", "eop_token": "<eop>", "eos_token": "</s>",
+    "gmask_token": "[gMASK]", "mask_token": "[MASK]", "pad_token": "<pad>", "unk_token": "<unk>",
+    "remove_space": False, "do_lower_case": False, "tokenizer_class": "ChatGLMTokenizer",
+}  # fmt: skip
+SLIM_TOKENIZER_CONFIG = {
+    **{k: v for k, v in TOKENIZER_CONFIG.items() if k != "eop_token"}, "eos_token": "<eop>", "end_token": "</s>",
+    "num_image_tokens": 0,
+}  # fmt: skip
+
+
 def write_release(folder: Path, ice_text: Path, slim: bool) -> dict:
     """A ChatGLM-6B directory of either release: config.json (token ids, vocabulary padded past
-    the pieces), tokenizer_config.json for the slim one, small random fp16 weights."""
+    the pieces), the release's tokenizer_config.json, small random fp16 weights."""
     import sentencepiece as spm
 
     folder.mkdir(parents=True)
@@ -104,8 +149,7 @@ def write_release(folder: Path, ice_text: Path, slim: bool) -> dict:
         "eos_token_id": offset + first + 5, "pad_token_id": offset + 3,
     }  # fmt: skip
     (folder / "config.json").write_text(json.dumps(config))
-    if slim:
-        (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "ChatGLMTokenizer", "num_image_tokens": 0}))
+    (folder / "tokenizer_config.json").write_text(json.dumps(SLIM_TOKENIZER_CONFIG if slim else TOKENIZER_CONFIG))
     torch.manual_seed(0)
     model = GLM(config_from_chatglm(config, folder / "config.json"))
     weights = {
@@ -147,9 +191,9 @@ def test_special_tokens_come_from_the_pieces_and_prompts_end_in_gmask_sop(releas
         config["mask_token_id"], config["gmask_token_id"], config["bos_token_id"], config["eos_token_id"]
     )  # fmt: skip
     assert tokens.mask == offset + piece_id(ice_text, "[MASK]")
-    # control pieces typed into a prompt are their tokens, the text around them encoded on its own
-    assert tokenizer.encode("Emma [gMASK]") == [offset + i for i in sp_ids(ice_text, "Emma ")] + [config["gmask_token_id"]]
-    assert tokenizer.encode("[MASK] is") == [config["mask_token_id"], *(offset + i for i in sp_ids(ice_text, " is"))]
+    # as in the reference, typed [gMASK] is text (a control piece) and [MASK] a token with the space after it stripped
+    assert tokenizer.encode("Emma [gMASK]") == [offset + i for i in sp_ids(ice_text, "Emma [gMASK]")]
+    assert tokenizer.encode("[MASK] is") == [config["mask_token_id"], *(offset + i for i in sp_ids(ice_text, "is"))]
     assert tokenizer.decode([1, 2, *tokenizer.encode("Emma")]) == "Emma"  # image tokens, or <s> </s>: no text
     # a prompt with no blank is text, [gMASK], <sop>, as both releases' build_inputs_with_special_tokens make it
     seen: list[list[int]] = []
@@ -164,6 +208,54 @@ def test_special_tokens_come_from_the_pieces_and_prompts_end_in_gmask_sop(releas
         config["gmask_token_id"],
         config["bos_token_id"],
     ]
+
+
+@pytest.mark.parametrize(("text", "parts", "slim_parts"), SPECIAL_GOLDEN)
+def test_special_token_text_is_split_and_stripped_as_the_reference(
+    release, ice_text: Path, text: str, parts: list, slim_parts: list | None
+) -> None:
+    folder, _, offset = release
+    _, tokenizer = openglm.load(folder)
+    expected: list[int] = []
+    for part in slim_parts if offset == 0 and slim_parts is not None else parts:
+        if isinstance(part, tuple):
+            expected.append(offset + piece_id(ice_text, part[0]))
+        else:
+            expected += [offset + i for i in sp_ids(ice_text, part)]
+    assert tokenizer.encode(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "original", "slim", "blank"),
+    [
+        ("Emma Woodhouse", ["[gMASK]"], ["[gMASK]"], "[gMASK]"),
+        ("Emma [MASK] Woodhouse", ["</s>"], ["[gMASK]"], "[MASK]"),
+        ("Emma [MASK]", [], ["[gMASK]"], "[MASK]"),
+    ],
+)
+def test_generation_appends_and_fills_as_each_release(
+    release, ice_text: Path, text: str, original: list[str], slim: list[str], blank: str
+) -> None:
+    """build_inputs_with_special_tokens: the first release appends [gMASK] only without a [MASK],
+    and its end token </s> when the prompt does not end in a mask; the slim one always appends
+    [gMASK]. <sop> follows, and Part B takes the position of the blank the model code picks (the
+    [gMASK] when there is one in the slim release, else the first [MASK])."""
+    folder, _, offset = release
+    model, tokenizer = openglm.load(folder)
+    ids = tokenizer.encode(text)
+    appended = [offset + piece_id(ice_text, t) for t in (slim if offset == 0 else original)]
+    seen: list[tuple[list[int], list[int], list[int]]] = []
+    handle = model.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(tuple(a[0].tolist() for a in args[:3])), with_kwargs=True
+    )
+    try:
+        openglm.generate(model, tokenizer, text, max_new_tokens=2)
+    finally:
+        handle.remove()
+    tokens, positions, blocks = seen[0]
+    assert tokens == [*ids, *appended, offset + piece_id(ice_text, "<sop>")]
+    filled = (ids + appended).index(offset + piece_id(ice_text, "[gMASK]" if offset == 0 else blank))
+    assert positions[-1] == filled and blocks[-1] == 1 and positions[:-1] == list(range(len(tokens) - 1))
 
 
 def test_converted_checkpoint_keeps_the_offset(release, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from openglm.cli import app
 from openglm.config import model_preset
 from openglm.eval.lm import LMScore
 from openglm.eval.runner import evaluate_task, first_word_matches, markdown_table, word_decided
-from openglm.eval.scorer import ModelScorer
+from openglm.eval.scorer import ModelScorer, move_trailing_space
 from openglm.eval.tasks import TaskConfig, resolve_task
 from openglm.model import GLM
 from openglm.tokenizer import GLMTokenizer
@@ -74,12 +74,13 @@ def rows_by_metric(results: list) -> dict[tuple[str, str], float]:
 
 
 def test_mul_acc_and_acc_norm_from_known_log_probs(tok: GLMTokenizer, tmp_path: Path) -> None:
-    # " yes yes yes": 3 ln 0.5 = -2.079 (12 bytes: -0.173/byte); " no": ln 0.2 = -1.609 (3 bytes:
-    # -0.536/byte). acc picks " no", acc_norm " yes yes yes".
+    # The prompt ends in "A: ", whose space starts each choice: " yes yes yes" is 3 ln 0.5 = -2.079
+    # (11 bytes: -0.189/byte); " no": ln 0.2 = -1.609 (2 bytes: -0.805/byte). acc picks "no",
+    # acc_norm "yes yes yes".
     examples = [
-        {"input": "q1", "target_scores": {" yes yes yes": 1, " no": 0}},  # acc 0, acc_norm 1
-        {"input": "q2", "target_scores": {" yes yes yes": 0, " no": 1}},  # acc 1, acc_norm 0
-        {"input": "q3", "target_scores": {" no no": 0, " yes": 1}},  # 2 ln 0.2 vs ln 0.5: both pick " yes"
+        {"input": "q1", "target_scores": {"yes yes yes": 1, "no": 0}},  # acc 0, acc_norm 1
+        {"input": "q2", "target_scores": {"yes yes yes": 0, "no": 1}},  # acc 1, acc_norm 0
+        {"input": "q3", "target_scores": {"no no": 0, "yes": 1}},  # 2 ln 0.2 vs ln 0.5: both pick "yes"
     ]
     config = TaskConfig(name="t", type="mul", data=write_bigbench(tmp_path / "t", examples))
     scorer = ModelScorer(StubModel(), tok)
@@ -234,3 +235,18 @@ def test_eval_cli_reports_a_bad_task_file_without_a_traceback(tmp_path: Path) ->
     result = CliRunner().invoke(app, ["eval", "--model", str(tmp_path), "--task", str(task)])
     assert result.exit_code == 2
     assert "bad.jsonl: example 1: missing field 'target'" in result.output and "Traceback" not in result.output
+
+
+def test_whitespace_at_the_context_end_starts_each_continuation(tok: GLMTokenizer, micro_glm: GLM) -> None:
+    """lm-evaluation-harness's (context, continuation) encoding: after "A: " the choice "yes" is
+    scored as the one token " yes" (id 2582), not a lone space and then "yes"."""
+    assert move_trailing_space("Q: q\nA: ", ["yes", "no"]) == ("Q: q\nA:", [" yes", " no"])
+    assert move_trailing_space("line\n", ["next"]) == ("line", ["\nnext"])
+    assert tok.encode(" yes") == [YES] and tok.encode("q\nA: ")[-1] != tok.encode("q\nA:")[-1]
+    scorer = ModelScorer(StubModel(), tok)
+    (moved,) = scorer.loglikelihoods("q\nA: ", ["yes"])
+    assert moved.tokens == 1 and moved.loglik == pytest.approx(math.log(0.5), rel=1e-4)
+    glm = ModelScorer(micro_glm, tok)
+    assert glm.loglikelihoods("q\nA: ", ["yes", "no"]) == glm.loglikelihoods("q\nA:", [" yes", " no"])
+    # a generation prompt drops it: the answer is generated with its own leading space
+    assert glm.generate(["q\nA: "], 3, None) == glm.generate(["q\nA:"], 3, None)

@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from openglm.cli import app
 from openglm.data.corpus import bundled_corpus_paths, iter_documents
 from openglm.eval import heldout
 from openglm.eval.tasks import (
@@ -130,7 +132,9 @@ def test_bad_bigbench_files_name_the_file_and_example(tmp_path: Path, content: s
     [
         ("c.jsonl", '{"text": "a b", "target": "b"}\n{"text": "a b"', "c.jsonl: example 1: invalid JSON"),
         ("c.jsonl", '{"text": "a b", "target": "b"}\n{"target": "b"}\n', "c.jsonl: example 1: missing field 'text'"),
-        ("c.jsonl", '{"text": "a b", "target": "c"}\n', "c.jsonl: example 0: text must end with the target 'c'"),
+        ("c.jsonl", '{"text": " ", "target": "c"}\n', "c.jsonl: example 0: field 'text' must be a non-empty string"),
+        ("lambada_x.jsonl", '{"text": "a b"}\n{"text": "word"}\n', "lambada_x.jsonl: example 1: no space before a last word"),
+        ("g.jsonl", '{"inputs_pretokenized": "a", "targets_pretokenized": ["b", "c"]}\n', "g.jsonl: example 0: field 'targets_pretokenized' must be"),
         ("m.csv", "q,1,2,3,4,E\n", "m.csv: example 0: answer must be one of A, B, C, D"),
         ("m.csv", "q,1,2,A\n", "m.csv: example 0: expected 6 columns"),
     ],
@@ -170,3 +174,76 @@ def test_bundled_sets_are_rebuilt_exactly_from_held_out_text_only(tmp_path: Path
             record = json.loads(line)
             assert any(record["text"] in d for d in held_out)
             assert not any(record["text"] in d for d in training)
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def test_lambada_in_its_three_shapes_joins_english_with_a_space_and_chinese_without(tmp_path: Path) -> None:
+    duty = ClozeExample("He was sure it was his", " duty", "duty")
+    fen = ClozeExample("分久必合，合久必", "分", "分")
+    # lm-evaluation-harness's lambada_openai and the GLM repo: {"text"} alone, the last word the target
+    openai = write_jsonl(tmp_path / "lambada_test.jsonl", [{"text": "He was sure it was his duty"}])
+    assert resolve_task(openai).type == "cloze" and load_subtasks(resolve_task(openai), seed=0)[0].examples == [duty]
+    documents = write_jsonl(tmp_path / "docs.jsonl", [{"text": "He was sure it was his duty"}])
+    assert resolve_task(documents).type == "lm"  # the same records under another name stay documents
+    config = tmp_path / "as_cloze.yaml"
+    config.write_text("type: cloze\ndata: docs.jsonl\n")
+    assert load_subtasks(resolve_task(config), seed=0)[0].examples == [duty]
+    assert load_subtasks(resolve_task(documents, "cloze"), seed=0)[0].examples == [duty]  # --task-type cloze
+    result = CliRunner().invoke(app, ["eval", "--model", str(tmp_path), "--task", str(documents), "--task-type", "lambada"])
+    assert result.exit_code == 2 and "task type must be one of lm, cloze, mul, gen, got 'lambada'" in result.output
+    # {"text", "target"} with the text before the target; a file mixing in a text that ends with its
+    # target reads every text as the context (so "said Emma" + "Emma" is "said Emma Emma")
+    without = write_jsonl(
+        tmp_path / "without.jsonl",
+        [{"text": "He was sure it was his", "target": "duty"}, {"text": "分久必合，合久必", "target": "分"}, {"text": "said Emma", "target": "Emma"}],
+    )
+    assert load_subtasks(resolve_task(without), seed=0)[0].examples == [duty, fen, ClozeExample("said Emma", " Emma", "Emma")]
+    # GLM-130B's own files: the target a string (its own leading space kept) or a list of one
+    glm = write_jsonl(
+        tmp_path / "test.jsonl",
+        [
+            {"inputs_pretokenized": "He was sure it was his", "targets_pretokenized": ["duty"]},
+            {"inputs_pretokenized": "分久必合，合久必", "targets_pretokenized": "分"},
+            {"inputs_pretokenized": "He was sure it was his\n", "targets_pretokenized": " duty"},
+        ],
+    )
+    assert resolve_task(glm).type == "cloze"
+    assert load_subtasks(resolve_task(glm), seed=0)[0].examples == [duty, fen, ClozeExample("He was sure it was his", "\n duty", "duty")]
+
+
+def test_bigbench_lists_choices_in_bigbench_own_order(tmp_path: Path) -> None:
+    """A fresh numpy RandomState(42) per example, `permutation(sorted(choices))`, as bigbench
+    1.0.0's json_task.py (default_format_fn) formats an example, read from that package. The
+    orders below were worked out once with numpy: [b, d, a, c] for four choices, [y, x] for two,
+    [one, three, two] for three (one RandomState(42) drawn from example after example would give
+    [three, two, one] for the last)."""
+    examples = [
+        {"input": "q0", "target_scores": {"d": 1, "a": 0, "c": 0, "b": 0}, "target": "d"},
+        {"input": "q1", "target_scores": {"y": 0, "x": 1}, "target": "x"},
+        {"input": "q2", "target": "no choices: nothing drawn"},
+        {"input": "q3", "target_scores": {"three": 0, "one": 1, "two": 0}, "target": "one"},
+    ]
+    path = write_bigbench(tmp_path / "order", examples)
+    (subtask,) = load_subtasks(TaskConfig(name="order", type="gen", data=path), seed=5)
+    assert [e.query for e in subtask.examples] == [
+        "\nQ: q0\n  choice: b\n  choice: d\n  choice: a\n  choice: c\nA: ",
+        "\nQ: q1\n  choice: y\n  choice: x\nA: ",
+        "\nQ: q2\nA: ",
+        "\nQ: q3\n  choice: one\n  choice: three\n  choice: two\nA: ",
+    ]
+    mul = write_bigbench(tmp_path / "mul", [examples[0], examples[1], examples[3]])
+    (chosen,) = load_subtasks(resolve_task(mul), seed=5)
+    assert [e.query for e in chosen.examples] == [subtask.examples[i].query for i in (0, 1, 3)]
+    assert resolve_task(mul).settings()["choice_order"] == "bigbench"
+    # the earlier order stays available: a generator seeded with (seed, example index)
+    (seeded,) = load_subtasks(TaskConfig(name="mul", type="mul", data=mul, choice_order="seeded"), seed=5)
+    import numpy as np
+
+    listed = [str(c) for c in np.random.default_rng([5, 0]).permutation(["a", "b", "c", "d"])]
+    assert seeded.examples[0].query == "\nQ: q0" + "".join(f"\n  choice: {c}" for c in listed) + "\nA: "
+    with pytest.raises(TaskError, match="choice_order must be one of bigbench, seeded"):
+        TaskConfig(name="x", type="mul", data=mul, choice_order="random")

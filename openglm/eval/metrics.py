@@ -22,7 +22,8 @@ import numpy as np
 
 BOOTSTRAP_ITERS = 1000
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_CJK = re.compile(r"([\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff])")
+# Chinese and Japanese characters: written without spaces between words
+CJK = re.compile(r"([\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff])")
 
 
 def choice_accuracy(logliks: Sequence[float], gold: Sequence[int], choice_bytes: Sequence[int]) -> tuple[float, float]:
@@ -48,7 +49,7 @@ def normalize_answer(text: str) -> str:
 
 def answer_tokens(text: str) -> list[str]:
     """Tokens for F1: each CJK character alone, other text split at whitespace."""
-    return _CJK.sub(r" \1 ", normalize_answer(text)).split()
+    return CJK.sub(r" \1 ", normalize_answer(text)).split()
 
 
 def exact_match(prediction: str, references: Sequence[str]) -> float:

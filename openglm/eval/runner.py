@@ -39,7 +39,7 @@ from openglm.eval.metrics import (
     perplexity_statistic,
 )
 from openglm.eval.scorer import ModelScorer
-from openglm.eval.tasks import ClozeExample, TaskConfig, TaskError, bundled_task_names, load_subtasks, resolve_task
+from openglm.eval.tasks import TASK_TYPES, ClozeExample, TaskConfig, TaskError, bundled_task_names, load_subtasks, resolve_task
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +253,7 @@ def evaluate_checkpoints(
     quantize: int | None = None,
     group_size: int | None = None,
     embedding_bits: int | None = None,
+    task_type: str | None = None,
 ) -> dict[str, Any]:
     """`openglm eval`: every task (default: the bundled suite) on every model; each task's data is
     read and every model's directory, config and file hashes (unless `verify` is False) checked
@@ -262,14 +263,17 @@ def evaluate_checkpoints(
     with other work, 1 can be many times faster than 2, whose threads wait for each other).
     `quantize` (8 or 4, `group_size` inputs per scale) quantizes each float model's block linears
     as it loads, run in bf16 where that is native, as `openglm generate --quantize` runs it;
-    `embedding_bits` (8 or 4) the word embedding and output layer too."""
+    `embedding_bits` (8 or 4) the word embedding and output layer too. `task_type` reads every
+    task given as a data file or folder as that type instead of detecting it."""
     import torch
 
     from openglm.checkpoint import CheckpointError, check_model, load_model
 
     if threads is not None:
         torch.set_num_threads(threads)
-    configs = [resolve_task(spec) for spec in tasks or bundled_task_names()]
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise TaskError(f"task type must be one of {', '.join(TASK_TYPES)}, got {task_type!r}")
+    configs = [resolve_task(spec, task_type) for spec in tasks or bundled_task_names()]
     if limit is not None:
         configs = [dataclasses.replace(c, limit=limit) for c in configs]
     for config in configs:

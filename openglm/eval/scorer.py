@@ -55,6 +55,15 @@ class _Request:
     targets: list[list[int]]
 
 
+def move_trailing_space(context: str, continuations: Sequence[str]) -> tuple[str, list[str]]:
+    """The context without the whitespace at its end, which starts every continuation instead, as
+    lm-evaluation-harness encodes a (context, continuation) pair: after a prompt ending in "A: " a
+    byte-level BPE then scores " word" as in running text, not a lone space and then "word"."""
+    stripped = context.rstrip()
+    space = context[len(stripped) :]
+    return stripped, [space + c for c in continuations]
+
+
 class ModelScorer:
     """Scores text with a GLM (or causal) model; `unidirectional` puts GLM contexts in Part B."""
 
@@ -141,13 +150,15 @@ class ModelScorer:
         mask: str = "[gMASK]",
         batching: str = "shared",
     ) -> list[ContinuationScore]:
-        """Score every continuation of one context. `batching`: "shared" runs the context once
+        """Score every continuation of one context, whitespace at the context's end moved onto the
+        continuations (`move_trailing_space`). `batching`: "shared" runs the context once
         (a KV cache) and all continuations in one batch; "batched" runs all (context +
         continuation) rows in one forward (GLM-130B packs them into one sequence with
         block-diagonal masks instead); "single" one forward
         per continuation, the baseline `bench/eval.py` measures against."""
         if batching not in BATCHING:
             raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
+        context, continuations = move_trailing_space(context, continuations)
         request = self._request(context, [self.tokenizer.encode(c) for c in continuations], unidirectional, mask)
         if batching == "single":
             return [
@@ -203,12 +214,16 @@ class ModelScorer:
 
     def generate(self, contexts: Sequence[str], max_new_tokens: int, stop: str | None) -> list[str]:
         """Greedy generation with the library's KV-cached decoder: a GLM model fills a [gMASK]
-        after the context (Part B), a causal model continues it."""
-        suffix = "" if self.causal else "[gMASK]"
+        after the context (Part B), a causal model continues it. Whitespace at a context's end is
+        dropped, so that the answer is generated with its own leading space (`move_trailing_space`;
+        answers are compared stripped). A tokenizer with its own `prompt_layout` (ChatGLM-6B's)
+        appends the [gMASK] itself."""
+        own_layout = hasattr(self.tokenizer, "prompt_layout")
+        suffix = "" if self.causal or own_layout else "[gMASK]"
         config = GenerationConfig(
             max_new_tokens=max_new_tokens, greedy=True, stop_strings=(stop,) if stop else (), batch_size=self.batch_size
         )
-        prompts = [self._fit_prompt(c, max_new_tokens) + suffix for c in contexts]
+        prompts = [self._fit_prompt(c.rstrip(), max_new_tokens) + suffix for c in contexts]
         return [fillings[-1] for _, fillings in infill_batch(self.model, self.tokenizer, prompts, config)]
 
     def _fit_prompt(self, context: str, max_new_tokens: int) -> str:

@@ -3,10 +3,13 @@
 A task is a YAML file (a bundled one by name, or a path) or directly a data file or folder whose
 format is recognised:
 
-- `.txt`, or `.jsonl` of `{"text"}`: `lm` (documents as `openglm.data.corpus.iter_documents` reads them);
-- `.jsonl` of `{"text", "target"}`: `cloze` (LAMBADA: `text` is the whole passage, ending with `target`);
+- `.txt`, or `.jsonl` of `{"text"}`: `lm` (documents as `openglm.data.corpus.iter_documents` reads them),
+  except that a `.jsonl` named `lambada*` is `cloze` (logged);
+- `.jsonl` of `{"text", "target"}` or GLM-130B's `{"inputs_pretokenized", "targets_pretokenized"}`:
+  `cloze` (LAMBADA; the cloze shapes are `load_cloze`'s);
 - a BIG-bench `task.json`, or a folder holding one (subtasks in subfolders): `mul` where examples
-  carry `target_scores`, `gen` where they carry `target`;
+  carry `target_scores`, `gen` where they carry `target`; listed choices in BIG-bench's own order
+  (`choice_order`, `_load_bigbench`);
 - `.csv` (MMLU: question, A, B, C, D, answer; a folder of them is one subtask per file): `mul`.
 
 Every example is turned into a *query* here (the example's text with its prefixes, ending where
@@ -21,6 +24,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import re
 from dataclasses import dataclass
 from importlib.resources import files
@@ -32,8 +36,13 @@ import yaml
 
 from openglm.config import ConfigError
 from openglm.data.corpus import CorpusError, iter_documents, json_object
+from openglm.eval.metrics import CJK
+
+logger = logging.getLogger(__name__)
 
 TASK_TYPES = ("lm", "cloze", "mul", "gen")
+CHOICE_ORDERS = ("bigbench", "seeded")
+BIGBENCH_SEED = 42  # JsonTask's random_seed (bigbench 1.0.0, bigbench/api/json_task.py)
 CLOZE_MODES = ("bidirectional", "unidirectional")
 # BIG-bench's JsonTask defaults (bigbench/api/json_task.py).
 BIGBENCH_DEFAULTS = {
@@ -65,6 +74,7 @@ class TaskConfig:
     chunk: int | None = None  # lm: tokens predicted per window (default: half the model's context)
     context: int | None = None  # lm: earlier tokens each window sees (default: the rest of the context)
     max_new_tokens: int = 32  # gen
+    choice_order: str = "bigbench"  # BIG-bench listed choices: "bigbench" (RandomState(42) per example) or "seeded" (by --seed)
     source: str = ""  # where the config came from
 
     def __post_init__(self) -> None:
@@ -82,10 +92,17 @@ class TaskConfig:
             raise TaskError(f"{where}: mask must be [MASK] or [gMASK], got {self.mask!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
             raise TaskError(f"{where}: max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.choice_order not in CHOICE_ORDERS:
+            raise TaskError(f"{where}: choice_order must be one of {', '.join(CHOICE_ORDERS)}, got {self.choice_order!r}")
 
     def settings(self) -> dict[str, Any]:
         """What the results record about how the task was run."""
-        keys = {"lm": ("chunk", "context"), "cloze": ("modes", "mask"), "mul": ("shots",), "gen": ("shots", "max_new_tokens")}
+        keys = {
+            "lm": ("chunk", "context"),
+            "cloze": ("modes", "mask"),
+            "mul": ("shots", "choice_order"),
+            "gen": ("shots", "max_new_tokens", "choice_order"),
+        }
         return {"type": self.type, "data": str(self.data), "limit": self.limit} | {k: getattr(self, k) for k in keys[self.type]}
 
 
@@ -234,7 +251,13 @@ def detect_type(path: Path) -> str:
     if suffix == ".csv":
         return "mul"
     if suffix == ".jsonl":
-        return "cloze" if "target" in _jsonl_records(path)[0][1] else "lm"
+        first = _jsonl_records(path)[0][1]
+        if "target" in first or "inputs_pretokenized" in first:
+            return "cloze"
+        if path.name.lower().startswith("lambada"):
+            logger.info("%s: {\"text\"} records in a file named lambada*: read as cloze, the last word the target", path)
+            return "cloze"
+        return "lm"
     if suffix == ".json":
         return _bigbench_type(path)
     raise TaskError(f"{path}: unrecognised task format (expected .yaml, .txt, .jsonl, .csv, a BIG-bench task.json or folder)")
@@ -246,8 +269,8 @@ def _bigbench_type(path: Path) -> str:
     return "mul" if examples and all(isinstance(e, dict) and "target_scores" in e for e in examples) else "gen"
 
 
-def resolve_task(spec: str | Path) -> TaskConfig:
-    """A bundled task name, a YAML path, or a data file/folder (its type detected)."""
+def resolve_task(spec: str | Path, task_type: str | None = None) -> TaskConfig:
+    """A bundled task name, a YAML path, or a data file/folder (its type `task_type`, else detected)."""
     text = str(spec)
     if text in bundled_task_names():
         return _config_from_yaml(bundled_task_dir() / f"{text}.yaml")
@@ -259,7 +282,7 @@ def resolve_task(spec: str | Path) -> TaskConfig:
     if not path.exists():
         raise TaskError(f"{spec}: neither a bundled task ({', '.join(bundled_task_names())}) nor an existing file or folder")
     name = path.parent.name if path.name == "task.json" else path.stem
-    return TaskConfig(name=name, type=detect_type(path), data=path.resolve(), source=str(path))
+    return TaskConfig(name=name, type=task_type or detect_type(path), data=path.resolve(), source=str(path))
 
 
 # -- data formats ---------------------------------------------------------------------------------
@@ -272,13 +295,13 @@ def load_subtasks(config: TaskConfig, seed: int) -> list[Subtask]:
     if config.type == "lm":
         subtasks = [_load_documents(path)]
     elif config.type == "cloze":
-        subtasks = [_load_cloze(path)]
+        subtasks = [load_cloze(path)]
     elif path.suffix.lower() == ".csv" or (path.is_dir() and any(path.glob("*.csv"))):
         if config.type != "mul":
             raise TaskError(f"{path}: MMLU .csv files are multiple choice (type mul), not {config.type}")
         subtasks = [_load_mmlu(f) for f in (sorted(path.glob("*.csv")) if path.is_dir() else [path])]
     else:
-        subtasks = [_load_bigbench(f, config.type, seed) for f in _bigbench_files(path)]
+        subtasks = [_load_bigbench(f, config.type, seed, config.choice_order) for f in _bigbench_files(path)]
         subtasks = [s for s in subtasks if s.examples]  # a parent task.json holds no examples
         if not subtasks:
             raise TaskError(f"{path}: no BIG-bench examples found")
@@ -319,17 +342,64 @@ def _string_field(path: Path, index: int, record: dict[str, Any], name: str) -> 
     return value
 
 
-def _load_cloze(path: Path) -> Subtask:
-    examples = []
-    for index, record in _jsonl_records(path):
-        text, target = _string_field(path, index, record, "text"), _string_field(path, index, record, "target")
-        if not text.endswith(target):
-            raise TaskError(f"{path}: example {index}: text must end with the target {target!r}")
-        context = text[: len(text) - len(target)].rstrip()
-        if not context:
-            raise TaskError(f"{path}: example {index}: no context before the target")
-        examples.append(ClozeExample(context, text[len(context) :], target))
-    return Subtask("", path, "cloze", examples)
+def load_cloze(path: Path) -> Subtask:
+    """A LAMBADA-style .jsonl in any of its shapes, told apart by the first record's fields:
+
+    - GLM-130B's `{"inputs_pretokenized", "targets_pretokenized"}`: the context, and the target
+      (a string, or a list holding one);
+    - `{"text", "target"}`: if every text ends with its target, the text is the whole passage (the
+      target cut off its end); otherwise each text is the context alone;
+    - `{"text"}` alone (lm-evaluation-harness's `lambada_openai`, the GLM repo): the target is the
+      text's last word, after its last space.
+
+    A context is stored without the whitespace at its end, which starts the continuation instead
+    (so English BPE sees " word", as in running text). A target joined to a context that did not
+    hold it gets a space before it, except next to Chinese or Japanese characters.
+    """
+    records = _jsonl_records(path)
+    first = records[0][1]
+    if "inputs_pretokenized" in first:
+        pairs = [(i, _string_field(path, i, r, "inputs_pretokenized"), _glm_target(path, i, r)) for i, r in records]
+        return Subtask("", path, "cloze", [_cloze_example(path, i, c, t, joined=False) for i, c, t in pairs])
+    if "target" not in first:
+        examples = []
+        for index, record in records:
+            context, space, target = _string_field(path, index, record, "text").rstrip().rpartition(" ")
+            if not space or not context.strip():
+                raise TaskError(f"{path}: example {index}: no space before a last word to predict")
+            examples.append(_cloze_example(path, index, context + space, target, joined=True))
+        return Subtask("", path, "cloze", examples)
+    pairs = [(i, _string_field(path, i, r, "text"), _string_field(path, i, r, "target")) for i, r in records]
+    whole = all(text.endswith(target) for _, text, target in pairs)
+    if not whole:
+        logger.info("%s: a text does not end with its target: every text is read as the context before it", path)
+    return Subtask(
+        "",
+        path,
+        "cloze",
+        [_cloze_example(path, i, text[: len(text) - len(target)] if whole else text, target, whole) for i, text, target in pairs],
+    )
+
+
+def _glm_target(path: Path, index: int, record: dict[str, Any]) -> str:
+    value = record.get("targets_pretokenized")
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, str) or not value.strip():
+        raise TaskError(f"{path}: example {index}: field 'targets_pretokenized' must be a non-empty string or a list of one")
+    return value
+
+
+def _cloze_example(path: Path, index: int, context: str, target: str, joined: bool) -> ClozeExample:
+    """`joined`: the target followed the context in the text (their whitespace is the text's)."""
+    word = target.strip()
+    stripped = context.rstrip()
+    if not stripped:
+        raise TaskError(f"{path}: example {index}: no context before the target")
+    space = context[len(stripped) :] + target[: len(target) - len(target.lstrip())]
+    if not space and not joined and not (CJK.match(stripped[-1]) or CJK.match(word[0])):
+        space = " "
+    return ClozeExample(stripped, space + word, word)
 
 
 def _bigbench_files(path: Path) -> list[Path]:
@@ -362,9 +432,18 @@ def _bigbench_example(path: Path, index: int, raw: Any, task_type: str) -> tuple
     return text, scores, targets
 
 
-def _load_bigbench(path: Path, task_type: str, seed: int) -> Subtask:
-    """BIG-bench's formatting: input prefix + input (+ the choices, listed in a seeded order, as
-    BIG-bench permutes them) + output prefix; choices scored as they are written (no prefix)."""
+def _load_bigbench(path: Path, task_type: str, seed: int, choice_order: str) -> Subtask:
+    """BIG-bench's formatting (json_task.py's default_format_fn): input prefix + input (+ the
+    choices of an example with `target_scores`, a generative one too) + output prefix; choices
+    scored as they are written (no prefix).
+
+    Listed choices are `rng.permutation(sorted(choices))`, `rng` for `choice_order` "bigbench"
+    being BIG-bench's: a `numpy.random.RandomState(42)` made afresh for every example (bigbench
+    1.0.0's default_format_fn, as lm-evaluation-harness's BIG-bench tasks), so every question with
+    the same number of choices lists them in the same permuted order; "seeded": openglm's earlier
+    order, a generator seeded with (`seed`, example index). BIG-bench's removal of duplicate
+    examples is not applied (of the bundled tasks only `operators` has one).
+    """
     data = _read_mapping(path, "a BIG-bench task object")
     settings = {k: data.get(k, v) for k, v in BIGBENCH_DEFAULTS.items()}
     raw_examples = data.get("examples", [])
@@ -374,14 +453,17 @@ def _load_bigbench(path: Path, task_type: str, seed: int) -> Subtask:
     for index, raw in enumerate(raw_examples):
         text, scores, targets = _bigbench_example(path, index, raw, task_type)
         query = settings["example_input_prefix"] + text
+        if isinstance(scores, dict) and scores and settings["append_choices_to_input"]:
+            if choice_order == "bigbench":
+                listed = np.random.RandomState(BIGBENCH_SEED).permutation(sorted(scores))
+            else:
+                listed = np.random.default_rng([seed, index]).permutation(sorted(scores))
+            query += settings["choice_prefix"] + settings["choice_prefix"].join(listed)
         if task_type == "gen":
             examples.append(GenExample(query + settings["example_output_prefix"], targets))
             continue
         assert scores is not None
         choices = tuple(scores)
-        if settings["append_choices_to_input"]:
-            listed = np.random.default_rng([seed, index]).permutation(sorted(choices))
-            query += settings["choice_prefix"] + settings["choice_prefix"].join(listed)
         best = max(scores.values())
         gold = tuple(i for i, c in enumerate(choices) if scores[c] == best)
         examples.append(ChoiceExample(query + settings["example_output_prefix"], choices, gold))

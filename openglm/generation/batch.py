@@ -32,13 +32,15 @@ class Prefill:
     blank_position: int  # the position every Part B token takes; CONTINUE: positions keep counting
 
 
-def prefill(config: GLMConfig, context_ids: list[int]) -> Prefill:
+def prefill(config: GLMConfig, context_ids: list[int], blank: int | None = None) -> Prefill:
+    """`blank`: the index of the blank being filled (None: `find_blank`'s)."""
     if not context_ids:
         raise ValueError("context_ids is empty; generation needs at least one context token")
     if config.objective == "causal":
         return Prefill(context_ids, 0, CONTINUE)
     tokens = config.special_tokens
-    blank = find_blank(context_ids, tokens)
+    if blank is None:
+        blank = find_blank(context_ids, tokens)
     if blank is None:
         raise ValueError(
             "context_ids (Part A) contains no [MASK]/[sMASK]/[gMASK] token; a GLM model fills a blank "

@@ -9,7 +9,7 @@ from typing import overload
 
 import torch
 
-from openglm.config import GLMConfig
+from openglm.config import SPECIAL_TOKEN_TEXT, GLMConfig, SpecialTokens
 from openglm.generation.options import GenerationConfig, Tokenizer
 from openglm.generation.rules import Rules, make_generator
 from openglm.generation.search import Job, run
@@ -37,9 +37,7 @@ class Prompt:
         if self.causal:  # one "blank": the continuation after the text
             self.pieces, self.marks = [ids, []], [-1]
         else:
-            if find_blank(ids, self.special) is None:
-                ids = [*ids, self.special.gmask]
-            cuts = [i for i, t in enumerate(ids) if t in self.special.mask_ids]
+            ids, cuts = prompt_layout(tokenizer, ids, self.special)
             self.pieces = [ids[a + 1 : b] for a, b in zip([-1, *cuts], [*cuts, len(ids)], strict=True)]
             self.marks = [ids[i] for i in cuts]
         self.piece_texts = [tokenizer.decode(piece) for piece in self.pieces]
@@ -53,20 +51,21 @@ class Prompt:
             return 0 if self.fills[0] is None else None
         return find_blank([m if f is None else -1 for m, f in zip(self.marks, self.fills, strict=True)], self.special)
 
-    def context(self) -> list[int]:
-        """Part A: earlier fillings written in, blanks not yet filled still masks."""
+    def start(self, blank: int, text: Text) -> Job:
+        """The job that fills `blank` into `text`. Its Part A has the earlier fillings written in and
+        the blanks not yet filled still masks, and it names where `blank` is in it."""
         ids = list(self.pieces[0])
-        for mark, fill, piece in zip(self.marks, self.fills, self.pieces[1:], strict=True):
+        at = None
+        for index, (mark, fill, piece) in enumerate(zip(self.marks, self.fills, self.pieces[1:], strict=True)):
             if fill is not None and fill.finished:
                 ids += fill.ids()
             elif not self.causal:
+                at = len(ids) if index == blank else at
                 ids.append(mark)
             ids += piece
-        return ids
-
-    def start(self, blank: int, text: Text) -> None:
         self.fills[blank] = text
         self.order.append(blank)
+        return Job(ids, text, self.generator, at)
 
     def completed(self) -> str:
         return self.piece_texts[0] + "".join(f.text + p for f, p in zip(self.finished_fills(), self.piece_texts[1:], strict=True))
@@ -103,6 +102,18 @@ class Prompt:
             self._sent = 0
 
 
+def prompt_layout(tokenizer: Tokenizer, ids: list[int], tokens: SpecialTokens) -> tuple[list[int], list[int]]:
+    """A GLM prompt's ids as the model reads them before <sop>, and the indices of its blanks in
+    filling order: the tokenizer's own rule when it has one (`prompt_layout`, ChatGLM-6B's
+    releases), else GLM-130B's: [gMASK] appended when there is no blank, every mask token a blank."""
+    own = getattr(tokenizer, "prompt_layout", None)
+    if own is not None:
+        return own(ids)
+    if find_blank(ids, tokens) is None:
+        ids = [*ids, tokens.gmask]
+    return ids, [i for i, t in enumerate(ids) if t in tokens.mask_ids]
+
+
 def check_prompt(model: GLM, tokenizer: Tokenizer, text: str) -> list[int]:
     """The prompt's token ids, or ValueError saying why it cannot be completed: empty, unknown
     token ids, masks for a causal model, or longer than the model's context (max_seq_len)."""
@@ -124,9 +135,11 @@ def check_prompt(model: GLM, tokenizer: Tokenizer, text: str) -> list[int]:
             raise ValueError("a causal model cannot fill [MASK]/[sMASK]/[gMASK] blanks; remove them from the text")
         needed, extra = len(ids), ""
     else:
-        appended = find_blank(ids, tokens) is None
-        needed = len(ids) + 1 + appended
-        extra = " with <sop>" + (" and the appended [gMASK]" if appended else "")
+        laid_out = prompt_layout(tokenizer, ids, tokens)[0]
+        needed = len(laid_out) + 1
+        names = {getattr(tokens, name): text for name, text in SPECIAL_TOKEN_TEXT.items()}
+        appended = " ".join(names.get(i, f"token {i}") for i in laid_out[len(ids) :])
+        extra = " with <sop>" + (f" and the appended {appended}" if appended else "")
     if needed > model_config.max_seq_len:
         raise ValueError(
             f"the prompt is {len(ids)} tokens ({needed}{extra}), longer than the model's context of "
@@ -160,9 +173,7 @@ def fill(model: GLM, prompts: Sequence[Prompt], config: GenerationConfig, rules:
             blank = prompt.next_blank()
             if blank is None:
                 continue
-            job = Job(prompt.context(), Text(rules, incremental), prompt.generator)
-            prompt.start(blank, job.text)
-            jobs.append(job)
+            jobs.append(prompt.start(blank, Text(rules, incremental)))
         if not jobs:
             return
         logger.debug("filling %d blanks in one batch", len(jobs))

@@ -137,9 +137,11 @@ def _is_real(value: object) -> bool:
 
 class Tokenizer(Protocol):
     """What generation needs from a tokenizer (`openglm.tokenizer.GLMTokenizer` provides it).
-    `encode` must turn literal "[MASK]", "[sMASK]", "[gMASK]" in the text into their ids, and
-    `decode` must be prefix-stable (decoding more tokens only appends text, except that a trailing
-    U+FFFD may become the character the next bytes complete), as byte-level BPE is."""
+    `encode` turns literal "[MASK]", "[sMASK]", "[gMASK]" in the text into their ids (ChatGLM-6B's
+    tokenizer only "[MASK]", as its releases do), and `decode` must be prefix-stable (decoding more
+    tokens only appends text, except that a trailing U+FFFD may become the character the next
+    bytes complete), as byte-level BPE is. A tokenizer may also have `prompt_layout(ids)`, which
+    places the tokens appended before <sop> and names the blanks (`blanks.prompt_layout`)."""
 
     @property
     def special_tokens(self) -> SpecialTokens: ...

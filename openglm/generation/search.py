@@ -19,18 +19,20 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Job:
-    """One Part B to decode: its Part A, where its tokens go, its random generator."""
+    """One Part B to decode: its Part A, where its tokens go, its random generator, and the index
+    in Part A of the blank it fills (None: `find_blank`'s)."""
 
     context: list[int]
     text: Text
     generator: torch.Generator | None
+    blank: int | None = None
 
 
 def run(model: GLM, jobs: Sequence[Job], config: GenerationConfig, rules: Rules) -> Iterator[None]:
     """Decode one Part B for every job as one batch, yielding after each step. When it ends every
     job's text is finished."""
     model_config = model.config
-    prefills = [prefill(model_config, job.context) for job in jobs]
+    prefills = [prefill(model_config, job.context, job.blank) for job in jobs]
     needed = max(len(p.tokens) for p in prefills) + config.max_new_tokens - 1
     if needed > model_config.max_seq_len:
         logger.warning(

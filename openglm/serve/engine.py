@@ -171,8 +171,7 @@ class Engine:
         blank = prompt.next_blank()
         if blank is None:
             return
-        job = Job(prompt.context(), Text(submission.rules, submission.incremental), prompt.generator)
-        prompt.start(blank, job.text)
+        job = prompt.start(blank, Text(submission.rules, submission.incremental))
         row = _Row(job, prompt, submission)
         self._waiting.appendleft(row) if front else self._waiting.append(row)
 
@@ -183,7 +182,7 @@ class Engine:
         if count <= 0:
             return
         new = [self._waiting.popleft() for _ in range(count)]
-        prefills = [prefill(self.model.config, row.job.context) for row in new]
+        prefills = [prefill(self.model.config, row.job.context, row.job.blank) for row in new]
         batch = Batch(self.model, prefills, max(row.submission.config.max_new_tokens for row in new))
         logits = batch.step(batch.first)
         if self._batch is None:
