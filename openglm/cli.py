@@ -577,15 +577,17 @@ def plan(
 
 @tokenizer_app.command("train")
 def tokenizer_train(
-    files: Annotated[list[Path], typer.Argument(help=".txt/.jsonl files or folders")],
+    files: Annotated[list[Path], typer.Argument(help=".txt/.jsonl (plain, .gz, .zst) or .parquet files, or folders")],
     vocab_size: Annotated[int, typer.Option(help="vocabulary size including special and byte tokens")] = 16384,
     out: Annotated[Path, typer.Option(help="where to write tokenizer.json")] = Path("tokenizer.json"),
+    text_field: Annotated[str, typer.Option(help="the .jsonl field or Parquet column holding the text")] = "text",
 ) -> None:
     """Train a byte-level BPE tokenizer with GLM's special tokens."""
+    from openglm.data.documents import iter_documents
     from openglm.tokenizer import train_tokenizer
 
     try:
-        tokenizer = train_tokenizer(list(files), vocab_size, out)
+        tokenizer = train_tokenizer(iter_documents(files, text_field), vocab_size, out)
     except (ValueError, FileNotFoundError) as err:
         raise _fail(str(err)) from None
     typer.echo(f"wrote {out} ({tokenizer.vocab_size} tokens)")
@@ -594,7 +596,3 @@ def tokenizer_train(
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     app()
-
-
-if __name__ == "__main__":
-    main()

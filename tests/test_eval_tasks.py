@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from openglm.data.corpus import bundled_corpus_paths, iter_documents
+from openglm.data.documents import bundled_corpus_paths, iter_documents
 from openglm.eval import heldout
 from openglm.eval.tasks import (
     ChoiceExample,

@@ -3,7 +3,7 @@
 A task is a YAML file (a bundled one by name, or a path) or directly a data file or folder whose
 format is recognised:
 
-- `.txt`, or `.jsonl` of `{"text"}`: `lm` (documents as `openglm.data.corpus.iter_documents` reads them);
+- `.txt`, or `.jsonl` of `{"text"}`: `lm` (documents as `openglm.data.documents.iter_documents` reads them);
 - `.jsonl` of `{"text", "target"}`: `cloze` (LAMBADA: `text` is the whole passage, ending with `target`);
 - a BIG-bench `task.json`, or a folder holding one (subtasks in subfolders): `mul` where examples
   carry `target_scores`, `gen` where they carry `target`;
@@ -31,7 +31,7 @@ import numpy as np
 import yaml
 
 from openglm.config import ConfigError
-from openglm.data.corpus import CorpusError, iter_documents, json_object
+from openglm.data.documents import CorpusError, iter_documents, json_object
 
 TASK_TYPES = ("lm", "cloze", "mul", "gen")
 CLOZE_MODES = ("bidirectional", "unidirectional")
