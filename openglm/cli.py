@@ -50,7 +50,7 @@ def default_precision() -> str:
 TRAIN_OPTIONS = {
     name: "--" + name.replace("_", "-")
     for name in ("objective", "precision", "seed", "max_steps", "batch_size", "micro_batch_size", "lr", "mip_data", "mip_share",
-                 "egs_alpha", "eval_every", "save_every", "data", "max_bad_steps")
+                 "egs_alpha", "eval_every", "save_every", "data", "tokenizer", "max_bad_steps")
 } | {"max_seq_len": "--seq-len", "num_threads": "--threads", "out_dir": "--out"}
 
 
@@ -59,7 +59,8 @@ def train(
     ctx: typer.Context,
     preset: Annotated[str, typer.Option(help=f"model preset: {', '.join(MODEL_PRESETS)}")] = "tiny",
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/<preset>)")] = None,
-    data: Annotated[list[Path] | None, typer.Option(help=".txt/.jsonl files or folders (default: the bundled corpus)")] = None,
+    data: Annotated[list[Path] | None, typer.Option(help=".txt/.jsonl (plain, .gz, .zst), .parquet files or folders (default: the bundled corpus)")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="a tokenizer.json from `openglm tokenizer train` (default: the bundled one)")] = None,
     objective: Annotated[str, typer.Option(help="glm (blank infilling) or causal (GPT baseline)")] = "glm",
     precision: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (default: bf16 where the hardware has it)")] = None,
     seed: int = 1234,
@@ -113,6 +114,7 @@ def train(
         chosen = {
             "out_dir": str(out) if out else None,
             "data": [str(p) for p in data] if data else None,
+            "tokenizer": str(tokenizer) if tokenizer else None,
             "precision": precision or default_precision(),
             "seed": seed,
             "max_steps": max_steps,

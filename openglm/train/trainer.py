@@ -145,10 +145,15 @@ class Trainer:
         if resume_from is not None:
             model_config = ckpt.load_config(resume_from)
             tokenizer = GLMTokenizer.from_file(resume_from / ckpt.TOKENIZER_FILE)
+            if config.tokenizer and GLMTokenizer.from_file(config.tokenizer).fingerprint != tokenizer.fingerprint:
+                raise ConfigError(f"{config.tokenizer}: not the tokenizer the run was trained with ({resume_from / ckpt.TOKENIZER_FILE})")
+        elif tokenizer is None and config.tokenizer:
+            tokenizer = GLMTokenizer.from_file(config.tokenizer)
         self.tokenizer = tokenizer or GLMTokenizer.default()
         if self.tokenizer.vocab_size > model_config.vocab_size:
             raise ConfigError(
-                f"the tokenizer has {self.tokenizer.vocab_size} tokens but GLMConfig.vocab_size is {model_config.vocab_size}"
+                f"{config.tokenizer or 'the tokenizer'}: {self.tokenizer.vocab_size} tokens do not fit the model's "
+                f"GLMConfig.vocab_size of {model_config.vocab_size} (train a tokenizer with --vocab-size {model_config.vocab_size} or less)"
             )
         if model_config.special_tokens != self.tokenizer.special_tokens:
             model_config = dataclasses.replace(model_config, special_tokens=self.tokenizer.special_tokens)
