@@ -18,10 +18,12 @@ import zstandard
 from typer.testing import CliRunner
 
 from openglm.cli import app
+from openglm.config import TrainConfig, model_preset
 from openglm.data.documents import CorpusError, iter_documents, resolve_corpus_files
 from openglm.data.shards import ShardIndex, build_token_shards, prepare_corpus
 from openglm.data.stream import TokenStream
 from openglm.tokenizer import GLMTokenizer
+from openglm.train.trainer import Trainer
 
 
 def gzip_members(data: bytes, parts: int) -> bytes:
@@ -181,6 +183,21 @@ def test_shards_of_compressed_and_columnar_files_match_the_plain_ones(tmp_path: 
     cache = tmp_path / "cache"
     both = write_parquet(tmp_path / "two.parquet", {"body": texts, "title": [t[:20] for t in texts]})
     assert prepare_corpus([both], tok, cache, text_field="body") != prepare_corpus([both], tok, cache, text_field="title")
+
+
+def test_training_reads_the_configured_parquet_column(tmp_path: Path, cache_env: str, bundled: dict[str, Path]) -> None:
+    paragraphs = [p for p in bundled["emma.txt"].read_text(encoding="utf-8").split("\n\n") if p.strip()][:400]
+    table = write_parquet(tmp_path / "emma.parquet", {"id": list(range(len(paragraphs))), "content": paragraphs})
+    config = TrainConfig(
+        out_dir=str(tmp_path / "run"), data=[str(table)], text_field="content", precision="fp32", batch_size=4,
+        micro_batch_size=4, max_steps=1, warmup_steps=1, eval_every=1000, save_every=1000, eval_batches=1, final_eval_tokens=500,
+    )  # fmt: skip
+    trainer = Trainer(model_preset("micro", max_seq_len=64), config)
+    assert trainer.fit()["step"] == 1
+    # the run's shards are those of the column's paragraphs
+    shards = prepare_corpus([table], trainer.tokenizer, Path(cache_env) / "shards", seed=config.seed, text_field="content")
+    assert TokenStream(shards, "train").num_documents + TokenStream(shards, "val").num_documents == len(paragraphs)
+    assert trainer.tokenizer.decode(TokenStream(shards, "train").document(0)[:-1]) in paragraphs
 
 
 def test_tokenizer_command_reports_a_damaged_file_in_one_line(tmp_path: Path, plain: dict[str, Path]) -> None:

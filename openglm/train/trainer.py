@@ -188,7 +188,9 @@ class Trainer:
         """Training samples and held-out samples (None with `val_fraction` 0: no held-out evaluation)."""
         config, model_config = self.config, self.model_config
         paths = [Path(p) for p in config.data] or bundled_corpus_paths()
-        shards = prepare_corpus(paths, self.tokenizer, cache_dir() / "shards", val_fraction=config.val_fraction, seed=config.seed)
+        shards = prepare_corpus(
+            paths, self.tokenizer, cache_dir() / "shards", val_fraction=config.val_fraction, seed=config.seed, text_field=config.text_field
+        )
 
         train: SampleSource = self._samples(TokenStream(shards, "train"), config, paths)
         if config.mip_data:
