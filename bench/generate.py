@@ -65,7 +65,7 @@ import openglm
 from openglm import native
 from openglm.checkpoint import CheckpointError, load_config, load_model, resolve_checkpoint, verify_files
 from openglm.config import GLMConfig, TrainConfig
-from openglm.data.corpus import bundled_corpus_paths, iter_documents
+from openglm.data.documents import bundled_corpus_paths, iter_documents
 from openglm.generation import GenerationConfig
 from openglm.model import GLM
 from openglm.quantize import QuantizedMemory, quantize_model, quantized_layers, quantized_memory

@@ -37,7 +37,7 @@ def write_ice_text(folder: Path, tokens: dict[str, int]) -> None:
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
-    from openglm.data.corpus import bundled_corpus_paths
+    from openglm.data.documents import bundled_corpus_paths
 
     lines = [line for line in bundled_corpus_paths()[0].read_text().splitlines() if line.strip()][:2000]
     buffer = io.BytesIO()

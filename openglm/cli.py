@@ -50,7 +50,7 @@ def default_precision() -> str:
 TRAIN_OPTIONS = {
     name: "--" + name.replace("_", "-")
     for name in ("objective", "precision", "seed", "max_steps", "batch_size", "micro_batch_size", "lr", "mip_data", "mip_share",
-                 "egs_alpha", "eval_every", "save_every", "data", "max_bad_steps")
+                 "egs_alpha", "eval_every", "save_every", "data", "tokenizer", "max_bad_steps")
 } | {"max_seq_len": "--seq-len", "num_threads": "--threads", "out_dir": "--out"}
 
 
@@ -59,7 +59,8 @@ def train(
     ctx: typer.Context,
     preset: Annotated[str, typer.Option(help=f"model preset: {', '.join(MODEL_PRESETS)}")] = "tiny",
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/<preset>)")] = None,
-    data: Annotated[list[Path] | None, typer.Option(help=".txt/.jsonl files or folders (default: the bundled corpus)")] = None,
+    data: Annotated[list[Path] | None, typer.Option(help=".txt/.jsonl (plain, .gz, .zst), .parquet files or folders (default: the bundled corpus)")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(help="a tokenizer.json from `openglm tokenizer train` (default: the bundled one)")] = None,
     objective: Annotated[str, typer.Option(help="glm (blank infilling) or causal (GPT baseline)")] = "glm",
     precision: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (default: bf16 where the hardware has it)")] = None,
     seed: int = 1234,
@@ -113,6 +114,7 @@ def train(
         chosen = {
             "out_dir": str(out) if out else None,
             "data": [str(p) for p in data] if data else None,
+            "tokenizer": str(tokenizer) if tokenizer else None,
             "precision": precision or default_precision(),
             "seed": seed,
             "max_steps": max_steps,
@@ -576,15 +578,17 @@ def plan(
 
 @tokenizer_app.command("train")
 def tokenizer_train(
-    files: Annotated[list[Path], typer.Argument(help=".txt/.jsonl files or folders")],
+    files: Annotated[list[Path], typer.Argument(help=".txt/.jsonl (plain, .gz, .zst) or .parquet files, or folders")],
     vocab_size: Annotated[int, typer.Option(help="vocabulary size including special and byte tokens")] = 16384,
     out: Annotated[Path, typer.Option(help="where to write tokenizer.json")] = Path("tokenizer.json"),
+    text_field: Annotated[str, typer.Option(help="the .jsonl field or Parquet column holding the text")] = "text",
 ) -> None:
     """Train a byte-level BPE tokenizer with GLM's special tokens."""
+    from openglm.data.documents import iter_documents
     from openglm.tokenizer import train_tokenizer
 
     try:
-        tokenizer = train_tokenizer(list(files), vocab_size, out)
+        tokenizer = train_tokenizer(iter_documents(files, text_field), vocab_size, out)
     except (ValueError, FileNotFoundError) as err:
         raise _fail(str(err)) from None
     typer.echo(f"wrote {out} ({tokenizer.vocab_size} tokens)")
@@ -593,7 +597,3 @@ def tokenizer_train(
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     app()
-
-
-if __name__ == "__main__":
-    main()

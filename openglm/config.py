@@ -233,6 +233,8 @@ class TrainConfig:
 
     out_dir: str = "runs/tiny"
     data: list[str] = field(default_factory=list)  # empty: the bundled corpus
+    text_field: str = "text"  # the field of a .jsonl line (the column of a Parquet file) holding a document
+    tokenizer: str | None = None  # a tokenizer.json made by `openglm tokenizer train`; None: the bundled one
     mip_data: str | None = None
     mip_share: float = 0.05
     seed: int = 1234

@@ -4,7 +4,8 @@ Byte-level, with no normalizer, so every Unicode string encodes without unknown 
 back exactly. GLM's special tokens take the first ids, in the order of `openglm.config.SpecialTokens`,
 so model and data code can rely on fixed ids; the 256 byte symbols follow, then the learned merges.
 The default tokenizer shipped with the package is rebuilt from the bundled corpus with
-`openglm tokenizer train openglm/resources/corpus --out openglm/resources/tokenizer.json`.
+`openglm tokenizer train openglm/resources/corpus --out openglm/resources/tokenizer.json`
+(`train_tokenizer` takes texts; the command reads them with `openglm.data.documents.iter_documents`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from openglm.config import SPECIAL_TOKEN_TEXT, SpecialTokens
-from openglm.data.corpus import iter_documents
 
 logger = logging.getLogger(__name__)
 
@@ -163,23 +163,23 @@ class GLMTokenizer:
 
 
 def train_tokenizer(
-    files: Sequence[str | os.PathLike[str]],
+    texts: Iterable[str],
     vocab_size: int,
     out: Path | None = None,
     min_frequency: int = 2,
 ) -> GLMTokenizer:
-    """Train a byte-level BPE tokenizer on .txt/.jsonl corpus files (read as by `iter_documents`).
+    """Train a byte-level BPE tokenizer on `texts` (e.g. the documents of corpus files,
+    `openglm.data.documents.iter_documents(paths)`), read once, one at a time.
 
     The special tokens get ids 0-6 and every byte symbol is in the vocabulary whether or not it
-    occurs, so the result never needs an unknown token. Saved to `out` when given.
+    occurs, so the result never needs an unknown token. An error raised while reading `texts`
+    propagates unchanged. Saved to `out` when given.
     """
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(
             f"vocab_size {vocab_size} is too small: at least {MIN_VOCAB_SIZE} = {len(SPECIAL_TOKENS)} special "
             f"tokens + {len(BYTE_SYMBOLS)} byte symbols + 1 merge"
         )
-    if not files:
-        raise ValueError("no input files to train the tokenizer on")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
@@ -199,8 +199,10 @@ def train_tokenizer(
             yield doc
 
     started = time.perf_counter()
-    tokenizer.train_from_iterator(counted(iter_documents(files)), trainer)
+    tokenizer.train_from_iterator(counted(texts), trainer)
     elapsed = time.perf_counter() - started
+    if documents == 0:
+        raise ValueError("no texts to train the tokenizer on")
     result = GLMTokenizer(tokenizer, source="<trained tokenizer>")
     if result.vocab_size < vocab_size:
         logger.warning(

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from openglm.data.corpus import bundled_corpus_paths
+from openglm.data.documents import bundled_corpus_paths
 from openglm.tokenizer import GLMTokenizer
 
 

@@ -26,7 +26,7 @@ from openglm.checkpoint import CheckpointError
 from openglm.cli import app
 from openglm.convert import ChatGLMTokenizer, convert
 from openglm.convert.chatglm import config_from_chatglm
-from openglm.data.corpus import bundled_corpus_paths
+from openglm.data.documents import bundled_corpus_paths
 from openglm.model import GLM
 
 CONTROL = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]

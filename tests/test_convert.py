@@ -25,7 +25,7 @@ from openglm.cli import app
 from openglm.convert import ChatGLMTokenizer, ConvertError, convert, detect_format
 from openglm.convert import chatglm as chatglm_layout
 from openglm.convert.store import TorchFileWriter
-from openglm.data.corpus import bundled_corpus_paths
+from openglm.data.documents import bundled_corpus_paths
 from openglm.generation import GenerationConfig, generate_tokens
 from openglm.quantize import quantize_model
 

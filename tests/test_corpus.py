@@ -11,17 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from openglm.data.corpus import (
-    INDEX_FILE,
-    TXT_DOCUMENT_CHARS,
-    CorpusError,
-    ShardIndex,
-    TokenStream,
-    build_token_shards,
-    bundled_corpus_paths,
-    iter_documents,
-    prepare_corpus,
-)
+from openglm.data.documents import TXT_DOCUMENT_CHARS, CorpusError, bundled_corpus_paths, iter_documents
+from openglm.data.shards import INDEX_FILE, ShardIndex, build_token_shards, prepare_corpus
+from openglm.data.stream import TokenStream
 from openglm.tokenizer import GLMTokenizer
 
 BUNDLED = {
@@ -231,7 +223,7 @@ def test_prepare_corpus_reuses_a_valid_build(
     cache = tmp_path / "cache"
     first = prepare_corpus([mixed_corpus], tok, cache)
     index_mtime = (first / INDEX_FILE).stat().st_mtime_ns
-    with caplog.at_level("INFO", logger="openglm.data.corpus"):
+    with caplog.at_level("INFO", logger="openglm.data.shards"):
         assert prepare_corpus([mixed_corpus], tok, cache) == first
     assert "reusing" in caplog.text
     assert (first / INDEX_FILE).stat().st_mtime_ns == index_mtime

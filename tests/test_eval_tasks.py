@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from openglm.cli import app
-from openglm.data.corpus import bundled_corpus_paths, iter_documents
+from openglm.data.documents import bundled_corpus_paths, iter_documents
 from openglm.eval import heldout
 from openglm.eval.tasks import (
     ChoiceExample,

@@ -18,8 +18,10 @@ from typer.testing import CliRunner
 
 from openglm.cli import app
 from openglm.config import GLMConfig, TrainConfig, model_preset
-from openglm.data import corpus
-from openglm.data.corpus import TXT_MAX_DOCUMENT_CHARS, CorpusError, TokenStream, iter_documents, prepare_corpus
+from openglm.data import documents
+from openglm.data.documents import TXT_MAX_DOCUMENT_CHARS, CorpusError, iter_documents
+from openglm.data.shards import prepare_corpus
+from openglm.data.stream import TokenStream
 from openglm.tokenizer import GLMTokenizer
 from openglm.train.metrics import read_metrics
 from openglm.train.trainer import Trainer
@@ -54,7 +56,7 @@ RSS_BOUND_MIB = 1536
 # Runs corpus preparation in a child of a fresh interpreter and prints that child's peak RSS (KiB).
 MEASURE = """
 import resource, subprocess, sys
-child = "from openglm.data.corpus import prepare_corpus; from openglm.tokenizer import GLMTokenizer; "
+child = "from openglm.data.shards import prepare_corpus; from openglm.tokenizer import GLMTokenizer; "
 child += "import sys; prepare_corpus([sys.argv[1]], GLMTokenizer.default(), sys.argv[2], val_fraction=0.0)"
 subprocess.run([sys.executable, "-c", child, *sys.argv[1:]], check=True)
 print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
@@ -118,8 +120,8 @@ def test_one_huge_line_prepares_within_the_memory_bound_and_joins_back(
 @pytest.fixture
 def small_documents(monkeypatch: pytest.MonkeyPatch) -> None:
     """Documents of 300 to 1,200 characters, so cutting shows on a few kilobytes of text."""
-    monkeypatch.setattr(corpus, "TXT_DOCUMENT_CHARS", 300)
-    monkeypatch.setattr(corpus, "TXT_MAX_DOCUMENT_CHARS", 1200)
+    monkeypatch.setattr(documents, "TXT_DOCUMENT_CHARS", 300)
+    monkeypatch.setattr(documents, "TXT_MAX_DOCUMENT_CHARS", 1200)
 
 
 def documents_of(path: Path, text: str) -> list[str]:
@@ -172,7 +174,7 @@ def test_blank_line_paragraphs_are_grouped_as_before(tmp_path: Path, bundled: di
 def test_a_huge_jsonl_text_becomes_several_documents(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bundled: dict[str, Path]
 ) -> None:
-    monkeypatch.setattr(corpus, "JSONL_MAX_DOCUMENT_CHARS", 5000)
+    monkeypatch.setattr(documents, "JSONL_MAX_DOCUMENT_CHARS", 5000)
     text = english_sentences(bundled)[:40_000]
     path = tmp_path / "one.jsonl"
     path.write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": "short"}) + "\n", encoding="utf-8")

@@ -10,10 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from typer.testing import CliRunner
 
 import openglm.tokenizer as tokenizer_module
+from openglm.cli import app
 from openglm.config import SPECIAL_TOKEN_TEXT, SpecialTokens
-from openglm.data.corpus import CorpusError, iter_documents
+from openglm.data.documents import CorpusError, iter_documents
 from openglm.tokenizer import BYTE_SYMBOLS, MIN_VOCAB_SIZE, GLMTokenizer, train_tokenizer
 
 TRICKY = [
@@ -179,7 +181,7 @@ def test_train_small_tokenizer(tmp_path: Path, bundled: dict[str, Path]) -> None
     english.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs), encoding="utf-8")
     out = tmp_path / "small.json"
 
-    small = train_tokenizer([poems, english], vocab_size=400, out=out)
+    small = train_tokenizer(iter_documents([poems, english]), vocab_size=400, out=out)
     assert small.vocab_size == 400
     assert small.token_to_id("[gMASK]") == 4
     assert small.token_to_id("Ġthe") >= MIN_VOCAB_SIZE - 1  # a learned merge
@@ -188,25 +190,48 @@ def test_train_small_tokenizer(tmp_path: Path, bundled: dict[str, Path]) -> None
         assert all(0 <= i < 400 for i in ids)
         assert small.decode(ids) == text
     assert GLMTokenizer.from_file(out).fingerprint == small.fingerprint
-    # the same input trains the same tokenizer
-    assert train_tokenizer([poems, english], vocab_size=400).fingerprint == small.fingerprint
+    # the same input trains the same tokenizer, from the command line as from the API
+    again = tmp_path / "again.json"
+    result = CliRunner().invoke(app, ["tokenizer", "train", str(poems), str(english), "--vocab-size", "400", "--out", str(again)])
+    assert result.exit_code == 0, result.output
+    assert GLMTokenizer.from_file(again).fingerprint == small.fingerprint
 
 
 def test_train_errors(tmp_path: Path) -> None:
     text = tmp_path / "a.txt"
     text.write_text("some text " * 50)
     with pytest.raises(ValueError, match=f"vocab_size 263 is too small: at least {MIN_VOCAB_SIZE}"):
-        train_tokenizer([text], vocab_size=263)
-    assert train_tokenizer([text], vocab_size=MIN_VOCAB_SIZE).vocab_size == MIN_VOCAB_SIZE
+        train_tokenizer(iter_documents([text]), vocab_size=263)
+    assert train_tokenizer(iter_documents([text]), vocab_size=MIN_VOCAB_SIZE).vocab_size == MIN_VOCAB_SIZE
     with pytest.raises(ValueError, match="no input files"):
-        train_tokenizer([], vocab_size=1000)
+        train_tokenizer(iter_documents([]), vocab_size=1000)
     with pytest.raises(FileNotFoundError, match=r"nope\.txt"):
-        train_tokenizer([tmp_path / "nope.txt"], vocab_size=1000)
+        train_tokenizer(iter_documents([tmp_path / "nope.txt"]), vocab_size=1000)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     with pytest.raises(CorpusError, match=r"empty\.txt: holds no documents"):
-        train_tokenizer([empty], vocab_size=1000)
+        train_tokenizer(iter_documents([empty]), vocab_size=1000)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"txt": "typo"}\n')
     with pytest.raises(CorpusError, match=r"bad\.jsonl:2"):
-        train_tokenizer([bad], vocab_size=1000)
+        train_tokenizer(iter_documents([bad]), vocab_size=1000)
+    with pytest.raises(ValueError, match="no texts to train the tokenizer on"):
+        train_tokenizer(iter(()), vocab_size=1000)
+
+
+def test_train_takes_any_texts_and_the_command_reports_bad_input(tmp_path: Path, bundled: dict[str, Path]) -> None:
+    """The trainer reads texts, not files: a list trains exactly what the same documents read from a file train."""
+    poems = bundled["tang300.txt"].read_text(encoding="utf-8").split("\n\n")[:80]
+    path = tmp_path / "poems.jsonl"
+    path.write_text("".join(json.dumps({"body": p}, ensure_ascii=False) + "\n" for p in poems), encoding="utf-8")
+    from_list = train_tokenizer(poems, vocab_size=320)
+    assert from_list.vocab_size == 320
+    assert train_tokenizer(iter_documents([path], text_field="body"), vocab_size=320).fingerprint == from_list.fingerprint
+    out = tmp_path / "tok.json"
+    done = CliRunner().invoke(app, ["tokenizer", "train", str(path), "--text-field", "body", "--vocab-size", "320", "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    assert GLMTokenizer.from_file(out).fingerprint == from_list.fingerprint
+    wrong = CliRunner().invoke(app, ["tokenizer", "train", str(path), "--vocab-size", "320", "--out", str(tmp_path / "x.json")])
+    assert wrong.exit_code == 2
+    assert wrong.output.strip() == f"error: {path}:1: expected a JSON object with a string \"text\" field"
+    assert not (tmp_path / "x.json").exists()

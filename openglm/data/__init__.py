@@ -1,1 +1,1 @@
-"""Data pipeline: corpus reading and token shards (`corpus`), and the GLM training objectives."""
+"""Data pipeline: corpus files as documents (`documents`), tokenized once into shards (`shards`) read back as a token stream (`stream`), and the GLM training objectives."""

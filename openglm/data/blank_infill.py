@@ -71,7 +71,7 @@ class Sample(TypedDict):
 
 
 class TokenSource(Protocol):
-    """What the dataset needs from a token stream (e.g. `openglm.data.corpus.TokenStream`)."""
+    """What the dataset needs from a token stream (e.g. `openglm.data.stream.TokenStream`)."""
 
     def __len__(self) -> int: ...
 

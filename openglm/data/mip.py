@@ -18,7 +18,7 @@ import numpy as np
 
 from openglm.config import SpecialTokens
 from openglm.data.blank_infill import Encoding, Sample, build_infill_sample
-from openglm.data.corpus import json_object
+from openglm.data.documents import json_object
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from openglm.config import TrainConfig
-from openglm.data.corpus import bundled_corpus_paths, choose_validation, document_language, iter_documents
+from openglm.data.documents import bundled_corpus_paths, document_language, iter_documents
+from openglm.data.shards import choose_validation
 
 
 @dataclass(frozen=True)

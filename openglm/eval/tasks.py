@@ -3,7 +3,7 @@
 A task is a YAML file (a bundled one by name, or a path) or directly a data file or folder whose
 format is recognised:
 
-- `.txt`, or `.jsonl` of `{"text"}`: `lm` (documents as `openglm.data.corpus.iter_documents` reads them),
+- `.txt`, or `.jsonl` of `{"text"}`: `lm` (documents as `openglm.data.documents.iter_documents` reads them),
   except that a `.jsonl` named `lambada*` is `cloze` (logged);
 - `.jsonl` of `{"text", "target"}` or GLM-130B's `{"inputs_pretokenized", "targets_pretokenized"}`:
   `cloze` (LAMBADA; the cloze shapes are `load_cloze`'s);
@@ -35,7 +35,7 @@ import numpy as np
 import yaml
 
 from openglm.config import ConfigError
-from openglm.data.corpus import CorpusError, iter_documents, json_object
+from openglm.data.documents import CorpusError, iter_documents, json_object
 from openglm.eval.metrics import CJK
 
 logger = logging.getLogger(__name__)

@@ -37,7 +37,7 @@ def _expected_errors() -> tuple[type[Exception], ...]:
     """The errors a rank reports as one line, most specific first (imported late: no import cycle)."""
     from openglm.checkpoint import CheckpointError
     from openglm.config import ConfigError
-    from openglm.data.corpus import CorpusError
+    from openglm.data.documents import CorpusError
     from openglm.train.rundir import TrainingStopped
 
     return TrainingStopped, CheckpointError, ConfigError, CorpusError, FileNotFoundError, ValueError

@@ -22,8 +22,10 @@ import torch.nn.functional as F
 from openglm import checkpoint as ckpt
 from openglm.config import ConfigError, GLMConfig, TrainConfig, cache_dir
 from openglm.data.blank_infill import BlankInfillingDataset, TooFewTokens, collate
-from openglm.data.corpus import CorpusError, TokenStream, bundled_corpus_paths, document_language, prepare_corpus
+from openglm.data.documents import CorpusError, bundled_corpus_paths, document_language
 from openglm.data.mip import MIPDataset, MixedDataset
+from openglm.data.shards import prepare_corpus
+from openglm.data.stream import TokenStream
 from openglm.eval.lm import LMScore, score_tokens
 from openglm.model import GLM, flops_per_token
 from openglm.tokenizer import GLMTokenizer
@@ -143,10 +145,15 @@ class Trainer:
         if resume_from is not None:
             model_config = ckpt.load_config(resume_from)
             tokenizer = GLMTokenizer.from_file(resume_from / ckpt.TOKENIZER_FILE)
+            if config.tokenizer and GLMTokenizer.from_file(config.tokenizer).fingerprint != tokenizer.fingerprint:
+                raise ConfigError(f"{config.tokenizer}: not the tokenizer the run was trained with ({resume_from / ckpt.TOKENIZER_FILE})")
+        elif tokenizer is None and config.tokenizer:
+            tokenizer = GLMTokenizer.from_file(config.tokenizer)
         self.tokenizer = tokenizer or GLMTokenizer.default()
         if self.tokenizer.vocab_size > model_config.vocab_size:
             raise ConfigError(
-                f"the tokenizer has {self.tokenizer.vocab_size} tokens but GLMConfig.vocab_size is {model_config.vocab_size}"
+                f"{config.tokenizer or 'the tokenizer'}: {self.tokenizer.vocab_size} tokens do not fit the model's "
+                f"GLMConfig.vocab_size of {model_config.vocab_size} (train a tokenizer with --vocab-size {model_config.vocab_size} or less)"
             )
         if model_config.special_tokens != self.tokenizer.special_tokens:
             model_config = dataclasses.replace(model_config, special_tokens=self.tokenizer.special_tokens)
@@ -181,7 +188,9 @@ class Trainer:
         """Training samples and held-out samples (None with `val_fraction` 0: no held-out evaluation)."""
         config, model_config = self.config, self.model_config
         paths = [Path(p) for p in config.data] or bundled_corpus_paths()
-        shards = prepare_corpus(paths, self.tokenizer, cache_dir() / "shards", val_fraction=config.val_fraction, seed=config.seed)
+        shards = prepare_corpus(
+            paths, self.tokenizer, cache_dir() / "shards", val_fraction=config.val_fraction, seed=config.seed, text_field=config.text_field
+        )
 
         train: SampleSource = self._samples(TokenStream(shards, "train"), config, paths)
         if config.mip_data:

@@ -1,10 +1,10 @@
-"""Corpus reading and token shards.
+"""Token shards: a corpus tokenized once into flat binary files of token ids, and their cache.
 
-Text is read as documents (`iter_documents`), tokenized once into flat binary shards of token ids
-with an `<eos>` after every document (`build_token_shards`, cached by `prepare_corpus`), and
-memory-mapped back for training (`TokenStream`). The train/validation split is held out by
-document, so no validation text is ever seen in training, and shards are written in fixed-size
-pieces so a corpus larger than memory streams through.
+`build_token_shards` reads the documents (`openglm.data.documents`), holds out a seeded,
+language-stratified set of whole documents for validation, and writes each split as fixed-size
+shards with an `<eos>` after every document, so a corpus larger than memory streams through;
+`index.json` records where every document lies. `prepare_corpus` caches builds by everything that
+determines their content. `openglm.data.stream.TokenStream` reads a split back.
 """
 
 from __future__ import annotations
@@ -17,37 +17,32 @@ import os
 import re
 import secrets
 import shutil
-import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib.resources import files
 from itertools import chain
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 from tqdm import tqdm
+
+from openglm.checkpoint import write_text_atomic
+from openglm.data.documents import (
+    CorpusError,
+    PathLike,
+    document_language,
+    document_rules,
+    iter_documents,
+    resolve_corpus_files,
+)
 
 if TYPE_CHECKING:
     from openglm.tokenizer import GLMTokenizer
 
 logger = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike[str]
-
-CORPUS_SUFFIXES = (".txt", ".jsonl")
-# A .txt file is cut into documents of at least this many characters (whole paragraphs), so the
-# by-document validation split has enough documents to choose from even with a few large files.
-TXT_DOCUMENT_CHARS = 2000
-# ... and of at most this many where the text has no blank lines to cut at (above the longest
-# paragraph of the bundled corpus, 14,653 characters, whose documents it leaves as they were).
-TXT_MAX_DOCUMENT_CHARS = 20_000
-# A .jsonl document longer than this is cut into documents of at least half of it, so that the
-# tokenizer's memory stays bounded (it needs ~130 bytes per character of one text).
-JSONL_MAX_DOCUMENT_CHARS = 1_000_000
-# How much of a line is read at a time: a file of one huge line is never in memory whole.
-_READ_CHARS = 8192
-INDEX_FORMAT = 1
+# 2: the text field (or Parquet column) documents are read from is recorded and part of the key.
+INDEX_FORMAT = 2
 INDEX_FILE = "index.json"
 SPLITS = ("train", "val")
 # Upper bounds on one tokenizer batch: enough to keep the fast batch API busy, small enough that
@@ -55,211 +50,6 @@ SPLITS = ("train", "val")
 # tokens (each token is at least one byte), since the tokenizer's memory grows with tokens.
 _BATCH_DOCUMENTS = 1024
 _BATCH_BYTES = 1_000_000
-_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-_LATIN = re.compile(r"[A-Za-z]")
-# A sentence end a document may be cut after: followed by a space or a letter (Chinese has no spaces).
-_SENTENCE_END = re.compile(r"[.!?。！？…]+[\"'”’」』）)]*(?=[^\W\d_]|\s)")
-_SPACE = re.compile(r"(?<=\S)(?=\s)")
-
-
-class CorpusError(ValueError):
-    """Corpus text or a token-shard build is unusable; the message names the file."""
-
-
-def _resolve_one(path: Path) -> list[Path]:
-    if path.is_dir():
-        found = sorted(
-            f
-            for f in path.rglob("*")
-            if f.is_file()
-            and f.suffix.lower() in CORPUS_SUFFIXES
-            and not any(part.startswith(".") for part in f.relative_to(path).parts)
-        )
-        if not found:
-            raise CorpusError(f"{path}: folder holds no .txt or .jsonl files")
-        return found
-    if path.is_file():
-        if path.suffix.lower() not in CORPUS_SUFFIXES:
-            raise CorpusError(f"{path}: unsupported corpus file type (expected .txt or .jsonl)")
-        return [path]
-    raise FileNotFoundError(f"{path}: corpus path does not exist")
-
-
-def _resolve_groups(paths: Sequence[PathLike]) -> list[tuple[Path, list[Path]]]:
-    """Expand every given path to its corpus files up front, so a bad path fails before any work."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]  # a lone path would otherwise be iterated character by character
-    groups = [(Path(p), _resolve_one(Path(p))) for p in paths]
-    if not groups:
-        raise CorpusError("no corpus paths given")
-    return groups
-
-
-def resolve_corpus_files(paths: Sequence[PathLike]) -> list[Path]:
-    """The corpus files that `iter_documents(paths)` reads, in reading order."""
-    return [f for _, group in _resolve_groups(paths) for f in group]
-
-
-def _cut(text: str, low: int, high: int) -> tuple[int, int]:
-    """Where to cut `text` between `low` and `high` characters: (end of this piece, start of the next).
-
-    The first boundary after `low` of the strongest kind there is: a blank line, a line break
-    (both dropped, as blank lines between documents are), a sentence end, a space (kept with the
-    next piece, where the tokenizer puts it anyway), else anywhere but before a combining mark.
-    """
-    for separator in ("\n\n", "\n"):
-        at = text.find(separator, low, high)
-        if at >= 0:
-            return at, at + len(separator)
-    for pattern in (_SENTENCE_END, _SPACE):
-        match = pattern.search(text, low, high)
-        if match:
-            return match.end(), match.end()
-    at = high
-    while at > low and unicodedata.combining(text[at]):
-        at -= 1
-    return at, at
-
-
-def _bounded(text: str, low: int, high: int) -> Iterator[tuple[str, str]]:
-    """`text` in pieces of at most `high` characters (see `_cut`), each with the separator dropped after it."""
-    pos = 0
-    while len(text) - pos > high:
-        end, start = _cut(text, pos + low, pos + high)
-        yield text[pos:end], text[end:start]
-        pos = start
-    yield text[pos:], ""
-
-
-def _txt_lines(f: TextIO) -> Iterator[tuple[str, bool]]:
-    """A file's lines without their newline, read in segments of at most `_READ_CHARS` characters so
-    that one huge line is never in memory whole; the flag marks a segment that starts a line."""
-    starts = True
-    while segment := f.readline(_READ_CHARS):
-        ends = segment.endswith("\n")
-        yield segment.removesuffix("\n"), starts
-        starts = ends
-
-
-def _read_txt(path: Path) -> Iterator[str]:
-    """Paragraphs (runs of non-blank lines, text kept exact) grouped into documents.
-
-    Paragraphs are joined with one blank line until a document reaches `TXT_DOCUMENT_CHARS`; a
-    shorter tail joins the previous document so that only a file shorter than that yields a short
-    document. A document that would pass `TXT_MAX_DOCUMENT_CHARS` (a file without blank lines, one
-    huge line) is cut at a line break, a sentence end or a space (`_cut`), so documents stay small
-    enough for a by-document validation split and for the tokenizer. Lines are read with universal
-    newlines, so "\\r\\n" becomes "\\n".
-    """
-    text = ""  # the document so far: whole paragraphs joined by blank lines, then the open paragraph
-    open_paragraph = False
-    blanks: list[str] | None = None  # the current line's segments while it is all whitespace
-    ready: tuple[str, str] | None = None  # the previous document and the separator cut after it
-
-    def close(document: str, separator: str) -> Iterator[str]:
-        nonlocal ready
-        if ready is not None:
-            yield ready[0]
-        ready = (document, separator)
-
-    def end_paragraph() -> Iterator[str]:
-        nonlocal text, open_paragraph
-        if open_paragraph:
-            open_paragraph = False
-            if len(text) + 2 >= TXT_DOCUMENT_CHARS:
-                yield from close(text, "\n\n")
-                text = ""
-
-    try:
-        with path.open(encoding="utf-8-sig") as f:
-            for segment, starts in _txt_lines(f):
-                if starts:
-                    if blanks is not None:  # the previous line was blank
-                        yield from end_paragraph()
-                    blanks = []
-                if blanks is not None:
-                    if not segment.strip():
-                        blanks.append(segment)
-                        continue
-                    separator = "\n" if open_paragraph else "\n\n" if text else ""
-                    segment = separator + "".join(blanks) + segment
-                    blanks, open_paragraph = None, True
-                text += segment
-                if len(text) > TXT_MAX_DOCUMENT_CHARS:
-                    *whole, (text, _) = _bounded(text, TXT_DOCUMENT_CHARS, TXT_MAX_DOCUMENT_CHARS)
-                    for document, cut in whole:
-                        yield from close(document, cut)
-            yield from end_paragraph()
-    except UnicodeDecodeError as err:
-        raise CorpusError(f"{path}: not valid UTF-8 ({err})") from None
-    if text:
-        ready = (text, "") if ready is None else (ready[0] + ready[1] + text, "")
-    if ready is not None:
-        yield ready[0]
-
-
-def json_object(line: str, where: str, error: type[ValueError] = ValueError) -> dict[str, Any]:
-    """The JSON object on one line of a .jsonl file; otherwise `error` naming `where` (file, line or example)."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise error(f"{where}: invalid JSON ({err.msg}, column {err.colno})") from None
-    if not isinstance(record, dict):
-        raise error(f"{where}: expected a JSON object, got {type(record).__name__}")
-    return record
-
-
-def _read_jsonl(path: Path) -> Iterator[str]:
-    """One document per line: the line's JSON object's `text` field (cut into several past
-    `JSONL_MAX_DOCUMENT_CHARS`); blank lines and empty texts are skipped."""
-    try:
-        with path.open(encoding="utf-8-sig") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                text = json_object(line, f"{path}:{lineno}", CorpusError).get("text")
-                if not isinstance(text, str):
-                    raise CorpusError(f'{path}:{lineno}: expected a JSON object with a string "text" field')
-                if text:
-                    yield from (piece for piece, _ in _bounded(text, JSONL_MAX_DOCUMENT_CHARS // 2, JSONL_MAX_DOCUMENT_CHARS))
-    except UnicodeDecodeError as err:
-        raise CorpusError(f"{path}: not valid UTF-8 ({err})") from None
-
-
-def iter_documents(paths: Sequence[PathLike]) -> Iterator[str]:
-    """Yield the documents of `.txt` and `.jsonl` files, recursing into folders.
-
-    Folders are read in sorted path order (hidden files and folders skipped), so the document order
-    is deterministic. A `.jsonl` line is one document (`text` field); a `.txt` file is cut at blank
-    lines into documents of whole paragraphs of at least `TXT_DOCUMENT_CHARS` characters, because
-    one document per file is too coarse for a by-document validation split of a few large books.
-    A path that does not exist raises FileNotFoundError; one that yields no documents raises
-    CorpusError.
-    """
-    for given, group in _resolve_groups(paths):
-        count = 0
-        for path in group:
-            reader = _read_jsonl if path.suffix.lower() == ".jsonl" else _read_txt
-            for document in reader(path):
-                count += 1
-                yield document
-        if count == 0:
-            raise CorpusError(f"{given}: holds no documents (its files are empty)")
-
-
-def bundled_corpus_paths() -> list[Path]:
-    """The corpus shipped with the package: English novels, then Chinese prose and poetry."""
-    root = Path(str(files("openglm") / "resources" / "corpus"))
-    paths = [p for lang in ("en", "zh") for p in sorted((root / lang).glob("*.txt"))]
-    if not paths:
-        raise FileNotFoundError(f"{root}: the bundled corpus is missing from the installed package")
-    return paths
-
-
-def document_language(document: str) -> str:
-    """Stratum for the validation split: "zh" if Han characters outnumber Latin letters, else "en"."""
-    sample = document[:4096]
-    return "zh" if len(_HAN.findall(sample)) > len(_LATIN.findall(sample)) else "en"
 
 
 def choose_validation(languages: Sequence[str], val_fraction: float, seed: int) -> np.ndarray:
@@ -286,12 +76,6 @@ def choose_validation(languages: Sequence[str], val_fraction: float, seed: int) 
     return is_val
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _sources(files_: Iterable[Path]) -> list[dict[str, Any]]:
     described = []
     for f in files_:
@@ -304,14 +88,13 @@ def _sha256_json(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-def _cache_key(tokenizer_hash: str, sources_hash: str, val_fraction: float, seed: int, shard_tokens: int) -> str:
+def _cache_key(tokenizer_hash: str, sources_hash: str, text_field: str, val_fraction: float, seed: int, shard_tokens: int) -> str:
     """Everything that determines the shards' content: a build with the same key can be reused."""
     return _sha256_json(
         {
             "format": INDEX_FORMAT,
-            "txt_document_chars": TXT_DOCUMENT_CHARS,
-            "txt_max_document_chars": TXT_MAX_DOCUMENT_CHARS,
-            "jsonl_max_document_chars": JSONL_MAX_DOCUMENT_CHARS,
+            **document_rules(),
+            "text_field": text_field,
             "tokenizer": tokenizer_hash,
             "sources": sources_hash,
             "val_fraction": val_fraction,
@@ -372,6 +155,7 @@ class ShardIndex:
     shard_tokens: int
     val_fraction: float
     seed: int
+    text_field: str
     tokenizer_hash: str
     sources_hash: str
     sources: list[dict[str, Any]]
@@ -379,7 +163,9 @@ class ShardIndex:
 
     @property
     def cache_key(self) -> str:
-        return _cache_key(self.tokenizer_hash, self.sources_hash, self.val_fraction, self.seed, self.shard_tokens)
+        return _cache_key(
+            self.tokenizer_hash, self.sources_hash, self.text_field, self.val_fraction, self.seed, self.shard_tokens
+        )
 
     def shard_path(self, split: str, name: str) -> Path:
         return self.root / split / name
@@ -393,6 +179,7 @@ class ShardIndex:
             "shard_tokens": self.shard_tokens,
             "val_fraction": self.val_fraction,
             "seed": self.seed,
+            "text_field": self.text_field,
             "tokenizer_hash": self.tokenizer_hash,
             "sources_hash": self.sources_hash,
             "cache_key": self.cache_key,
@@ -402,7 +189,7 @@ class ShardIndex:
 
     def save(self) -> None:
         """Write index.json atomically: it appears only once every shard it names is complete."""
-        _atomic_write_text(self.root / INDEX_FILE, json.dumps(self.to_json(), indent=1) + "\n")
+        write_text_atomic(self.root / INDEX_FILE, json.dumps(self.to_json(), indent=1) + "\n")
 
     @classmethod
     def load(cls, root: PathLike) -> ShardIndex:
@@ -427,6 +214,7 @@ class ShardIndex:
                 shard_tokens=operator.index(data["shard_tokens"]),
                 val_fraction=float(data["val_fraction"]),
                 seed=operator.index(data["seed"]),
+                text_field=str(data["text_field"]),
                 tokenizer_hash=str(data["tokenizer_hash"]),
                 sources_hash=str(data["sources_hash"]),
                 sources=list(data["sources"]),
@@ -527,12 +315,14 @@ def build_token_shards(
     val_fraction: float = 0.02,
     seed: int = 1234,
     shard_tokens: int = 2**24,
+    text_field: str = "text",
 ) -> ShardIndex:
     """Tokenize a corpus once into train/val token shards under `out_dir` and return their index.
 
     Two passes over the text: the first only counts documents and their language to draw the
     seeded, stratified validation documents; the second tokenizes in batches and streams the ids
-    straight to disk. Token ids are stored as uint16 when the vocabulary fits, else uint32.
+    straight to disk. `text_field` is the field of a `.jsonl` line (column of a Parquet file) that
+    holds a document's text. Token ids are stored as uint16 when the vocabulary fits, else uint32.
     `index.json` is removed first and written last, so an interrupted build never leaves an index
     that names incomplete shards.
     """
@@ -546,7 +336,7 @@ def build_token_shards(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / INDEX_FILE).unlink(missing_ok=True)
 
-    languages = [document_language(doc) for doc in iter_documents(corpus_files)]
+    languages = [document_language(doc) for doc in iter_documents(corpus_files, text_field)]
     is_val = choose_validation(languages, val_fraction, seed)
     if len(languages) < 2 and val_fraction > 0:
         logger.warning("only %d document(s): the validation split is empty", len(languages))
@@ -556,7 +346,7 @@ def build_token_shards(
     eos = tokenizer.special_tokens.eos
     done = 0
     with tqdm(total=len(languages), unit="doc", desc="tokenizing", disable=None) as bar:
-        for batch in _batches(iter_documents(corpus_files)):
+        for batch in _batches(iter_documents(corpus_files, text_field)):
             if done + len(batch) > len(languages):
                 raise CorpusError("the corpus changed while its shards were being built")
             encoded = tokenizer.encode_batch(batch)
@@ -578,6 +368,7 @@ def build_token_shards(
         shard_tokens=shard_tokens,
         val_fraction=val_fraction,
         seed=seed,
+        text_field=text_field,
         tokenizer_hash=tokenizer.fingerprint,
         sources_hash=_sha256_json(sources),
         sources=sources,
@@ -604,17 +395,18 @@ def prepare_corpus(
     val_fraction: float = 0.02,
     seed: int = 1234,
     shard_tokens: int = 2**24,
+    text_field: str = "text",
 ) -> Path:
     """Token shards for `paths` under `cache_dir/<key>`, reusing a valid earlier build.
 
-    The key hashes the tokenizer, the source files' paths, sizes and mtimes, and the split
-    settings, so editing a file or changing the tokenizer makes a new build. A build is made in a
+    The key hashes the tokenizer, the source files' paths, sizes and mtimes, the text field and
+    the split settings, so editing a file or changing the tokenizer makes a new build. A build is made in a
     temporary folder and renamed into place, so a crashed build is never mistaken for a cache hit.
     """
     cache_dir = Path(cache_dir)
     _remove_dead_builds(cache_dir)
     sources_hash = _sha256_json(_sources(resolve_corpus_files(paths)))
-    key = _cache_key(tokenizer.fingerprint, sources_hash, val_fraction, seed, shard_tokens)
+    key = _cache_key(tokenizer.fingerprint, sources_hash, text_field, val_fraction, seed, shard_tokens)
     target = cache_dir / key[:16]
     if _is_valid_build(target, key):
         logger.info("reusing token shards in %s", target)
@@ -625,7 +417,9 @@ def prepare_corpus(
     tmp = cache_dir / f".{key[:16]}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
     tmp.mkdir(parents=True)
     try:
-        build_token_shards(paths, tokenizer, tmp, val_fraction=val_fraction, seed=seed, shard_tokens=shard_tokens)
+        build_token_shards(
+            paths, tokenizer, tmp, val_fraction=val_fraction, seed=seed, shard_tokens=shard_tokens, text_field=text_field
+        )
         os.replace(tmp, target)
         logger.info("token shards ready in %s", target)
     except OSError:
@@ -666,56 +460,3 @@ def _is_valid_build(root: Path, key: str) -> bool:
         logger.warning("%s", err)
         return False
     return index.cache_key == key
-
-
-class TokenStream:
-    """One split of a token-shard build as a single flat sequence of token ids, memory-mapped."""
-
-    def __init__(self, root: PathLike, split: str = "train") -> None:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
-        self.index = ShardIndex.load(root)
-        self.index.verify()
-        self.split = split
-        meta = self.index.splits[split]
-        self._shards = [
-            np.memmap(self.index.shard_path(split, name), dtype=self.index.dtype, mode="r", shape=(n,))
-            for name, n in zip(meta.shards, meta.shard_sizes, strict=True)
-        ]
-        self._starts = np.concatenate([[0], np.cumsum(meta.shard_sizes, dtype=np.int64)]).astype(np.int64)
-        rows = np.asarray(meta.documents, dtype=np.int64).reshape(-1, 3)
-        self._doc_starts = self._starts[rows[:, 0]] + rows[:, 1]
-        self._doc_lengths = rows[:, 2]
-        if len(rows) and (self._doc_starts + self._doc_lengths).max() > len(self):
-            raise CorpusError(f"{Path(root) / INDEX_FILE}: a {split} document runs past the end of its shards")
-
-    def __len__(self) -> int:
-        return int(self._starts[-1])
-
-    @property
-    def num_documents(self) -> int:
-        return len(self._doc_lengths)
-
-    def slice(self, start: int, end: int) -> np.ndarray:
-        """Tokens [start, end) of the split as int64, read across shard boundaries as needed."""
-        start, end = operator.index(start), operator.index(end)
-        if not 0 <= start <= end <= len(self):
-            raise IndexError(f"slice [{start}, {end}) is outside the {self.split} split of {len(self)} tokens")
-        out = np.empty(end - start, dtype=np.int64)
-        shard = int(np.searchsorted(self._starts, start, side="right")) - 1
-        pos = start
-        while pos < end:
-            shard_start = int(self._starts[shard])
-            take = min(end, int(self._starts[shard + 1])) - pos
-            out[pos - start : pos - start + take] = self._shards[shard][pos - shard_start : pos - shard_start + take]
-            pos += take
-            shard += 1
-        return out
-
-    def document(self, i: int) -> np.ndarray:
-        """Tokens of document `i` of this split, ending with its `<eos>`."""
-        i = operator.index(i)
-        if not 0 <= i < self.num_documents:
-            raise IndexError(f"document {i} is outside the {self.split} split of {self.num_documents} documents")
-        start = int(self._doc_starts[i])
-        return self.slice(start, start + int(self._doc_lengths[i]))
