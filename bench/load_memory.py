@@ -63,7 +63,7 @@ def child(path: str, label: str) -> None:
     import openglm
 
     if label == "convert --bits 4":
-        from openglm.convert import convert
+        from openglm.io.convert import convert
 
         before = peak_rss()
         convert(path, Path(path).parent / "int4", "chatglm-hf", bits=4)
@@ -75,7 +75,7 @@ def child(path: str, label: str) -> None:
     if "quantize" in inspect.signature(openglm.load).parameters:
         model, _ = openglm.load(path, dtype, quantize=bits)
     else:  # an openglm from before streaming loads: what `generate --quantize` did
-        from openglm.quantize import quantize_model
+        from openglm.quant import quantize_model
 
         model, _ = openglm.load(path, torch.float32 if bits else dtype)
         if bits:
@@ -113,7 +113,7 @@ def main() -> None:
     try:
         build_chatglm(work / "chatglm", args.gb, 2)
         write_ice_text(work / "chatglm", TOKENS)
-        from openglm.convert import convert
+        from openglm.io.convert import convert
 
         convert(work / "chatglm", work / "openglm", "chatglm-hf")
         sources = {
