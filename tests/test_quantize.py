@@ -388,7 +388,12 @@ def rewrite(src: Path, out: Path, tok: GLMTokenizer, edit_tensors: Any = None, e
         edit_tensors(tensors)
     if edit_record:
         edit_record(record)
-    return save_quantized_checkpoint(out, GLMConfig.load(src / "config.json"), lambda path: save_safetensors(tensors, path), tok, record)
+
+    def write_files(folder: Path) -> None:
+        save_safetensors(tensors, folder / "model.safetensors")
+        tok.save(folder / "tokenizer.json")
+
+    return save_quantized_checkpoint(out, GLMConfig.load(src / "config.json"), write_files, record)
 
 
 NAME = "layers.1.mlp.dense_4h_to_h"

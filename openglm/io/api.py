@@ -21,11 +21,19 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from openglm.io.checkpoint import TOKENIZER_FILE, WEIGHTS_FILE, CheckpointError, load_config, open_checkpoint, read_quantization
+from openglm.io.checkpoint import (
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    load_config,
+    open_checkpoint,
+    read_quantization,
+    save_quantized_checkpoint,
+)
 from openglm.io.convert import SP_TOKENIZER_FILE, chatglm, load_chatglm, open_tokenizer
-from openglm.io.convert.common import stored_dtype
+from openglm.io.convert.common import copy_tokenizer, stored_dtype
 from openglm.io.loading import empty_model, load_float_weights
-from openglm.io.quantized import load_quantized, save_quantized
+from openglm.io.quantized import load_quantized, quantization_record, write_quantized_weights
 from openglm.io.store import open_tensors
 from openglm.kernels import run_dtype
 from openglm.quant import quantized_memory
@@ -49,6 +57,13 @@ def run_dtype_for(dtype: DType, quantized: bool) -> torch.dtype:
     if isinstance(dtype, torch.dtype) and dtype in FLOAT_DTYPES:
         return dtype
     raise ValueError(f"dtype must be 'auto' or one of {', '.join(map(str, FLOAT_DTYPES))}, got {dtype!r}")
+
+
+def tokenizer_file(checkpoint: Path) -> Path:
+    """A checkpoint's tokenizer: tokenizer.json, or ice_text.model (converted from ChatGLM-6B)."""
+    if not (checkpoint / TOKENIZER_FILE).is_file() and (checkpoint / SP_TOKENIZER_FILE).is_file():
+        return checkpoint / SP_TOKENIZER_FILE
+    return checkpoint / TOKENIZER_FILE
 
 
 def check_model(path: str | Path, *, verify: bool = True) -> None:
@@ -105,9 +120,7 @@ def load(
     else:
         model = empty_model(config, target, quantize, group_size, head_bits, embedding_bits)
         load_float_weights(checkpoint / WEIGHTS_FILE, model)
-    tokenizer_path = checkpoint / TOKENIZER_FILE
-    if not tokenizer_path.is_file() and (checkpoint / SP_TOKENIZER_FILE).is_file():
-        tokenizer_path = checkpoint / SP_TOKENIZER_FILE
+    tokenizer_path = tokenizer_file(checkpoint)
     try:
         tokenizer = open_tokenizer(tokenizer_path, config.special_tokens)
     except (OSError, ValueError) as err:
@@ -124,7 +137,7 @@ def quantize_checkpoint(
     src: str | Path, out: str | Path, bits: int, group_size: int | None = None, embedding_bits: int | None = None
 ) -> Path:
     """Quantize the float checkpoint (or run directory) `src` into the checkpoint directory `out`
-    (config.json and tokenizer.json copied, quantized weights, quantization.json); with
+    (config.json and the tokenizer copied, quantized weights, quantization.json); with
     `embedding_bits` the word embedding and the output layer too. It loads as `load(src,
     quantize=bits)` does, layers quantized as they stream in (the float model is never held
     whole), its float tensors in the precision the source stores them in (`stored_dtype`: an fp16
@@ -134,8 +147,13 @@ def quantize_checkpoint(
     if read_quantization(checkpoint, verify=False) is None:
         with open_tensors(checkpoint / WEIGHTS_FILE) as handle:
             dtype = stored_dtype(handle.dtype(name) for name in handle.names())
-    model, tokenizer = load(checkpoint, dtype, bits, group_size, embedding_bits=embedding_bits, verify=False)  # checked just now
-    path = save_quantized(model, tokenizer, out)  # type: ignore[arg-type]  # a tokenizer with the same protocol
+    model, _ = load(checkpoint, dtype, bits, group_size, embedding_bits=embedding_bits, verify=False)  # checked just now
+
+    def write_files(folder: Path) -> None:
+        write_quantized_weights(model, folder / WEIGHTS_FILE)
+        copy_tokenizer(tokenizer_file(checkpoint), folder)  # as it is: a ChatGLM-6B ice_text.model too
+
+    path = save_quantized_checkpoint(out, model.config, write_files, quantization_record(model))
     memory = quantized_memory(model)
     log.info("wrote %s: INT%d weights %.1f MB (%.2fx their bf16 size)", path, bits, memory.quantized_bytes / 1e6, memory.ratio)
     return path

@@ -328,16 +328,11 @@ def write_quantization(folder: Path, record: dict[str, Any], *, atomic: bool = F
         (folder / QUANT_FILE).write_text(text)
 
 
-def save_quantized_checkpoint(
-    out: str | Path,
-    config: GLMConfig,
-    write_weights: Callable[[Path], None],
-    tokenizer: GLMTokenizer,
-    record: dict[str, Any],
-) -> Path:
-    """Write a quantized checkpoint directory `out` atomically: `write_weights(path)` writes its
-    model.safetensors, `record` (bits, group size, modules) goes to quantization.json together
-    with every other file's sha256. An existing `out` is replaced only if it is a quantized checkpoint."""
+def save_quantized_checkpoint(out: str | Path, config: GLMConfig, write_files: Callable[[Path], None], record: dict[str, Any]) -> Path:
+    """Write a quantized checkpoint directory `out` atomically: config.json, what
+    `write_files(folder)` writes (model.safetensors and the tokenizer), and last quantization.json,
+    `record` (bits, group size, modules) with every other file's sha256. An existing `out` is
+    replaced only if it is a quantized checkpoint."""
     out = Path(out)
     if out.exists() and not (out / QUANT_FILE).is_file() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out}: exists and is not a quantized checkpoint; refusing to overwrite it")
@@ -345,8 +340,7 @@ def save_quantized_checkpoint(
 
     def fill(tmp: Path) -> None:
         config.save(tmp / CONFIG_FILE)
-        write_weights(tmp / WEIGHTS_FILE)
-        tokenizer.save(tmp / TOKENIZER_FILE)
+        write_files(tmp)
         write_quantization(tmp, record)
 
     write_dir_atomic(out, fill)

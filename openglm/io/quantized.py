@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from openglm.io.checkpoint import QUANT_FILE, WEIGHTS_FILE, CheckpointError, save_quantized_checkpoint
+from openglm.io.checkpoint import QUANT_FILE, TOKENIZER_FILE, WEIGHTS_FILE, CheckpointError, save_quantized_checkpoint
 from openglm.io.store import Plan, SafetensorsWriter, open_tensors
 from openglm.quant import OUTPUT_LAYERS, SUPPORTED_BITS, block_linear_names, quantize_layout, quantized_layers, quantized_layout
 
@@ -93,10 +93,14 @@ def write_quantized_weights(model: nn.Module, path: Path) -> None:
 
 
 def save_quantized(model: GLM, tokenizer: GLMTokenizer, out: str | Path) -> Path:
-    """Write a quantized model as a checkpoint directory that `openglm.load` reads (atomically; an
-    existing `out` is replaced only if it is a quantized checkpoint)."""
-    record = quantization_record(model)
-    return save_quantized_checkpoint(out, model.config, lambda path: write_quantized_weights(model, path), tokenizer, record)
+    """Write a quantized model and its tokenizer as a checkpoint directory that `openglm.load`
+    reads (atomically; an existing `out` is replaced only if it is a quantized checkpoint)."""
+
+    def write_files(folder: Path) -> None:
+        write_quantized_weights(model, folder / WEIGHTS_FILE)
+        tokenizer.save(folder / TOKENIZER_FILE)
+
+    return save_quantized_checkpoint(out, model.config, write_files, quantization_record(model))
 
 
 def _check_record(record_path: Path, record: dict[str, Any], config: GLMConfig) -> None:

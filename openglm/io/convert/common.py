@@ -103,6 +103,16 @@ def _copy(handle: TensorFile, name: str, source_index: tuple[slice, ...], sink: 
     return part.numel() * handle.dtype(name).itemsize
 
 
+def copy_tokenizer(tokenizer: Path, folder: Path) -> None:
+    """Copy a tokenizer.json, or an ice_text.model with its tokenizer_config.json when there is one
+    (the id offset, num_image_tokens), into the checkpoint folder `folder`."""
+    name = TOKENIZER_FILE if tokenizer.suffix == ".json" else SP_TOKENIZER_FILE
+    shutil.copyfile(tokenizer, folder / name)
+    settings = tokenizer.parent / TOKENIZER_CONFIG_FILE
+    if name == SP_TOKENIZER_FILE and settings.is_file():
+        shutil.copyfile(settings, folder / TOKENIZER_CONFIG_FILE)
+
+
 def stored_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
     """The one float dtype that holds every float tensor of a checkpoint exactly (fp16 for an fp16
     one, fp32 for a mix of fp16 and bf16; fp32 when it holds none): what its float tensors keep
@@ -144,11 +154,7 @@ def write_openglm(
         write_quantized_weights(model, folder / WEIGHTS_FILE)
     source.config.save(folder / CONFIG_FILE)
     if tokenizer is not None:
-        name = TOKENIZER_FILE if tokenizer.suffix == ".json" else SP_TOKENIZER_FILE
-        shutil.copyfile(tokenizer, folder / name)
-        settings = tokenizer.parent / TOKENIZER_CONFIG_FILE  # ice_text.model's id offset (num_image_tokens)
-        if name == SP_TOKENIZER_FILE and settings.is_file():
-            shutil.copyfile(settings, folder / TOKENIZER_CONFIG_FILE)
+        copy_tokenizer(tokenizer, folder)
     if model is not None:
         write_quantization(folder, quantization_record(model), atomic=True)
     else:
