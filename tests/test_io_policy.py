@@ -115,6 +115,12 @@ def test_convert_bits_writes_what_quantizing_the_converted_checkpoint_writes(cha
     assert {a[k].dtype for k in a if not k.endswith(QUANTIZED_PARTS)} == {torch.float16}  # ChatGLM-6B's fp16 kept
     record = json.loads((direct / "quantization.json").read_text())
     assert record["bits"] == 8 and record["embedding_bits"] == 8 and record["head_bits"] == 8
+    result = CliRunner().invoke(app, ["quantize", "--model", str(folder), "--bits", "8", "--out", str(tmp_path / "hf")])
+    assert (
+        result.exit_code == 2
+        and "quantize it with `openglm convert --bits`" in result.output
+        and "Traceback" not in result.output
+    )
 
 
 def test_the_streaming_writer_writes_the_state_dict(micro: GLM, tok: GLMTokenizer, tmp_path: Path) -> None:

@@ -142,6 +142,8 @@ def quantize_checkpoint(
     quantize=bits)` does, layers quantized as they stream in (the float model is never held
     whole), its float tensors in the precision the source stores them in (`stored_dtype`: an fp16
     checkpoint's stay fp16, an fp32 one's fp32)."""
+    if chatglm.is_chatglm_dir(Path(src)):
+        raise CheckpointError(f"{src}: a ChatGLM-6B Hugging Face directory; quantize it with `openglm convert --bits`")
     checkpoint = open_checkpoint(src, verify=True)
     dtype = torch.float32  # for a quantized source, which `load` refuses by name
     if read_quantization(checkpoint, verify=False) is None:
