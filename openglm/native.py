@@ -331,7 +331,7 @@ class RowDecoder:
                 return _Linear(module.weight.data_ptr(), bias_pointer, out_features, in_features, FLOAT_WEIGHT)
             if type(module) in (QuantizedLinear, QuantizedEmbedding) and (module.out_features, module.in_features) == (out_features, in_features):
                 layout = _quantized_layout(module)
-                return None if layout is None else _Linear(module.qweight.data_ptr(), bias_pointer, out_features, in_features, *layout)
+                return None if layout is None else _Linear(module.layout.weight.data_ptr(), bias_pointer, out_features, in_features, *layout)
             return None
 
         def norm(module: nn.Module) -> tuple[int, int | None] | None:
