@@ -9,9 +9,9 @@ tensor-parallel shards (see chatglm.py and sat.py for the layouts).
 Every conversion streams: source files are read one at a time (torch files memory-mapped, each
 tensor's pages released once copied; safetensors read at their header's offsets), and the openglm
 weights file is written tensor by tensor into a pre-laid-out file, so peak memory stays within one
-source shard plus one tensor, never the model; quantizing (`bits`) fills the quantized model as
-`openglm.load(..., quantize=bits)` does and writes it, so it holds that model (a quarter to a half
-of the float one) and never its float block weights. Output directories are written atomically.
+source shard plus one tensor, never the model; quantizing (`bits`) fills the quantized model from
+that file as `openglm.load(..., quantize=bits)` does and writes it, so it holds the quantized model
+(never its float block weights). Output directories are written atomically.
 """
 
 from __future__ import annotations
