@@ -36,12 +36,6 @@ QUANTIZED_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_
 _TARGET = re.compile(r"layers\.\d+\.(?:" + "|".join(re.escape(name) for name in QUANTIZED_LINEARS) + r")")
 
 
-def is_quantized_weight(name: str) -> bool:
-    """Whether the parameter `name` (of a GLM state dict) is the weight of a block linear that
-    GLM-130B quantizes, e.g. `layers.3.mlp.dense_h_to_4h.weight`."""
-    return name.endswith(".weight") and _TARGET.fullmatch(name.removesuffix(".weight")) is not None
-
-
 def block_linear_names(model: nn.Module) -> list[str]:
     """The names of the block linears GLM-130B quantizes in `model` (`QUANTIZED_LINEARS` of every layer)."""
     return [name for name, _ in model.named_modules() if _TARGET.fullmatch(name)]
