@@ -102,7 +102,7 @@ def build_sat(folder: Path, gb: float, tp: int) -> None:
 
 def child(args: list[str]) -> None:
     """Run one conversion and print its seconds and this process's peak RSS as JSON."""
-    from openglm.convert import convert
+    from openglm.io.convert import convert
 
     src, out, source_format, target_format, tp = args
     start = time.perf_counter()

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from openglm.checkpoint import load_model
 from openglm.config import model_preset
 from openglm.eval.metrics import choice_accuracy
 from openglm.eval.scorer import BATCHING, ModelScorer
 from openglm.eval.tasks import load_subtasks, resolve_task
+from openglm.io.api import load
 from openglm.model import GLM
 from openglm.tokenizer import GLMTokenizer
 
@@ -43,7 +43,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.model.exists():
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = load(args.model)
     else:
         print(f"{args.model} not found: a random-weight tiny GLM (speed only)")
         model, tokenizer = GLM(model_preset("tiny")).eval(), GLMTokenizer.default()

@@ -63,12 +63,13 @@ from torch import nn
 
 import openglm
 from openglm import native
-from openglm.checkpoint import CheckpointError, load_config, load_model, resolve_checkpoint, verify_files
 from openglm.config import GLMConfig, TrainConfig
 from openglm.data.documents import bundled_corpus_paths, iter_documents
 from openglm.generation import GenerationConfig
+from openglm.io.api import load
+from openglm.io.checkpoint import CheckpointError, load_config, resolve_checkpoint, verify_files
 from openglm.model import GLM
-from openglm.quantize import QuantizedMemory, quantize_model, quantized_layers, quantized_memory
+from openglm.quant import QuantizedMemory, quantize_model, quantized_layers, quantized_memory
 from openglm.tokenizer import GLMTokenizer
 from openglm.train.trainer import Trainer
 
@@ -245,11 +246,11 @@ def heldout_bits_per_byte(run_dir: Path, group_size: int | None, max_tokens: int
     config = load_config(checkpoint)
     train_config = dataclasses.replace(TrainConfig.from_dict(state["train_config"]), precision="fp32", compile=False,
                                        num_threads=None, out_dir=tempfile.mkdtemp(prefix="openglm-bench-"))
-    _, tokenizer = load_model(checkpoint)
+    _, tokenizer = load(checkpoint)
     trainer = Trainer(config, train_config, tokenizer=tokenizer)
     results: dict[str, dict[str, float]] = {}
     for precision in ("fp32", "bf16", "INT8", "INT4"):
-        model, _ = load_model(checkpoint)
+        model, _ = load(checkpoint)
         trainer.model = prepare_glm(model, precision, group_size)
         started = time.perf_counter()
         results[precision] = trainer.heldout_bits_per_byte(max_tokens)

@@ -17,6 +17,7 @@ what `openglm generate --quantize` did there: load, `quantize_model`, cast to bf
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import ModuleType
 
 LOADS = {"fp32": (None, "float32"), "bf16": (None, "bfloat16"), "INT8": (8, "bfloat16"), "INT4": (4, "bfloat16")}
 TARGETS = {"bf16": 1.15, "INT4": 0.9}
@@ -53,6 +55,17 @@ def write_ice_text(folder: Path, tokens: dict[str, int]) -> None:
     (folder / "ice_text.model").write_bytes(proto.SerializeToString())
 
 
+def first_module(*names: str) -> ModuleType:
+    """The first of `names` the tree imports: a `--tree` may be from before a module moved
+    (openglm.io.convert was openglm.convert, openglm.quant openglm.quantize)."""
+    for name in names[:-1]:
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError:
+            continue
+    return importlib.import_module(names[-1])
+
+
 def child(path: str, label: str) -> None:
     """Load `path` as `label` says and print the peak RSS and the RSS before loading as JSON."""
     import inspect
@@ -63,8 +76,7 @@ def child(path: str, label: str) -> None:
     import openglm
 
     if label == "convert --bits 4":
-        from openglm.convert import convert
-
+        convert = first_module("openglm.io.convert", "openglm.convert").convert
         before = peak_rss()
         convert(path, Path(path).parent / "int4", "chatglm-hf", bits=4)
         print(json.dumps({"peak_rss": peak_rss(), "before": before, "model_bytes": 0}))
@@ -75,8 +87,7 @@ def child(path: str, label: str) -> None:
     if "quantize" in inspect.signature(openglm.load).parameters:
         model, _ = openglm.load(path, dtype, quantize=bits)
     else:  # an openglm from before streaming loads: what `generate --quantize` did
-        from openglm.quantize import quantize_model
-
+        quantize_model = first_module("openglm.quant", "openglm.quantize").quantize_model
         model, _ = openglm.load(path, torch.float32 if bits else dtype)
         if bits:
             model = quantize_model(model, bits).to(dtype)
@@ -113,7 +124,7 @@ def main() -> None:
     try:
         build_chatglm(work / "chatglm", args.gb, 2)
         write_ice_text(work / "chatglm", TOKENS)
-        from openglm.convert import convert
+        from openglm.io.convert import convert
 
         convert(work / "chatglm", work / "openglm", "chatglm-hf")
         sources = {

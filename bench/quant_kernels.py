@@ -5,7 +5,7 @@ Times `QuantizedLinear.forward` with its path forced (the packed `_weight_int8pa
 plain fp32 and bf16 `F.linear`, for decode-like (few rows) and prefill-like (many rows) shapes.
 Each entry is the median over `--repeats` timed calls after `--warmup` untimed ones, in ms.
 The last table gives, per (bits, activation dtype), the largest row count at which the kernel
-won; `openglm.quantize.KERNEL_MAX_ROWS` is set from it.
+won; `openglm.quant.KERNEL_MAX_ROWS` is set from it.
 
     python bench/quant_kernels.py             # full sweep (a few minutes)
     python bench/quant_kernels.py --threads 1 # steadier on a busy machine
@@ -45,8 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from openglm import quantize
-from openglm.quantize import QuantizedLinear
+from openglm.quant import KERNEL_MAX_ROWS, QuantizedLinear
 
 
 def median_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
@@ -65,14 +64,14 @@ def forced(layer: QuantizedLinear, x: torch.Tensor, kernel: bool) -> Callable[[]
     limits = {(layer.bits, x.dtype): 1 << 30} if kernel else {}
 
     def run() -> object:
-        saved = dict(quantize.KERNEL_MAX_ROWS)
-        quantize.KERNEL_MAX_ROWS.clear()
-        quantize.KERNEL_MAX_ROWS.update(limits)
+        saved = dict(KERNEL_MAX_ROWS)
+        KERNEL_MAX_ROWS.clear()
+        KERNEL_MAX_ROWS.update(limits)
         try:
             return layer(x)
         finally:
-            quantize.KERNEL_MAX_ROWS.clear()
-            quantize.KERNEL_MAX_ROWS.update(saved)
+            KERNEL_MAX_ROWS.clear()
+            KERNEL_MAX_ROWS.update(saved)
 
     return run
 
@@ -130,7 +129,7 @@ def main() -> None:
         lost = [rows for rows, won in results if not won]
         won = [rows for rows, win in results if win and rows < min(lost, default=1 << 30)]
         print(f"  INT{bits} {dtype_name}: {max(won, default=0)} (lost at {sorted(set(lost))})")
-    print(f"current KERNEL_MAX_ROWS: { {f'INT{b} {d}': v for (b, d), v in quantize.KERNEL_MAX_ROWS.items()} }")
+    print(f"current KERNEL_MAX_ROWS: { {f'INT{b} {d}': v for (b, d), v in KERNEL_MAX_ROWS.items()} }")
 
 
 if __name__ == "__main__":

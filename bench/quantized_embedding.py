@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from openglm.checkpoint import WEIGHTS_FILE
 from openglm.config import model_preset
+from openglm.io.checkpoint import WEIGHTS_FILE
 from openglm.model import GLM
-from openglm.quantize import quantize_layout
+from openglm.quant import quantize_layout
 
 SETTINGS = {"bf16": None, "INT8": 8, "INT4": 4}
 
@@ -53,7 +53,7 @@ def decode_bytes(preset: str, group_size: int) -> None:
 
 def measure(run: Path, group_size: int) -> None:
     from openglm.eval.runner import evaluate_checkpoints
-    from openglm.quantize import quantize_checkpoint
+    from openglm.io.api import quantize_checkpoint
 
     print(f"{run}: held-out bits per byte (bpb_en / bpb_zh) and {WEIGHTS_FILE}")
     print("| blocks | embedding / output layer | bpb en | bpb zh | file |")

@@ -8,11 +8,13 @@ function here.)
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
     from pathlib import Path
+
+    import torch
 
     from openglm.generation import GenerationConfig, TextPiece, Tokenizer
     from openglm.model import GLM
@@ -24,7 +26,7 @@ __all__ = ["__version__", "generate", "load", "stream"]
 
 def load(
     path: str | Path,
-    dtype: Any = None,
+    dtype: torch.dtype | Literal["auto"] = "auto",
     quantize: int | None = None,
     group_size: int | None = None,
     head_bits: int | None = None,
@@ -34,16 +36,17 @@ def load(
 ) -> tuple[GLM, GLMTokenizer]:
     """Model (eval mode) and tokenizer of a checkpoint or run directory (or a ChatGLM-6B one).
 
-    `dtype` None: the precision it runs in (fp32; a quantized model bf16 where the CPU has native
-    bf16). `quantize` 8 or 4 quantizes the block linears of a float checkpoint as it streams in
+    `dtype` "auto": the precision it runs in (fp32; a quantized model bf16 where the CPU has native
+    bf16), the policy `openglm generate`, `eval` and `serve` use too; or a torch float dtype.
+    `quantize` 8 or 4 quantizes the block linears of a float checkpoint as it streams in
     (`group_size` inputs per scale), so no float copy of them is ever held; `head_bits` 8 or 4
     quantizes an untied output layer too (a scale per vocabulary row), `embedding_bits` 8 or 4 the
     word embedding and the output layer (tied or not; `head_bits` overrides the untied one's).
     Every file's sha256 recorded at save time is checked first (a CheckpointError names a damaged
     file); `verify=False` skips that for a checkpoint too large to hash on every load."""
-    from openglm.checkpoint import load_model
+    from openglm.io.api import load as _load
 
-    return load_model(path, dtype, quantize, group_size, head_bits, embedding_bits, verify=verify)
+    return _load(path, dtype, quantize, group_size, head_bits, embedding_bits, verify=verify)  # type: ignore[return-value]  # a ChatGLM tokenizer has the same protocol
 
 
 @overload

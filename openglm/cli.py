@@ -99,7 +99,7 @@ def train(
 
     SIGTERM, SIGUSR1 and Ctrl-C save a checkpoint at the end of the current step and exit with 128 + the signal number.
     """
-    from openglm.checkpoint import CheckpointError
+    from openglm.io.checkpoint import CheckpointError
     from openglm.train.rundir import TrainingStopped, process_rank
     from openglm.train.trainer import Trainer
 
@@ -257,7 +257,7 @@ def generate(
 def _check_bits(bits: int, option: str, group_size: int | None) -> None:
     """Option errors found before a model is loaded (whether a group size divides every layer is
     known only after)."""
-    from openglm.quantize import SUPPORTED_BITS
+    from openglm.quant import SUPPORTED_BITS
 
     if bits not in SUPPORTED_BITS:
         raise _fail(f"{option} must be {' or '.join(map(str, sorted(SUPPORTED_BITS, reverse=True)))}, got {bits}")
@@ -277,10 +277,10 @@ def _check_embedding_bits(embedding_bits: int | None, bits: int | None, blocks: 
 def _load_for_generation(
     path: Path, bits: int | None, group_size: int | None, verify: bool, embedding_bits: int | None = None
 ) -> tuple[GLM, GLMTokenizer]:
-    """The model and tokenizer `generate`, `eval` and `serve` run: --quantize options checked, then
-    loaded (file hashes checked unless `verify` is False) in the precision it runs in
-    (`openglm.kernels.run_dtype`), quantized as it streams in when `bits` is given; errors exit with a message."""
-    from openglm.checkpoint import QUANT_FILE, CheckpointError, load_model, resolve_checkpoint
+    """The model and tokenizer `generate` and `serve` run: --quantize options checked, then `openglm.load` (hashes checked
+    unless `verify` is False, dtype "auto": its one policy), quantized as it streams in when `bits` is given; errors exit with a message."""
+    from openglm.io.api import load
+    from openglm.io.checkpoint import QUANT_FILE, CheckpointError, resolve_checkpoint
 
     if bits is not None:
         _check_bits(bits, "--quantize", group_size)
@@ -290,7 +290,7 @@ def _load_for_generation(
     try:
         if bits is not None and (resolve_checkpoint(path) / QUANT_FILE).is_file():
             raise _fail(f"{path}: already quantized; drop --quantize")
-        return load_model(path, None, bits, group_size, embedding_bits=embedding_bits, verify=verify)
+        return load(path, "auto", bits, group_size, embedding_bits=embedding_bits, verify=verify)
     except (CheckpointError, ValueError) as err:
         raise _fail(str(err)) from None
 
@@ -421,8 +421,8 @@ def quantize(
     the embedding and output layer too) into a new checkpoint directory that `openglm generate --model OUT` runs.
 
     The source's files are always checked against the sha256 recorded at save time (there is no --no-verify here): the new checkpoint records fresh hashes, so damage must be caught first."""
-    from openglm.checkpoint import WEIGHTS_FILE, CheckpointError, resolve_checkpoint
-    from openglm.quantize import quantize_checkpoint
+    from openglm.io.api import quantize_checkpoint
+    from openglm.io.checkpoint import WEIGHTS_FILE, CheckpointError, resolve_checkpoint
 
     _check_bits(bits, "--bits", group_size)
     _check_embedding_bits(embedding_bits, bits, "--bits")
@@ -459,8 +459,8 @@ def eval_(
     task_type: Annotated[str | None, typer.Option(help="read every --task data file or folder as lm, cloze, mul or gen")] = None,
 ) -> None:
     """Evaluate models on lm (bits per byte), cloze (LAMBADA), mul (BIG-bench, MMLU) and gen tasks; print a Markdown table."""
-    from openglm.checkpoint import CheckpointError
     from openglm.eval.runner import evaluate_checkpoints, markdown_table
+    from openglm.io.checkpoint import CheckpointError
 
     if quantize_bits is not None:
         _check_bits(quantize_bits, "--quantize", group_size)
@@ -508,8 +508,8 @@ def convert(
     shards to another tensor-parallel size. Streams shard by shard.
 
     An openglm source is always checked against the sha256 of its files recorded at save time (there is no --no-verify here)."""
-    from openglm.checkpoint import CheckpointError
-    from openglm.convert import convert as run_convert
+    from openglm.io.checkpoint import CheckpointError
+    from openglm.io.convert import convert as run_convert
 
     if bits is not None:
         _check_bits(bits, "--bits", group_size)
@@ -533,7 +533,7 @@ def info(
     weights are neither read nor checked (`openglm generate` and `eval` check every file)."""
     import torch
 
-    from openglm.checkpoint import CONFIG_FILE, CheckpointError, load_config, resolve_checkpoint, verify_checkpoint
+    from openglm.io.checkpoint import CONFIG_FILE, CheckpointError, load_config, resolve_checkpoint, verify_checkpoint
     from openglm.model import GLM
 
     try:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 def native_bf16() -> bool:
     """Whether bf16 matmuls are native here (a GPU, or a CPU with AMX or AVX512-BF16): where they
     are, quantized models run in bf16, since the packed INT8/INT4 kernels are 5-15x slower with
-    fp32 activations (`openglm.quantize.KERNEL_MAX_ROWS`)."""
+    fp32 activations (`openglm.quant.KERNEL_MAX_ROWS`)."""
     if torch.cuda.is_available():
         return True
     return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())

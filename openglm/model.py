@@ -218,7 +218,7 @@ class GLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if type(self.word_embeddings) is nn.Embedding:
             e = self.word_embeddings(input_ids)
-        else:  # an INT8/INT4 table (`openglm.quantize.QuantizedEmbedding`) dequantizes the rows it gathers
+        else:  # an INT8/INT4 table (`openglm.quant.QuantizedEmbedding`) dequantizes the rows it gathers
             e = self.word_embeddings(input_ids, self.dtype)
         scale = self.embedding_grad_scale
         if self.training and scale != 1.0:
@@ -312,7 +312,7 @@ class GLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None and type(self.lm_head) is not nn.Linear:
-            return self.lm_head(hidden)  # an INT8/INT4 head (`openglm.quantize`, head_bits)
+            return self.lm_head(hidden)  # an INT8/INT4 head (`openglm.quant`, head_bits)
         if self.lm_head is None and type(self.word_embeddings) is not nn.Embedding:
             return self.word_embeddings.project(hidden)  # tied to an INT8/INT4 embedding (embedding_bits)
         return kernels.linear(hidden, self.output_weight)

@@ -41,7 +41,7 @@ from torch import nn
 
 from openglm.config import ANY_VALUE, cache_dir, unsupported_fields
 from openglm.model import GLM, KVCache
-from openglm.quantize import QuantizedEmbedding, QuantizedLinear
+from openglm.quant import QuantizedEmbedding, QuantizedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -265,25 +265,27 @@ def _plain(tensor: torch.Tensor | None, dtype: torch.dtype, shape: tuple[int, ..
 
 def _quantized_layout(module: QuantizedLinear) -> tuple[int, int, int, int] | None:
     """(kind, block, scales pointer, group) of a quantized layer whose tensors are laid out as
-    `csrc/decode_row.c` reads them, else None."""
+    `csrc/decode_row.c` reads them (from its public `QuantizedLinear.layout`), else None."""
     out_features, in_features = module.out_features, module.in_features
-    if module.int4_block is not None:  # torch's INT4 kernel layout, scales in its [in / group, out, 2] table
-        block, group, table = module.int4_block, module.kernel_group, module.kernel_scale_bits
-        if group is None or table is None or in_features % group or not (2 <= block <= MAX_TILE and block % 2 == 0):
-            return None
-        if (out_features % block) % 2 or not _plain(table, torch.int16, (in_features // group, out_features, 2)):
-            return None
-        if not _plain(module.qweight, torch.uint8, (out_features, in_features // 2)):
-            return None
-        return INT4_TILED, block, table.data_ptr(), group
-    scales = module.scale_bits
-    if scales is None or not _plain(scales, torch.int16, (out_features, module.groups)):
+    layout = module.layout
+    group = layout.group
+    if layout.scale_dtype != torch.bfloat16 or in_features % group:
         return None
-    group = in_features // module.groups
-    if module.bits == 8 and _plain(module.qweight, torch.int8, (out_features, in_features)):
-        return INT8_ROWS, 0, scales.data_ptr(), group
-    if module.bits == 4 and group % 2 == 0 and _plain(module.qweight, torch.uint8, (out_features, in_features // 2)):
-        return INT4_ROWS, 0, scales.data_ptr(), group
+    if layout.packing == "int4pack":  # torch's INT4 kernel layout, scales in its [in / group, out, 2] table
+        block = layout.block
+        if block is None or not (2 <= block <= MAX_TILE and block % 2 == 0) or (out_features % block) % 2:
+            return None
+        if not _plain(layout.scales, torch.int16, (in_features // group, out_features, 2)):
+            return None
+        if not _plain(layout.weight, torch.uint8, (out_features, in_features // 2)):
+            return None
+        return INT4_TILED, block, layout.scales.data_ptr(), group
+    if not _plain(layout.scales, torch.int16, (out_features, in_features // group)):
+        return None
+    if layout.bits == 8 and _plain(layout.weight, torch.int8, (out_features, in_features)):
+        return INT8_ROWS, 0, layout.scales.data_ptr(), group
+    if layout.bits == 4 and group % 2 == 0 and _plain(layout.weight, torch.uint8, (out_features, in_features // 2)):
+        return INT4_ROWS, 0, layout.scales.data_ptr(), group
     return None
 
 
@@ -329,7 +331,7 @@ class RowDecoder:
                 return _Linear(module.weight.data_ptr(), bias_pointer, out_features, in_features, FLOAT_WEIGHT)
             if type(module) in (QuantizedLinear, QuantizedEmbedding) and (module.out_features, module.in_features) == (out_features, in_features):
                 layout = _quantized_layout(module)
-                return None if layout is None else _Linear(module.qweight.data_ptr(), bias_pointer, out_features, in_features, *layout)
+                return None if layout is None else _Linear(module.layout.weight.data_ptr(), bias_pointer, out_features, in_features, *layout)
             return None
 
         def norm(module: nn.Module) -> tuple[int, int | None] | None:

@@ -18,9 +18,9 @@ import torch
 from test_chatglm_tokenizer import build_ice_text, write_release
 
 import openglm
-from openglm.checkpoint import CheckpointError
-from openglm.convert import ConvertError, convert
-from openglm.quantize import QuantizedLinear, quantized_layers, unpack_int4
+from openglm.io.checkpoint import CheckpointError
+from openglm.io.convert import ConvertError, convert
+from openglm.quant import QuantizedLinear, quantized_layers, unpack_int4
 
 LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 

@@ -22,11 +22,11 @@ import torch
 from typer.testing import CliRunner
 
 import openglm
-from openglm.checkpoint import CheckpointError
 from openglm.cli import app
-from openglm.convert import ChatGLMTokenizer, convert
-from openglm.convert.chatglm import config_from_chatglm
 from openglm.data.documents import bundled_corpus_paths
+from openglm.io.checkpoint import CheckpointError
+from openglm.io.convert import ChatGLMTokenizer, convert
+from openglm.io.convert.chatglm import config_from_chatglm
 from openglm.model import GLM
 
 CONTROL = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]

@@ -69,8 +69,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one torch thr
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from openglm.checkpoint import save_checkpoint
     from openglm.config import model_preset
+    from openglm.io.checkpoint import save_checkpoint
     from openglm.model import GLM
     from openglm.tokenizer import GLMTokenizer
 

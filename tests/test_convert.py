@@ -20,14 +20,14 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import openglm
-from openglm.checkpoint import CheckpointError
 from openglm.cli import app
-from openglm.convert import ChatGLMTokenizer, ConvertError, convert, detect_format
-from openglm.convert import chatglm as chatglm_layout
-from openglm.convert.store import TorchFileWriter
 from openglm.data.documents import bundled_corpus_paths
 from openglm.generation import GenerationConfig, generate_tokens
-from openglm.quantize import quantize_model
+from openglm.io.checkpoint import CheckpointError
+from openglm.io.convert import ChatGLMTokenizer, ConvertError, convert, detect_format
+from openglm.io.convert import chatglm as chatglm_layout
+from openglm.io.store import TorchFileWriter
+from openglm.quant import quantize_model
 
 HIDDEN, HEADS, LAYERS = 32, 4, 2
 HEAD_DIM = HIDDEN // HEADS
@@ -525,7 +525,7 @@ def test_a_converted_float_checkpoint_records_and_checks_every_files_sha256(
 
     # Converted by an older openglm (no record): loads, saying at info level that it is unverified.
     (out / "checksums.json").unlink()
-    with caplog.at_level(logging.INFO, logger="openglm.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="openglm.io.checkpoint"):
         assert openglm.load(out)[0].num_parameters() > 0
     assert f"{out} records no sha256 of its files" in caplog.text
 

@@ -14,7 +14,7 @@ from openglm import kernels
 from openglm.config import model_preset
 from openglm.decoding import DecodeStep
 from openglm.model import GLM, KVCache
-from openglm.quantize import quantize_model
+from openglm.quant import quantize_model
 
 PROMPT = 9  # cached tokens before the decoded one
 

@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 from typer.testing import CliRunner
 
-from openglm.checkpoint import save_checkpoint
 from openglm.cli import app
 from openglm.config import model_preset
 from openglm.eval.lm import LMScore
 from openglm.eval.runner import evaluate_task, first_word_matches, markdown_table, word_decided
 from openglm.eval.scorer import ModelScorer, move_trailing_space
 from openglm.eval.tasks import TaskConfig, resolve_task
+from openglm.io.checkpoint import save_checkpoint
 from openglm.model import GLM
 from openglm.tokenizer import GLMTokenizer
 

@@ -28,9 +28,9 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 import openglm
-from openglm.checkpoint import CheckpointError, save_checkpoint
 from openglm.cli import app
 from openglm.config import GLMConfig, TrainConfig, model_preset
+from openglm.io.checkpoint import CheckpointError, save_checkpoint
 from openglm.model import GLM
 from openglm.tokenizer import GLMTokenizer
 
@@ -152,7 +152,7 @@ def test_info_checks_the_config_against_its_record_only(checkpoint: Path, tmp_pa
         assert cli("quantize", "--model", str(checkpoint), "--bits", "8", "--out", str(tmp_path / "q")).exit_code == 0
         checkpoint = tmp_path / "q"
     elif record == "checksums.json":
-        from openglm.checkpoint import write_checksums
+        from openglm.io.checkpoint import write_checksums
 
         (checkpoint / "trainer_state.json").unlink()
         (checkpoint / "optimizer.pt").unlink()
@@ -480,8 +480,8 @@ def test_openglm_creates_its_cache_private(tmp_path: Path) -> None:
 def test_foreign_config_errors_name_the_foreign_key(tmp_path: Path) -> None:
     """A ChatGLM-6B or SAT config.json is checked as a GLMConfig; the message names the key of the
     file the user has, not the GLMConfig field it became."""
-    from openglm.convert.chatglm import config_from_chatglm
-    from openglm.convert.sat import config_from_sat
+    from openglm.io.convert.chatglm import config_from_chatglm
+    from openglm.io.convert.sat import config_from_sat
 
     data = {
         "hidden_size": 64,

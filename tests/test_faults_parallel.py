@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch.multiprocessing as mp
 
-from openglm.checkpoint import CheckpointError
+from openglm.io.checkpoint import CheckpointError
 from openglm.parallel.launch import spawn
 from openglm.train.rundir import TrainingStopped
 

@@ -21,8 +21,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from openglm.checkpoint import FAULT_ENV, install_dir, load_model, save_checkpoint
 from openglm.config import ConfigError, TrainConfig, model_preset
+from openglm.io.api import load
+from openglm.io.checkpoint import FAULT_ENV, install_dir, save_checkpoint
 from openglm.train.metrics import read_metrics
 from openglm.train.rundir import read_resume_state, resume_checkpoint
 from openglm.train.trainer import Trainer
@@ -78,7 +79,7 @@ def assert_latest_loads(run: Path) -> Path:
     checkpoint, _ = resume_checkpoint(run)
     assert checkpoint == named
     read_resume_state(checkpoint)
-    load_model(run)
+    load(run)
     return checkpoint
 
 
@@ -179,14 +180,14 @@ def test_resave_replaces_a_checkpoint_only_once_the_new_one_is_complete(run: Pat
     an atomic swap or (where the platform has none) by moving the old copy aside first."""
     checkpoint = run / "checkpoint-0000004"
     before = snapshot(checkpoint)
-    model, tokenizer = load_model(checkpoint)
+    model, tokenizer = load(checkpoint)
     weights = {name: torch.full_like(p, 0.5) for name, p in model.named_parameters()}
 
     def failing_fill(tmp: Path) -> None:
         (tmp / "config.json").write_text("{}")
         raise OSError("disk full")
 
-    from openglm import checkpoint as ckpt
+    from openglm.io import checkpoint as ckpt
 
     with pytest.raises(OSError, match="disk full"):
         ckpt.write_dir_atomic(checkpoint, failing_fill)
@@ -197,7 +198,7 @@ def test_resave_replaces_a_checkpoint_only_once_the_new_one_is_complete(run: Pat
             monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False)
         save_checkpoint(run, 4, model.config, weights, tokenizer, {"note": exchange})
         assert json.loads((checkpoint / "trainer_state.json").read_text())["note"] is exchange
-        assert torch.equal(load_model(run)[0].word_embeddings.weight, weights["word_embeddings.weight"])
+        assert torch.equal(load(run)[0].word_embeddings.weight, weights["word_embeddings.weight"])
         assert not list(run.glob(".checkpoint-*"))
 
 
@@ -211,7 +212,7 @@ def test_a_copy_moved_aside_by_a_killed_save_is_put_back(run: Path) -> None:
 
 
 def test_install_dir_puts_the_old_copy_back_when_the_rename_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from openglm import checkpoint as ckpt
+    from openglm.io import checkpoint as ckpt
 
     final, new = tmp_path / "checkpoint-0000001", tmp_path / ".checkpoint-0000001.new"
     final.mkdir()
@@ -428,7 +429,7 @@ def test_diverging_run_stops_naming_the_last_good_checkpoint(precision: str, tmp
     )
     newest = max(p.name for p in run.glob("checkpoint-*"))
     assert newest == checkpoint.name and int(newest.rsplit("-")[1]) <= len(records) - 3
-    model, _ = load_model(run)
+    model, _ = load(run)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

@@ -12,13 +12,13 @@ from test_chatglm_tokenizer import build_ice_text, write_release
 from typer.testing import CliRunner
 
 import openglm
-from openglm.checkpoint import save_checkpoint
 from openglm.cli import app
 from openglm.config import model_preset
-from openglm.convert import store
 from openglm.eval.runner import evaluate_checkpoints
+from openglm.io import store
+from openglm.io.checkpoint import save_checkpoint
 from openglm.model import GLM
-from openglm.quantize import quantize_model
+from openglm.quant import quantize_model
 from openglm.tokenizer import GLMTokenizer
 
 

@@ -19,12 +19,11 @@ import torch
 
 import openglm.model
 from openglm import native
-from openglm import quantize as quant
 from openglm.config import model_preset
 from openglm.decoding import DecodeStep
 from openglm.generation import GenerationConfig, generate_tokens
 from openglm.model import GLM, KVCache
-from openglm.quantize import QuantizedLinear, quantize_model, quantized_layers
+from openglm.quant import QuantizedLinear, int4pack, quantize_model, quantized_layers
 
 PROMPT = 11  # cached positions before the decoded token (PAD of them padding in padded runs)
 PAD = 3
@@ -194,9 +193,9 @@ def dequantized_copy(model: GLM) -> GLM:
 
 def retile_int4(layer: QuantizedLinear, block: int) -> None:
     """Put an INT4 layer into the kernel layout with another row block (32: what AVX2 CPUs get), so
-    the kernel's generic tile loop runs here too; `_untile_int4` checks the tiling."""
+    the kernel's generic tile loop runs here too; `untile_int4` checks the tiling."""
     assert layer.int4_block is not None
-    unsigned = quant._untile_int4(layer.qweight, layer.int4_block)  # [out, in], q + 8
+    unsigned = int4pack.untile_int4(layer.qweight, layer.int4_block)  # [out, in], q + 8
     out_features, in_features = unsigned.shape
     full = out_features // block * block
     tiles = unsigned[:full].view(full // block, 2, block // 2, in_features)
@@ -205,7 +204,7 @@ def retile_int4(layer: QuantizedLinear, block: int) -> None:
         rest = unsigned[full:].view(-1, 2, in_features)
         packed.append((rest[:, 0] | rest[:, 1] << 4).t().reshape(out_features - full, in_features // 2))
     retiled = torch.cat(packed).contiguous()
-    assert torch.equal(quant._untile_int4(retiled, block), unsigned)
+    assert torch.equal(int4pack.untile_int4(retiled, block), unsigned)
     layer.qweight, layer.int4_block = retiled, block
 
 

@@ -1,6 +1,6 @@
-"""Tests for openglm.quantize: absmax error bounds, INT4 packing, the packed CPU kernels against
+"""Tests for openglm.quant: absmax error bounds, INT4 packing, the packed CPU kernels against
 the dequantize reference, whole `micro` models against their float originals, and quantized
-checkpoints (round trip through `load_model`, clear errors for damaged ones)."""
+checkpoints (openglm.io.quantized: round trip through `load`, clear errors for damaged ones)."""
 
 from __future__ import annotations
 
@@ -16,19 +16,20 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-import openglm.quantize as quant
-from openglm.checkpoint import QUANT_FILE, CheckpointError, load_model, save_checkpoint, save_quantized_checkpoint
+import openglm.quant as quant
+import openglm.quant.layers
 from openglm.config import GLMConfig, model_preset
+from openglm.io.api import load, quantize_checkpoint
+from openglm.io.checkpoint import QUANT_FILE, CheckpointError, save_checkpoint, save_quantized_checkpoint, save_safetensors
+from openglm.io.quantized import save_quantized
 from openglm.model import GLM, KVCache
-from openglm.quantize import (
+from openglm.quant import (
     QuantizedLinear,
     dequantize_weight,
     pack_int4,
-    quantize_checkpoint,
     quantize_model,
     quantize_weight,
     quantized_memory,
-    save_quantized,
     unpack_int4,
 )
 from openglm.tokenizer import GLMTokenizer
@@ -220,7 +221,7 @@ def test_shapes_the_int4_kernel_rejects_fall_back(out_features: int, in_features
 
 def test_unknown_kernel_layout_falls_back_to_portable(monkeypatch: pytest.MonkeyPatch) -> None:
     _, fast = make_layer(64, 64, 4, 32)
-    monkeypatch.setattr(quant, "_to_kernel_int4", lambda q: None)
+    monkeypatch.setattr(openglm.quant.layers, "to_kernel_int4", lambda q: None)
     _, portable = make_layer(64, 64, 4, 32)
     assert fast.int4_block is not None and portable.int4_block is None
     x = torch.randn(2, 64, dtype=torch.bfloat16)
@@ -346,8 +347,8 @@ def test_quantize_checkpoint_writes_a_loadable_directory(int4_checkpoint: Path, 
     assert tensors["word_embeddings.weight"].dtype == torch.float32
 
     # quantizing on load and loading the quantized checkpoint give the same model
-    loaded, tokenizer = load_model(int4_checkpoint)
-    on_load = quantize_model(load_model(float_checkpoint)[0], 4, 32)
+    loaded, tokenizer = load(int4_checkpoint, torch.float32)
+    on_load = quantize_model(load(float_checkpoint)[0], 4, 32)
     with torch.no_grad():
         assert torch.equal(loaded(ids), on_load(ids))
     assert not loaded.training and tokenizer.vocab_size <= loaded.config.vocab_size
@@ -361,7 +362,7 @@ def test_save_load_round_trip_gives_identical_logits(micro: GLM, tok: GLMTokeniz
                                                      bits: int, group_size: int | None, dtype: torch.dtype) -> None:
     model = quantize_model(copy.deepcopy(micro), bits, group_size)
     save_quantized(model, tok, tmp_path / "q")
-    loaded, _ = load_model(tmp_path / "q", dtype=dtype)
+    loaded, _ = load(tmp_path / "q", dtype=dtype)
     model = model.to(dtype)
     with torch.inference_mode():
         assert torch.equal(loaded(ids), model(ids))
@@ -387,7 +388,12 @@ def rewrite(src: Path, out: Path, tok: GLMTokenizer, edit_tensors: Any = None, e
         edit_tensors(tensors)
     if edit_record:
         edit_record(record)
-    return save_quantized_checkpoint(out, GLMConfig.load(src / "config.json"), tensors, tok, record)
+
+    def write_files(folder: Path) -> None:
+        save_safetensors(tensors, folder / "model.safetensors")
+        tok.save(folder / "tokenizer.json")
+
+    return save_quantized_checkpoint(out, GLMConfig.load(src / "config.json"), write_files, record)
 
 
 NAME = "layers.1.mlp.dense_4h_to_h"
@@ -415,7 +421,7 @@ def test_bad_quantized_checkpoints_name_file_and_tensor(int4_checkpoint: Path, t
                                                          edit_tensors: Any, edit_record: Any, message: str) -> None:
     bad = rewrite(int4_checkpoint, tmp_path / "bad", tok, edit_tensors, edit_record)
     with pytest.raises(CheckpointError, match=message):
-        load_model(bad)
+        load(bad)
 
 
 def test_corrupted_quantized_files_are_named(int4_checkpoint: Path, tok: GLMTokenizer, tmp_path: Path) -> None:
@@ -425,16 +431,16 @@ def test_corrupted_quantized_files_are_named(int4_checkpoint: Path, tok: GLMToke
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"model\.safetensors: damaged \(sha256"):
-        load_model(bad)
+        load(bad)
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
-    load_model(bad)  # repaired
+    load(bad)  # repaired
     (bad / "tokenizer.json").unlink()
     with pytest.raises(CheckpointError, match=r"tokenizer\.json: missing"):
-        load_model(bad)
+        load(bad)
     (bad / QUANT_FILE).write_text("{not json")
     with pytest.raises(CheckpointError, match=r"quantization\.json: damaged"):
-        load_model(bad)
+        load(bad)
     # a file that is not safetensors at all, with a matching sha256
     garbage = rewrite(int4_checkpoint, tmp_path / "garbage", tok)
     (garbage / "model.safetensors").write_bytes(b"not a safetensors file")
@@ -442,4 +448,4 @@ def test_corrupted_quantized_files_are_named(int4_checkpoint: Path, tok: GLMToke
     record["files"]["model.safetensors"] = hashlib.sha256(b"not a safetensors file").hexdigest()
     (garbage / QUANT_FILE).write_text(json.dumps(record))
     with pytest.raises(CheckpointError, match=r"model\.safetensors: damaged or not a safetensors file"):
-        load_model(garbage)
+        load(garbage)

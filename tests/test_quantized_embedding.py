@@ -18,10 +18,11 @@ from typer.testing import CliRunner
 
 import openglm
 from openglm import native
-from openglm.checkpoint import QUANT_FILE, WEIGHTS_FILE, CheckpointError, save_checkpoint, write_quantization
 from openglm.cli import app
-from openglm.convert import convert
-from openglm.quantize import QuantizedEmbedding, QuantizedLinear, make_record, quantize_model, quantize_weight, unpack_int4
+from openglm.io.checkpoint import QUANT_FILE, WEIGHTS_FILE, CheckpointError, save_checkpoint, write_quantization
+from openglm.io.convert import convert
+from openglm.io.quantized import make_record
+from openglm.quant import QuantizedEmbedding, QuantizedLinear, quantize_model, quantize_weight, unpack_int4
 from openglm.tokenizer import GLMTokenizer
 
 TOKENIZER = Path(openglm.__file__).parent / "resources" / "tokenizer.json"

@@ -13,15 +13,15 @@ from test_native import decode_once, error, float64_reference, make_model, one_t
 
 import openglm
 from openglm import native
-from openglm.checkpoint import save_checkpoint
-from openglm.quantize import (
+from openglm.io.checkpoint import save_checkpoint
+from openglm.io.quantized import save_quantized
+from openglm.quant import (
     QuantizedEmbedding,
     QuantizedLinear,
     dequantize_weight,
     quantize_model,
     quantize_weight,
     quantized_layers,
-    save_quantized,
 )
 from openglm.tokenizer import GLMTokenizer
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from openglm.checkpoint import CheckpointError, load_model
 from openglm.config import GLMConfig, TrainConfig, model_preset
+from openglm.io.api import load
+from openglm.io.checkpoint import CheckpointError
 from openglm.model import GLM
 from openglm.train.metrics import SpikeDetector, read_metrics
 from openglm.train.optim import batch_size_at, learning_rate
@@ -180,8 +181,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, cache_env):
     assert sorted(resumed) == [3, 4, 5]
     for step in (3, 4, 5):
         assert resumed[step] == pytest.approx(expected[step], rel=1e-6, abs=0), step
-    a = load_model(full)[0].state_dict()
-    b = load_model(interrupted)[0].state_dict()
+    a = load(full)[0].state_dict()
+    b = load(interrupted)[0].state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
 
@@ -194,7 +195,7 @@ def saved_run(tmp_path, cache_env) -> Path:
 
 
 def test_checkpoint_round_trips_the_model(saved_run):
-    model, tokenizer = load_model(saved_run)
+    model, tokenizer = load(saved_run)
     checkpoint = saved_run / (saved_run / "latest").read_text().strip()
     from safetensors.torch import load_file
 
@@ -213,7 +214,7 @@ def test_damaged_weights_file_is_named(saved_run):
         Trainer(micro_config(), micro_train_config(saved_run), resume=True)
     weights.write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match=r"model\.safetensors"):
-        load_model(saved_run)
+        load(saved_run)
 
 
 def test_mismatched_config_names_the_tensor(saved_run):
@@ -222,17 +223,17 @@ def test_mismatched_config_names_the_tensor(saved_run):
     config["ffn_hidden_size"] = 256
     config_path.write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"config\.json: damaged \(sha256"):
-        load_model(saved_run)
+        load(saved_run)
     with pytest.raises(CheckpointError, match=r"dense_h_to_4h\.weight has shape"):
-        load_model(saved_run, verify=False)
+        load(saved_run, verify=False)
     config_path.write_text("{not json")
     with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON"):
-        load_model(saved_run, verify=False)
+        load(saved_run, verify=False)
 
 
 def test_missing_checkpoint_and_truncated_optimizer(saved_run, tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint"):
-        load_model(tmp_path / "nowhere")
+        load(tmp_path / "nowhere")
     optimizer = saved_run / "checkpoint-0000001" / "optimizer.pt"
     optimizer.write_bytes(optimizer.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"optimizer\.pt: damaged"):

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from openglm.checkpoint import write_text_atomic
 from openglm.data.documents import (
     CorpusError,
     PathLike,
@@ -35,6 +34,7 @@ from openglm.data.documents import (
     iter_documents,
     resolve_corpus_files,
 )
+from openglm.io.checkpoint import write_text_atomic
 
 if TYPE_CHECKING:
     from openglm.tokenizer import GLMTokenizer

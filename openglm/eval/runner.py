@@ -262,12 +262,14 @@ def evaluate_checkpoints(
     the others are evaluated all the same. `threads` sets torch's intra-op threads (on a CPU shared
     with other work, 1 can be many times faster than 2, whose threads wait for each other).
     `quantize` (8 or 4, `group_size` inputs per scale) quantizes each float model's block linears
-    as it loads, run in bf16 where that is native, as `openglm generate --quantize` runs it;
-    `embedding_bits` (8 or 4) the word embedding and output layer too. `task_type` reads every
+    as it loads; `embedding_bits` (8 or 4) the word embedding and output layer too. Every model is
+    loaded with `openglm.load`'s dtype policy ("auto": a quantized one, saved or quantized on load,
+    in bf16 where that is native), as `openglm generate` and `serve` load it. `task_type` reads every
     task given as a data file or folder as that type instead of detecting it."""
     import torch
 
-    from openglm.checkpoint import CheckpointError, check_model, load_model
+    from openglm.io.api import check_model, load
+    from openglm.io.checkpoint import CheckpointError
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -289,9 +291,7 @@ def evaluate_checkpoints(
     for path in models:
         try:
             # its hashes were checked above
-            model, tokenizer = load_model(
-                path, None if quantize is not None else torch.float32, quantize, group_size, embedding_bits=embedding_bits, verify=False
-            )
+            model, tokenizer = load(path, "auto", quantize, group_size, embedding_bits=embedding_bits, verify=False)
             run = evaluate_model(configs, ModelScorer(model, tokenizer, batch_size), seed, shots, progress)
         except (CheckpointError, ValueError) as err:
             failed[str(path)] = str(err)

@@ -46,8 +46,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from openglm import checkpoint as ckpt
 from openglm.config import GLMConfig, TrainConfig
+from openglm.io import checkpoint as ckpt
 from openglm.model import GLM
 from openglm.parallel.parallelize import geglu_row_order, is_geglu_input
 from openglm.tokenizer import GLMTokenizer

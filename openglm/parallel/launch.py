@@ -35,9 +35,9 @@ EXPECTED_EXIT = 2  # a rank's exit code for an expected error (as the CLI's)
 
 def _expected_errors() -> tuple[type[Exception], ...]:
     """The errors a rank reports as one line, most specific first (imported late: no import cycle)."""
-    from openglm.checkpoint import CheckpointError
     from openglm.config import ConfigError
     from openglm.data.documents import CorpusError
+    from openglm.io.checkpoint import CheckpointError
     from openglm.train.rundir import TrainingStopped
 
     return TrainingStopped, CheckpointError, ConfigError, CorpusError, FileNotFoundError, ValueError

@@ -13,8 +13,8 @@ import shutil
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from openglm import checkpoint as ckpt
 from openglm.config import ConfigError
+from openglm.io import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,6 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from openglm import checkpoint as ckpt
 from openglm.config import ConfigError, GLMConfig, TrainConfig, cache_dir
 from openglm.data.blank_infill import BlankInfillingDataset, TooFewTokens, collate
 from openglm.data.documents import CorpusError, bundled_corpus_paths, document_language
@@ -27,6 +26,7 @@ from openglm.data.mip import MIPDataset, MixedDataset
 from openglm.data.shards import prepare_corpus
 from openglm.data.stream import TokenStream
 from openglm.eval.lm import LMScore, score_tokens
+from openglm.io import checkpoint as ckpt
 from openglm.model import GLM, flops_per_token
 from openglm.tokenizer import GLMTokenizer
 from openglm.train import rundir

@@ -4,11 +4,14 @@ tensor-parallel shards (see chatglm.py and sat.py for the layouts).
     convert(src, out, source_format=None, target_format="openglm", tp=None, bits=None, ...)
     detect_format(path) -> "openglm" | "chatglm-hf" | "glm130b-sat" | None
     load_chatglm(path, dtype, bits, group_size, head_bits, embedding_bits) -> (GLM, tokenizer)   `openglm.load` of a ChatGLM directory
+    open_tokenizer(path, special_tokens) -> an openglm tokenizer.json or a ChatGLM-6B ice_text.model
 
 Every conversion streams: source files are read one at a time (torch files memory-mapped, each
 tensor's pages released once copied; safetensors read at their header's offsets), and the openglm
 weights file is written tensor by tensor into a pre-laid-out file, so peak memory stays within one
-source shard plus one tensor, never the model. Output directories are written atomically.
+source shard plus one tensor, never the model; quantizing (`bits`) fills the quantized model from
+that file as `openglm.load(..., quantize=bits)` does and writes it, so it holds the quantized model
+(never its float block weights). Output directories are written atomically.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from openglm.checkpoint import CONFIG_FILE, CheckpointError, resolve_checkpoint, verify_checkpoint, write_dir_atomic
 from openglm.config import SpecialTokens
-from openglm.convert import chatglm, sat
-from openglm.convert.common import SP_TOKENIZER_FILE, Source, scan, transfer, write_openglm
-from openglm.convert.sp_tokenizer import ChatGLMTokenizer
-from openglm.convert.store import ConvertError, read_json
+from openglm.io.checkpoint import CONFIG_FILE, CheckpointError, resolve_checkpoint, verify_checkpoint, write_dir_atomic
+from openglm.io.convert import chatglm, sat
+from openglm.io.convert.common import SP_TOKENIZER_FILE, Source, scan, transfer, write_openglm
+from openglm.io.convert.sp_tokenizer import ChatGLMTokenizer
+from openglm.io.loading import ModelFiller, empty_model
+from openglm.io.store import ConvertError, read_json
 
 if TYPE_CHECKING:
     from openglm.model import GLM
@@ -158,9 +162,7 @@ def load_source(
     embedding_bits: int | None = None,
 ) -> GLM:
     """A model (eval mode) filled straight from a foreign checkpoint, without writing a file: each
-    tensor converted to `dtype`, or quantized to INT`bits`, as it is read (`openglm.loading`)."""
-    from openglm.loading import ModelFiller, empty_model
-
+    tensor converted to `dtype`, or quantized to INT`bits`, as it is read (`openglm.io.loading`)."""
     _, total = scan(source)
     model = empty_model(source.config, dtype, bits, group_size, head_bits, embedding_bits)
     transfer(source, ModelFiller(model), total)
@@ -169,16 +171,14 @@ def load_source(
 
 def load_chatglm(
     path: str | Path,
-    dtype: torch.dtype | None = torch.float32,
+    dtype: torch.dtype = torch.float32,
     bits: int | None = None,
     group_size: int | None = None,
     head_bits: int | None = None,
     embedding_bits: int | None = None,
 ) -> tuple[GLM, ChatGLMTokenizer]:
     """Model and tokenizer of a ChatGLM-6B directory (what `openglm.load` does with one), float or
-    one of THUDM's INT4/INT8 releases; `dtype` None: what it runs in (`openglm.kernels.run_dtype`)."""
-    from openglm.kernels import run_dtype
-
+    one of THUDM's INT4/INT8 releases (`release_bits`), its float tensors in `dtype`."""
     path = Path(path)
     config_path = path / CONFIG_FILE
     config = chatglm.config_from_chatglm(read_json(config_path), config_path)
@@ -193,7 +193,6 @@ def load_chatglm(
         raise CheckpointError(str(err)) from None
     if tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(f"{tokenizer_path}: {tokenizer.vocab_size} tokens but {config_path} says vocab_size {config.vocab_size}")
-    dtype = dtype or run_dtype(bits is not None or released is not None)
     if released is not None:
         if bits is not None or head_bits is not None or embedding_bits is not None:
             raise CheckpointError(f"{path}: already quantized (quantization_bit={released} in {CONFIG_FILE}); load it without quantizing again")

@@ -10,7 +10,7 @@ Layout of a run directory::
         trainer_state.json      step, data position, train config, sha256 of every file
         optimizer.pt            optimizer, loss scaler and RNG states (training only)
 
-Every recorded sha256 is checked whenever a checkpoint is loaded (`verify_checkpoint`; `load_model`
+Every recorded sha256 is checked whenever a checkpoint is loaded (`verify_checkpoint`; `openglm.load`
 can skip it for checkpoints too large to hash each time), so a flipped byte is refused by name.
 
 A checkpoint directory is built under a temporary name and renamed into place (re-saving a step
@@ -18,11 +18,11 @@ swaps the new directory with the old one in a single rename where the platform c
 is never removed before its replacement is in place), and `latest` is replaced atomically after it,
 so an interrupted save never leaves `latest` naming a half-written checkpoint.
 
-A quantized checkpoint (`openglm.quantize`) is a directory of config.json, tokenizer.json,
+A quantized checkpoint (`openglm.io.quantized`) is a directory of config.json, tokenizer.json,
 model.safetensors (INT8/INT4 `qweight` + bf16 `scales` for the block linears, and for the word
 embedding / untied output layer when quantized, float tensors for the rest) and quantization.json
 (bits, group size, modules, `embedding_bits` / `head_bits` when set, and the sha256 of every other
-file, checked on every load). `load_model` reads either kind.
+file, checked on every load). `openglm.load` reads either kind.
 
 A float checkpoint written by `openglm convert` (no training state) records the sha256 of each of
 its files in checksums.json, ``{"files": {name: sha256}}``, checked on every load like the others::
@@ -57,7 +57,6 @@ from safetensors.torch import load_file, save_file
 from openglm.config import ConfigError, GLMConfig
 
 if TYPE_CHECKING:
-    from openglm.model import GLM
     from openglm.tokenizer import GLMTokenizer
 
 log = logging.getLogger(__name__)
@@ -319,7 +318,7 @@ def _check_sha256(checkpoint: Path, files: Any) -> None:
 
 
 def write_quantization(folder: Path, record: dict[str, Any], *, atomic: bool = False) -> None:
-    """Write `record` (`openglm.quantize.make_record`) as folder/quantization.json together with
+    """Write `record` (`openglm.io.quantized.make_record`) as folder/quantization.json together with
     the sha256 of every file now in `folder` (so call it once every other file is in place);
     `atomic` writes through `write_text_atomic`."""
     text = json.dumps(dict(record, files=_file_hashes(folder)), indent=2) + "\n"
@@ -329,16 +328,11 @@ def write_quantization(folder: Path, record: dict[str, Any], *, atomic: bool = F
         (folder / QUANT_FILE).write_text(text)
 
 
-def save_quantized_checkpoint(
-    out: str | Path,
-    config: GLMConfig,
-    tensors: dict[str, torch.Tensor],
-    tokenizer: GLMTokenizer,
-    record: dict[str, Any],
-) -> Path:
-    """Write a quantized checkpoint directory `out` atomically; `record` (bits, group size,
-    modules) goes to quantization.json together with every other file's sha256. Tensors are
-    written in their own dtypes. An existing `out` is replaced only if it is a quantized checkpoint."""
+def save_quantized_checkpoint(out: str | Path, config: GLMConfig, write_files: Callable[[Path], None], record: dict[str, Any]) -> Path:
+    """Write a quantized checkpoint directory `out` atomically: config.json, what
+    `write_files(folder)` writes (model.safetensors and the tokenizer), and last quantization.json,
+    `record` (bits, group size, modules) with every other file's sha256. An existing `out` is
+    replaced only if it is a quantized checkpoint."""
     out = Path(out)
     if out.exists() and not (out / QUANT_FILE).is_file() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out}: exists and is not a quantized checkpoint; refusing to overwrite it")
@@ -346,8 +340,7 @@ def save_quantized_checkpoint(
 
     def fill(tmp: Path) -> None:
         config.save(tmp / CONFIG_FILE)
-        save_safetensors({name: t.detach().contiguous() for name, t in tensors.items()}, tmp / WEIGHTS_FILE)
-        tokenizer.save(tmp / TOKENIZER_FILE)
+        write_files(tmp)
         write_quantization(tmp, record)
 
     write_dir_atomic(out, fill)
@@ -406,7 +399,7 @@ def load_config(checkpoint: Path) -> GLMConfig:
         raise CheckpointError(str(err)) from None
 
 
-def _open_checkpoint(path: str | Path, verify: bool) -> Path:
+def open_checkpoint(path: str | Path, verify: bool) -> Path:
     """The checkpoint directory `path` names, its files' sha256s checked unless `verify` is False."""
     checkpoint = resolve_checkpoint(path)
     if verify:
@@ -414,78 +407,3 @@ def _open_checkpoint(path: str | Path, verify: bool) -> Path:
     else:
         log.info("not checking the sha256 of %s's files (verification turned off)", checkpoint)
     return checkpoint
-
-
-def check_model(path: str | Path, *, verify: bool = True) -> None:
-    """What `load_model` checks before it reads any weight (the directory, its recorded sha256s,
-    its config), without loading the model: run it over several models so that a misspelled or
-    damaged one fails before any work is done on the others."""
-    from openglm.convert import chatglm
-
-    if chatglm.is_chatglm_dir(Path(path)):
-        chatglm.source(Path(path))  # parses config.json and lists the weight files
-        return
-    checkpoint = _open_checkpoint(path, verify)
-    read_quantization(checkpoint, verify=False)
-    load_config(checkpoint)
-
-
-def load_model(
-    path: str | Path,
-    dtype: torch.dtype | None = torch.float32,
-    quantize: int | None = None,
-    group_size: int | None = None,
-    head_bits: int | None = None,
-    embedding_bits: int | None = None,
-    *,
-    verify: bool = True,
-) -> tuple[GLM, GLMTokenizer]:
-    """The model (in eval mode) and tokenizer of a checkpoint or run directory, quantized or not
-    (quantized block linears keep their INT8/INT4 weights whatever `dtype`); also a ChatGLM-6B
-    Hugging Face directory, or a checkpoint converted from one (its tokenizer is ice_text.model).
-
-    Every file's sha256 recorded at save time is checked first (`verify_checkpoint`); `verify=False`
-    skips that for checkpoints too large to hash on every load (the damage then shows up, at best,
-    as a shape or format error, at worst not at all).
-
-    Streams: each tensor goes from its file into the model in `dtype` (None: what it runs in,
-    `openglm.kernels.run_dtype`), and with `quantize` (8 or 4; `group_size` inputs per scale) the
-    block linears of a float checkpoint are quantized as they arrive (`openglm.loading`), and with
-    `head_bits` (8 or 4) its untied output layer too, one scale per vocabulary row, and with
-    `embedding_bits` (8 or 4) the word embedding (tied: also the output layer; untied: lm_head too
-    unless `head_bits` is given)."""
-    from openglm.convert import SP_TOKENIZER_FILE, is_chatglm_dir, load_chatglm, open_tokenizer
-    from openglm.kernels import run_dtype
-    from openglm.loading import empty_model, load_float_weights
-    from openglm.quantize import load_quantized
-
-    if group_size is not None and quantize is None:
-        raise ValueError("a group size applies only when quantizing")
-    if is_chatglm_dir(Path(path)):
-        return load_chatglm(path, dtype, quantize, group_size, head_bits, embedding_bits)  # type: ignore[return-value]  # a tokenizer with the same protocol
-    checkpoint = _open_checkpoint(path, verify)
-    quantization = read_quantization(checkpoint, verify=False)
-    config = load_config(checkpoint)
-    dtype = dtype or run_dtype(quantization is not None or quantize is not None)
-    if quantization is not None:
-        if quantize is not None or head_bits is not None or embedding_bits is not None:
-            raise CheckpointError(
-                f"{checkpoint}: already quantized (INT{quantization.get('bits')}); load it without quantizing again"
-            )
-        model = load_quantized(checkpoint, config, quantization, dtype)
-    else:
-        model = empty_model(config, dtype, quantize, group_size, head_bits, embedding_bits)
-        load_float_weights(checkpoint, model)
-    tokenizer_path = checkpoint / TOKENIZER_FILE
-    if not tokenizer_path.is_file() and (checkpoint / SP_TOKENIZER_FILE).is_file():
-        tokenizer_path = checkpoint / SP_TOKENIZER_FILE
-    try:
-        tokenizer = open_tokenizer(tokenizer_path, config.special_tokens)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{tokenizer_path}: cannot be loaded ({err})") from None
-    if tokenizer.vocab_size > config.vocab_size:
-        raise CheckpointError(f"{tokenizer_path}: {tokenizer.vocab_size} tokens but the model has {config.vocab_size}")
-    bits = quantize if quantization is None else quantization["bits"]
-    detail = "" if bits is None else f", block linears INT{bits}"
-    log.info("loaded %s (%.1fM parameters, %s%s)", checkpoint, model.num_parameters() / 1e6, dtype, detail)
-    return model.eval(), tokenizer

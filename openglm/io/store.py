@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from openglm.checkpoint import CheckpointError
+from openglm.io.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 

@@ -9,21 +9,23 @@ sink (a memory-mapped safetensors file, or a model's parameters).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from openglm.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, write_checksums, write_quantization
 from openglm.config import GLMConfig
-from openglm.convert.sp_tokenizer import TOKENIZER_CONFIG_FILE
-from openglm.convert.store import ConvertError, Plan, SafetensorsWriter, Sink, TensorFile, open_tensors
-from openglm.quantize import OUTPUT_LAYERS, SUPPORTED_BITS, is_quantized_weight, make_record, quantize_weight, quantized_layout
+from openglm.io.checkpoint import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, write_checksums, write_quantization
+from openglm.io.convert.sp_tokenizer import TOKENIZER_CONFIG_FILE
+from openglm.io.loading import empty_model, load_float_weights, parameter_shapes
+from openglm.io.quantized import quantization_record, write_quantized_weights
+from openglm.io.store import ConvertError, Plan, SafetensorsWriter, Sink, TensorFile, open_tensors
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +47,6 @@ class Source:
     files: list[Path]
     route: Router
     key: str | None = None  # the entry of a torch file that holds the state dict
-
-
-def parameter_shapes(config: GLMConfig) -> dict[str, tuple[int, ...]]:
-    """Every parameter of a GLM with this config, built on the meta device (no memory)."""
-    from openglm.model import GLM
-
-    with torch.device("meta"):
-        model = GLM(config)
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
 def region_numel(shape: tuple[int, ...], index: tuple[slice, ...]) -> int:
@@ -110,65 +103,22 @@ def _copy(handle: TensorFile, name: str, source_index: tuple[slice, ...], sink: 
     return part.numel() * handle.dtype(name).itemsize
 
 
-def quantize_file(
-    float_file: Path, out_file: Path, bits: int, group_size: int | None, embedding_bits: int | None = None
-) -> dict[str, object]:
-    """Quantize the block linears (and with `embedding_bits` the word embedding and an untied
-    output layer, a scale per row) of a float safetensors file tensor by tensor into `out_file`
-    (the layout `openglm.quantize.load_quantized` reads); returns the quantization record."""
-    for value in (bits, embedding_bits):
-        if value is not None and value not in SUPPORTED_BITS:
-            raise ConvertError(f"bits must be one of {SUPPORTED_BITS}, got {value}")
+def copy_tokenizer(tokenizer: Path, folder: Path) -> None:
+    """Copy a tokenizer.json, or an ice_text.model with its tokenizer_config.json when there is one
+    (the id offset, num_image_tokens), into the checkpoint folder `folder`."""
+    name = TOKENIZER_FILE if tokenizer.suffix == ".json" else SP_TOKENIZER_FILE
+    shutil.copyfile(tokenizer, folder / name)
+    settings = tokenizer.parent / TOKENIZER_CONFIG_FILE
+    if name == SP_TOKENIZER_FILE and settings.is_file():
+        shutil.copyfile(settings, folder / TOKENIZER_CONFIG_FILE)
 
-    def quantized_as(name: str) -> tuple[int, int | None] | None:
-        """(bits, group size) a tensor is quantized with, or None: kept as it is."""
-        if is_quantized_weight(name):
-            return bits, group_size
-        if embedding_bits is not None and name in {f"{layer}.weight" for layer in OUTPUT_LAYERS}:
-            return embedding_bits, None
-        return None
 
-    with open_tensors(float_file) as handle:
-        plan: Plan = {}
-        modules = []
-        for name in handle.names():
-            shape = handle.shape(name)
-            quantized = quantized_as(name)
-            if quantized is None:
-                plan[name] = (shape, handle.dtype(name))
-                continue
-            layer_bits, layer_group = quantized
-            out_features, in_features = shape
-            if layer_group is not None and (layer_group <= 0 or in_features % layer_group):
-                raise ConvertError(f"{float_file}: tensor {name}: group size {layer_group} does not divide its {in_features} inputs")
-            module = name.removesuffix(".weight")
-            modules.append(module)
-            try:
-                layout = quantized_layout(out_features, in_features, layer_bits, layer_group)
-                if layer_bits == 4 and in_features % 2:
-                    raise ValueError(f"INT4 needs an even number of inputs, got {in_features}")
-            except ValueError as err:
-                raise ConvertError(f"{float_file}: tensor {name}: {err}") from None
-            for suffix, spec in layout.items():
-                plan[f"{module}.{suffix}"] = spec
-        writer = SafetensorsWriter(out_file, plan)
-        for name in tqdm(handle.names(), desc=f"INT{bits}", unit="tensor", disable=None):
-            tensor = handle.tensor(name)
-            quantized = quantized_as(name)
-            if quantized is not None:
-                module = name.removesuffix(".weight")
-                try:
-                    qweight, scales = quantize_weight(tensor, *quantized)
-                except ValueError as err:
-                    raise ConvertError(f"{float_file}: tensor {name}: {err}") from None
-                writer.write(f"{module}.qweight", qweight)
-                writer.write(f"{module}.scales", scales)
-            else:
-                writer.write(name, tensor)
-    outputs = [module for module in modules if module in OUTPUT_LAYERS]
-    blocks = [module for module in modules if module not in OUTPUT_LAYERS]
-    embedding = embedding_bits if "word_embeddings" in outputs else None
-    return make_record(bits, group_size, blocks, embedding, embedding_bits if "lm_head" in outputs else None)
+def stored_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """The one float dtype that holds every float tensor of a checkpoint exactly (fp16 for an fp16
+    one, fp32 for a mix of fp16 and bf16; fp32 when it holds none): what its float tensors keep
+    when it is quantized."""
+    floats = [dtype for dtype in dtypes if dtype.is_floating_point]
+    return functools.reduce(torch.promote_types, floats) if floats else torch.float32
 
 
 def write_openglm(
@@ -180,24 +130,32 @@ def write_openglm(
     embedding_bits: int | None = None,
 ) -> None:
     """Fill `folder` (empty) with an openglm checkpoint of `source`: config.json, model.safetensors
-    in the source's dtypes (or INT8/INT4 block linears, and with `embedding_bits` the embedding and
-    output layer), the tokenizer, and last the sha256 of each file, checked on every load
-    (checksums.json, or quantization.json when quantized)."""
+    in the source's dtypes, the tokenizer, and last the sha256 of each file, checked on every load
+    (checksums.json, or quantization.json when quantized). With `bits` the float weights are
+    written to a temporary file first (a tensor-parallel source holds a piece of every tensor in
+    every shard), which then streams into a model quantized on arrival, as `openglm.load(...,
+    quantize=bits)` loads it (`openglm.io.loading`: INT8/INT4 block linears, and with
+    `embedding_bits` the embedding and output layer), its float tensors in the source's precision
+    (`stored_dtype`); that model is written and the temporary file removed."""
     dtypes, total = scan(source)
+    model = None
+    if bits is not None:  # bits and group sizes the layers do not take fail before anything is written
+        try:
+            model = empty_model(source.config, stored_dtype(dtypes.values()), bits, group_size, None, embedding_bits)
+        except ValueError as err:
+            raise ConvertError(f"{source.root}: {err}") from None
     shapes = parameter_shapes(source.config)
     plan: Plan = {name: (shapes[name], dtypes[name]) for name in shapes}
-    float_file = folder / (WEIGHTS_FILE if bits is None else ".float.safetensors")
+    float_file = folder / (WEIGHTS_FILE if model is None else ".float.safetensors")
     transfer(source, SafetensorsWriter(float_file, plan), total)
+    if model is not None:
+        load_float_weights(float_file, model)
+        float_file.unlink()
+        write_quantized_weights(model, folder / WEIGHTS_FILE)
     source.config.save(folder / CONFIG_FILE)
     if tokenizer is not None:
-        name = TOKENIZER_FILE if tokenizer.suffix == ".json" else SP_TOKENIZER_FILE
-        shutil.copyfile(tokenizer, folder / name)
-        settings = tokenizer.parent / TOKENIZER_CONFIG_FILE  # ice_text.model's id offset (num_image_tokens)
-        if name == SP_TOKENIZER_FILE and settings.is_file():
-            shutil.copyfile(settings, folder / TOKENIZER_CONFIG_FILE)
-    if bits is not None:
-        record = quantize_file(float_file, folder / WEIGHTS_FILE, bits, group_size, embedding_bits)
-        float_file.unlink()
-        write_quantization(folder, record, atomic=True)
+        copy_tokenizer(tokenizer, folder)
+    if model is not None:
+        write_quantization(folder, quantization_record(model), atomic=True)
     else:
         write_checksums(folder)

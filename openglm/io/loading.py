@@ -9,8 +9,9 @@ plus one tensor: a bf16 load of an fp16 checkpoint never holds an fp32 copy, an 
 holds the float block weights.
 
     empty_model(config, dtype, bits=None, group_size=None, head_bits=None, embedding_bits=None) -> GLM
-    ModelFiller(model)            a `Sink` (openglm.convert.store) that quantizes on arrival
-    load_float_weights(checkpoint, model)   an openglm model.safetensors into such a model
+    ModelFiller(model)            a `Sink` (openglm.io.store) that quantizes on arrival
+    load_float_weights(path, model)   an openglm model.safetensors into such a model
+    parameter_shapes(config)      every parameter's shape (a meta-device model)
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from openglm.checkpoint import WEIGHTS_FILE, CheckpointError
-from openglm.convert.store import open_tensors
-from openglm.quantize import QuantizedLinear, quantize_layout, quantize_weight, quantized_layers
+from openglm.io.checkpoint import CheckpointError
+from openglm.io.store import open_tensors
+from openglm.quant import QuantizedLinear, quantize_layout, quantize_weight, quantized_layers
 
 if TYPE_CHECKING:
     from openglm.config import GLMConfig
@@ -59,6 +60,15 @@ def empty_model(
     return model.to(dtype).to_empty(device="cpu")
 
 
+def parameter_shapes(config: GLMConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter of a GLM with this config, built on the meta device (no memory)."""
+    from openglm.model import GLM
+
+    with torch.device("meta"):
+        model = GLM(config)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
 class ModelFiller:
     """Writes a float checkpoint's tensors (by openglm parameter name) into an `empty_model`.
 
@@ -83,12 +93,10 @@ class ModelFiller:
             del staging
 
 
-def load_float_weights(checkpoint: Path, model: GLM) -> None:
-    """Fill `model` (an `empty_model` of the checkpoint's config) from the float model.safetensors
-    of an openglm checkpoint, one tensor at a time, naming any missing, unexpected or mis-shaped one."""
-    from openglm.convert.common import parameter_shapes
-
-    path = checkpoint / WEIGHTS_FILE
+def load_float_weights(path: Path, model: GLM) -> None:
+    """Fill `model` (an `empty_model` of the checkpoint's config) from a float safetensors file by
+    openglm parameter name (an openglm checkpoint's model.safetensors), one tensor at a time,
+    naming any missing, unexpected or mis-shaped one."""
     shapes = parameter_shapes(model.config)
     filler = ModelFiller(model)
     with open_tensors(path) as handle:

@@ -26,11 +26,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import save_file
 
-from openglm.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_config, read_quantization, write_text_atomic
 from openglm.config import ConfigError, GLMConfig, SpecialTokens, in_user_terms
-from openglm.convert.common import FOREIGN_KEYS, SP_TOKENIZER_FILE, Piece, Source, parameter_shapes
-from openglm.convert.sp_tokenizer import TOKENIZER_CONFIG_FILE
-from openglm.convert.store import ConvertError, TensorFile, check_names, check_shape, open_tensors, read_json
+from openglm.io.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_config, read_quantization, write_text_atomic
+from openglm.io.convert.common import FOREIGN_KEYS, SP_TOKENIZER_FILE, Piece, Source
+from openglm.io.convert.sp_tokenizer import TOKENIZER_CONFIG_FILE
+from openglm.io.loading import empty_model, parameter_shapes
+from openglm.io.store import ConvertError, TensorFile, check_names, check_shape, open_tensors, read_json
+from openglm.quant import quantized_layers
 
 if TYPE_CHECKING:
     from openglm.model import GLM
@@ -211,9 +213,6 @@ def load_release(root: Path, config: GLMConfig, bits: int, dtype: torch.dtype) -
     """The model of a quantized ChatGLM-6B release (`quantization_bit` 4 or 8): its packed weights
     and scales imported into INT`bits` `QuantizedLinear`s, the float tensors read into `dtype`, one
     tensor at a time (a layer's weight and scale may lie in different shards)."""
-    from openglm.loading import empty_model
-    from openglm.quantize import quantized_layers
-
     config_path = root / CONFIG_FILE
     model = empty_model(config, dtype, bits)
     layers = quantized_layers(model)
