@@ -23,6 +23,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from openglm.config import SPECIAL_TOKEN_TEXT, SpecialTokens
+from openglm.io.atomic import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -134,10 +135,7 @@ class GLMTokenizer:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the tokenizer JSON atomically, so a crash never leaves a truncated file."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(self._tokenizer.to_str(pretty=True), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(Path(path), self._tokenizer.to_str(pretty=True))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> GLMTokenizer:

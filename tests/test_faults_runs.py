@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 
 from openglm.config import ConfigError, TrainConfig, model_preset
 from openglm.io.api import load
-from openglm.io.checkpoint import FAULT_ENV, install_dir, save_checkpoint
+from openglm.io.atomic import FAULT_ENV, install_dir
+from openglm.io.checkpoint import save_checkpoint
 from openglm.train.metrics import read_metrics
 from openglm.train.rundir import read_resume_state, resume_checkpoint
 from openglm.train.trainer import Trainer
@@ -187,15 +188,15 @@ def test_resave_replaces_a_checkpoint_only_once_the_new_one_is_complete(run: Pat
         (tmp / "config.json").write_text("{}")
         raise OSError("disk full")
 
-    from openglm.io import checkpoint as ckpt
+    from openglm.io import atomic
 
     with pytest.raises(OSError, match="disk full"):
-        ckpt.write_dir_atomic(checkpoint, failing_fill)
+        atomic.write_dir_atomic(checkpoint, failing_fill)
     assert snapshot(checkpoint) == before and not list(run.glob(".checkpoint-*"))
 
     for exchange in (True, False):
         if not exchange:
-            monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False)
+            monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
         save_checkpoint(run, 4, model.config, weights, tokenizer, {"note": exchange})
         assert json.loads((checkpoint / "trainer_state.json").read_text())["note"] is exchange
         assert torch.equal(load(run)[0].word_embeddings.weight, weights["word_embeddings.weight"])
@@ -212,13 +213,13 @@ def test_a_copy_moved_aside_by_a_killed_save_is_put_back(run: Path) -> None:
 
 
 def test_install_dir_puts_the_old_copy_back_when_the_rename_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from openglm.io import checkpoint as ckpt
+    from openglm.io import atomic
 
     final, new = tmp_path / "checkpoint-0000001", tmp_path / ".checkpoint-0000001.new"
     final.mkdir()
     (final / "a").write_text("old")
     new.mkdir()
-    monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
     real_replace = os.replace
 
     def replace(src, dst):  # moving aside works, renaming the new copy in fails
@@ -226,7 +227,7 @@ def test_install_dir_puts_the_old_copy_back_when_the_rename_fails(tmp_path: Path
             raise OSError("rename failed")
         real_replace(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "replace", replace)
+    monkeypatch.setattr(atomic.os, "replace", replace)
     with pytest.raises(OSError, match="rename failed"):
         install_dir(new, final)
     assert (final / "a").read_text() == "old"

@@ -34,7 +34,7 @@ from openglm.data.documents import (
     iter_documents,
     resolve_corpus_files,
 )
-from openglm.io.checkpoint import write_text_atomic
+from openglm.io.atomic import write_text_atomic
 
 if TYPE_CHECKING:
     from openglm.tokenizer import GLMTokenizer

@@ -1,6 +1,7 @@
 """Checkpoint I/O, one layer with no cycles; each module imports only those above it in this list.
 
-    checkpoint   the directory layout, sha256 verification, atomic writes (`write_dir_atomic`),
+    atomic       atomic file and directory writes (`write_text_atomic`, `write_dir_atomic`), no torch
+    checkpoint   the directory layout, sha256 verification,
                  training checkpoints, quantization.json / checksums.json records
     store        tensor files read and written one tensor at a time (safetensors, torch files)
     loading      streaming, precision-aware filling of a model (`empty_model`, `ModelFiller`)

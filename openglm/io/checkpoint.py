@@ -36,16 +36,11 @@ One converted by an older openglm, without checksums.json, loads unverified (sai
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import hashlib
 import json
 import logging
 import os
-import secrets
 import shutil
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +50,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from openglm.config import ConfigError, GLMConfig
+from openglm.io.atomic import fault_point, umasked, write_dir_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from openglm.tokenizer import GLMTokenizer
@@ -81,97 +77,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _umasked(mode: int) -> int:
-    """`mode` less the process umask: what open() and mkdir() would give, which mkstemp (0600) and
-    mkdtemp (0700) do not."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
-
-
-FAULT_ENV = "OPENGLM_FAULT_PAUSE"
-ASIDE_MARK = ".old-"  # `.checkpoint-N.old-XXXX`: the previous copy, moved aside where no swap is possible
-
-
-def fault_point(name: str) -> None:
-    """A test hook for fault injection: when $OPENGLM_FAULT_PAUSE names this point, log it and
-    block here forever, so a test can kill the process at exactly this moment of a save."""
-    if os.environ.get(FAULT_ENV) == name:
-        log.warning("fault point %s reached; pausing", name)
-        while True:
-            time.sleep(1)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two existing directory entries in one atomic step (Linux renameat2 RENAME_EXCHANGE);
-    False where the C library or the file system cannot."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), str(b))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.chmod(tmp, _umasked(0o666))
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def write_dir_atomic(final: Path, fill: Callable[[Path], None]) -> None:
-    """Build a directory with `fill(tmp)` under a temporary name beside `final`, then put it in
-    place with `install_dir`, so a crash never leaves a half-written directory at `final`."""
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-    os.chmod(tmp, _umasked(0o777))
-    try:
-        fill(tmp)
-        fault_point("save-filled")
-        install_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def install_dir(tmp: Path, final: Path) -> None:
-    """Rename the complete directory `tmp` to `final`. An existing `final` is swapped with it in
-    one step and only then deleted; where no swap is possible it is first moved aside to
-    `.NAME.old-XXXX` (which `restore_aside` puts back after a crash), never deleted first."""
-    if not final.exists():
-        os.replace(tmp, final)
-    elif _exchange(tmp, final):
-        fault_point("save-swapped")
-        shutil.rmtree(tmp)  # the previous copy, now under the temporary name
-    else:
-        aside = final.with_name(f".{final.name}{ASIDE_MARK}{secrets.token_hex(4)}")
-        os.replace(final, aside)
-        try:
-            os.replace(tmp, final)
-        except BaseException:
-            os.replace(aside, final)
-            raise
-        shutil.rmtree(aside)
-
-
-def restore_aside(folder: Path) -> None:
-    """Put back a previous checkpoint copy moved aside by a save that crashed before its
-    replacement was renamed in (`write_dir_atomic` on a platform without an atomic swap)."""
-    name = folder.name[1:].partition(ASIDE_MARK)[0]
-    if folder.name.startswith(".") and ASIDE_MARK in folder.name and not (folder.parent / name).exists():
-        os.replace(folder, folder.parent / name)
-        log.warning("restored %s, moved aside by a save that did not complete", folder.parent / name)
 
 
 def _file_hashes(folder: Path) -> dict[str, str]:
@@ -216,7 +121,7 @@ def save_checkpoint(
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """safetensors' save_file, with the file mode open() gives (it writes 0600 otherwise)."""
     save_file(tensors, path)
-    os.chmod(path, _umasked(0o666))
+    os.chmod(path, umasked(0o666))
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

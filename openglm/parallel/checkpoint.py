@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from openglm.config import GLMConfig, TrainConfig
+from openglm.io import atomic
 from openglm.io import checkpoint as ckpt
 from openglm.model import GLM
 from openglm.parallel.parallelize import geglu_row_order, is_geglu_input
@@ -189,10 +190,10 @@ def save_distributed(
     if dist.get_rank() == 0:
         config.save(tmp / ckpt.CONFIG_FILE)
         tokenizer.save(tmp / ckpt.TOKENIZER_FILE)
-        ckpt.write_text_atomic(tmp / ckpt.STATE_FILE, json.dumps({"step": step, **trainer_state}, indent=2) + "\n")
-        ckpt.fault_point("save-filled")
-        ckpt.install_dir(tmp, path)
-        ckpt.write_text_atomic(run_dir / DIST_LATEST, path.name + "\n")
+        atomic.write_text_atomic(tmp / ckpt.STATE_FILE, json.dumps({"step": step, **trainer_state}, indent=2) + "\n")
+        atomic.fault_point("save-filled")
+        atomic.install_dir(tmp, path)
+        atomic.write_text_atomic(run_dir / DIST_LATEST, path.name + "\n")
     dist.barrier()
     return path
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from openglm.io.checkpoint import write_text_atomic
+from openglm.io.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 

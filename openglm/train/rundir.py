@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from openglm.config import ConfigError
+from openglm.io import atomic
 from openglm.io import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ def remove_stale_temps(run_dir: Path) -> None:
         if not TEMP_NAME.fullmatch(path.name) or path.is_symlink():
             continue
         if path.is_dir():
-            ckpt.restore_aside(path)
+            atomic.restore_aside(path)
             if not path.exists():
                 continue
             shutil.rmtree(path)

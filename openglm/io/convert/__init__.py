@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from openglm.config import SpecialTokens
-from openglm.io.checkpoint import CONFIG_FILE, CheckpointError, resolve_checkpoint, verify_checkpoint, write_dir_atomic
+from openglm.io.atomic import write_dir_atomic
+from openglm.io.checkpoint import CONFIG_FILE, CheckpointError, resolve_checkpoint, verify_checkpoint
 from openglm.io.convert import chatglm, sat
 from openglm.io.convert.common import SP_TOKENIZER_FILE, Source, scan, transfer, write_openglm
 from openglm.io.convert.sp_tokenizer import ChatGLMTokenizer

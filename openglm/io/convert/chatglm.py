@@ -27,7 +27,8 @@ import torch
 from safetensors.torch import save_file
 
 from openglm.config import ConfigError, GLMConfig, SpecialTokens, in_user_terms
-from openglm.io.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_config, read_quantization, write_text_atomic
+from openglm.io.atomic import write_text_atomic
+from openglm.io.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_config, read_quantization
 from openglm.io.convert.common import FOREIGN_KEYS, SP_TOKENIZER_FILE, Piece, Source
 from openglm.io.convert.sp_tokenizer import TOKENIZER_CONFIG_FILE
 from openglm.io.loading import empty_model, parameter_shapes

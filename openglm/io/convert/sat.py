@@ -30,7 +30,8 @@ from typing import Any
 from tqdm import tqdm
 
 from openglm.config import MODEL_PRESETS, ConfigError, GLMConfig, SpecialTokens, in_user_terms
-from openglm.io.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_config, read_quantization, write_text_atomic
+from openglm.io.atomic import write_text_atomic
+from openglm.io.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_config, read_quantization
 from openglm.io.convert.common import FOREIGN_KEYS, Piece, Source
 from openglm.io.loading import parameter_shapes
 from openglm.io.store import ConvertError, TensorFile, TorchFileWriter, check_names, check_shape, open_tensors, read_json
