@@ -20,6 +20,7 @@ import math
 import torch
 
 _MASK = 0xFFFFFFFF
+_QUARTER = (1 << 30) - 1
 _MULTIPLIERS = (0x21F0AAAD, 0x735A2D97)  # odd and below 2**31: x * m < 2**63 for any 32-bit x
 _LN2 = math.log(2.0)
 _SQRT_HALF = math.sqrt(0.5)
@@ -75,14 +76,13 @@ def log(u: torch.Tensor) -> torch.Tensor:
     return series * 2.0 + exponent.to(u.dtype) * _LN2
 
 
-def cos_turns(t: torch.Tensor) -> torch.Tensor:
-    """cos(2 pi t) for float64 `t` in [0, 1) whose quarter multiples are exact (32-bit fractions)."""
-    quarters = t * 4.0
-    quadrant = quarters.floor()
-    angle = (quarters - quadrant) * (math.pi / 2)  # in [0, pi/2)
+def cos_turns(h: torch.Tensor) -> torch.Tensor:
+    """cos(2 pi h / 2**32) for int64 `h` in [0, 2**32): the top two bits pick the quadrant, the
+    other 30 the angle within it (exactly, in float64)."""
+    quadrant = h >> 30
+    angle = (h & _QUARTER).double() * (math.pi / 2 / (_QUARTER + 1))  # in [0, pi/2)
     square = angle * angle
     cos, sin = _horner(square, _COS), _horner(square, _SIN) * angle
-    quadrant = quadrant.long()
     # cos(q pi/2 + a) = cos a, -sin a, -cos a, sin a for q = 0, 1, 2, 3
     value = torch.where(quadrant % 2 == 0, cos, sin)
     return torch.where((quadrant == 1) | (quadrant == 2), -value, value)
@@ -90,9 +90,8 @@ def cos_turns(t: torch.Tensor) -> torch.Tensor:
 
 def normal(index: torch.Tensor, seed: int, key: str) -> torch.Tensor:
     """Standard normal float64 numbers at non-negative int64 `index`, by Box-Muller on two hashed
-    uniforms: u1 in (0, 1] (so |value| <= 6.66) and u2 in [0, 1)."""
+    uniforms: u1 in (0, 1] (so |value| <= 6.66) and the angle's turns u2 in [0, 1)."""
     first, second = stream_keys(seed, key, 2)
     u1 = (hash32(index, first) + 1).double() * _TWO_POW_MINUS_32
-    u2 = hash32(index, second).double() * _TWO_POW_MINUS_32
     radius = (log(u1) * -2.0).sqrt()  # sqrt is correctly rounded in IEEE arithmetic
-    return radius * cos_turns(u2)
+    return radius * cos_turns(hash32(index, second))

@@ -186,8 +186,10 @@ class GLMBlock(nn.Module):
         )
 
 
-# Elements per chunk of `fill_initial`: its integer and float64 temporaries stay in the L2 cache.
-INIT_CHUNK = 1 << 15
+# Elements per chunk of `fill_initial`: on the CPU its temporaries stay in the L2 cache (16-32K
+# measured fastest); on a GPU, large enough to keep kernel launches few.
+INIT_CHUNK = {"cpu": 1 << 14}
+GPU_INIT_CHUNK = 1 << 24
 
 
 def initial_std(config: GLMConfig, name: str, rows: torch.Tensor) -> torch.Tensor | float | None:
@@ -230,7 +232,7 @@ def fill_initial(out: torch.Tensor, config: GLMConfig, name: str, shape: Sequenc
         out.fill_(1.0 if name.endswith("layernorm.weight") else 0.0)
         return
     strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
-    rows = max(1, INIT_CHUNK // max(1, math.prod(out.shape[1:])))
+    rows = max(1, INIT_CHUNK.get(out.device.type, GPU_INIT_CHUNK) // max(1, math.prod(out.shape[1:])))
     for start in range(0, out.shape[0], rows):
         flat = index[0][start : start + rows] * strides[0]
         for d in range(1, len(shape)):  # broadcast each dimension's indices against the ones before

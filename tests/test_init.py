@@ -33,9 +33,10 @@ def test_log_and_cos_match_torch() -> None:
     u = torch.rand(200_000, dtype=torch.float64, generator=generator).clamp_min(2.0**-32)
     u = torch.cat([u, torch.tensor([2.0**-32, 0.5, 1.0 - 2.0**-32, 1.0], dtype=torch.float64)])
     assert torch.allclose(counter_random.log(u), torch.log(u), rtol=1e-15, atol=1e-15)
-    t = torch.randint(0, 2**32, (200_000,), generator=generator).double() * 2.0**-32
-    t = torch.cat([t, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0 - 2.0**-32], dtype=torch.float64)])
-    assert torch.allclose(counter_random.cos_turns(t), torch.cos(2 * math.pi * t), rtol=0, atol=1e-15)
+    h = torch.randint(0, 2**32, (200_000,), generator=generator)
+    h = torch.cat([h, torch.tensor([0, 1, 2**30 - 1, 2**30, 2**31, 3 * 2**30, 2**32 - 1])])
+    expected = torch.cos(2 * math.pi * (h.double() * 2.0**-32))
+    assert torch.allclose(counter_random.cos_turns(h), expected, rtol=0, atol=1e-15)
 
 
 def test_normal_numbers_are_standard_normal() -> None:
