@@ -95,10 +95,12 @@ class DecodeStep:
 
     @staticmethod
     def usable(model: nn.Module) -> bool:
-        """A GLM whose forward is GLM's own (not a subclass's or a test stub's), whose config uses
-        only what `SUPPORTS` declares, and that no forward hook watches (hooks see module calls,
-        which the step does not make)."""
+        """A whole GLM (not a pipeline stage) whose forward is GLM's own (not a subclass's or a
+        test stub's), whose config uses only what `SUPPORTS` declares, and that no forward hook
+        watches (hooks see module calls, which the step does not make)."""
         if not isinstance(model, GLM) or type(model).forward is not GLM.forward or has_hooks(model):
+            return False
+        if not (model.embeds and model.has_head and len(model.layers) == model.config.num_layers):
             return False
         unsupported = unsupported_fields(model.config, SUPPORTS)
         if unsupported:

@@ -298,7 +298,7 @@ class GLM(nn.Module):
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()))
         for name, param in self.named_parameters():
-            fill_initial(param, self.config, name, param.shape, [torch.arange(size) for size in param.shape], seed)
+            fill_initial(param, self.config, name, param.shape, [torch.arange(size, device=param.device) for size in param.shape], seed)
 
     @property
     def _reference_norm(self) -> nn.LayerNorm:

@@ -16,6 +16,7 @@ from torch import nn
 
 from openglm import counter_random
 from openglm.config import GLMConfig, model_preset
+from openglm.decoding import DecodeStep
 from openglm.model import GLM, fill_initial
 from openglm.parallel.checkpoint import gather_full_state
 from openglm.parallel.launch import spawn
@@ -243,3 +244,10 @@ def test_pipeline_stages_are_pieces_of_the_model() -> None:
         assert torch.equal(last(h, **kwargs), whole(ids, **kwargs))
         with pytest.raises(ValueError, match="needs position_ids and prefix_len"):
             middle(h)
+
+
+def test_the_decode_step_refuses_a_pipeline_stage() -> None:
+    config = model_preset("micro")
+    assert DecodeStep.usable(GLM(config, seed=SEED))
+    assert not DecodeStep.usable(GLM(config, layers=range(1), head=False, seed=SEED))
+    assert not DecodeStep.usable(GLM(config, layers=range(1, 2), embed=False, seed=SEED))
