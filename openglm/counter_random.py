@@ -4,9 +4,11 @@ Initialising a weight this way gives every element the same value whether one pr
 whole tensor or a rank builds only the shard it owns (tensor, pipeline or data parallel): each
 computes exactly the indices it holds. Bit-equality across layouts also needs every operation to
 give the same result at every position of a tensor of any size. Integer hashing does; PyTorch's
-`log` and `cos` do not (their vectorised and scalar tails differ in the last bit), so the
-Box-Muller transform here evaluates both with IEEE basic operations (+, -, *, / and frexp, each
-correctly rounded, one torch call each so no fused multiply-add can differ).
+`log` and `cos` need not (they are not correctly rounded, and a CPU kernel computes a tensor's
+vectorised body and its scalar tail with different implementations, so an element's last bit could
+depend on where it sits), so the Box-Muller transform here evaluates both with IEEE basic
+operations (+, -, *, /, sqrt and frexp, each correctly rounded, one torch call each so no fused
+multiply-add can differ).
 
 The hash is a 32-bit xorshift-multiply finaliser (two rounds per draw, the index's low and high
 words), on int64 tensors with multipliers below 2**31, so no product overflows.
