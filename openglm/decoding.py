@@ -3,11 +3,11 @@ model's own math but without nn.Module dispatch.
 
 At batch 1 a small model's decode step is mostly fixed cost per call, not arithmetic: on the
 project's 2-core CPU a view or a slice costs 1.5-3 us and a module call several more, and a block
-of `GLM.forward` makes ~40 tensor calls and 9 module calls. Here the weights are read once into
-flat tuples and each block runs as straight-line tensor calls on its weights: the same kernels in
-the same order (RoPE through the model's own tables and `apply_rotary`), so the logits equal
-`GLM.forward`'s bit for bit (tested), except that one bf16 row takes `kernels.linear`'s faster
-matrix-vector product (equal to within bf16 rounding).
+of `GLM.forward` makes 9 module calls. Here the weights are read once into plain functions and
+each block runs the model's own block math (`model.deepnorm_block`, RoPE through the model's own
+tables) on them: the same kernels in the same order, so the logits equal `GLM.forward`'s bit for
+bit (tested), except that one bf16 row takes `kernels.linear`'s faster matrix-vector product
+(equal to within bf16 rounding).
 
 One row with PyTorch at one intra-op thread goes further: the whole step is one call into the
 native kernel (`openglm.native`: fp32, bf16 and INT8/INT4 models), which agrees with float64 to
@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -29,7 +28,7 @@ from torch import nn
 
 from openglm import kernels
 from openglm.config import ANY_VALUE, unsupported_fields
-from openglm.model import GLM, KVCache, apply_rotary, ffn_activation
+from openglm.model import GLM, KVCache, deepnorm_block, feed_forward, self_attention
 from openglm.native import RowDecoder
 
 logger = logging.getLogger(__name__)
@@ -50,7 +49,7 @@ SUPPORTS: dict[str, tuple[object, ...] | None] = {
     "deepnorm_alpha": ANY_VALUE,
     "ffn_type": ("geglu", "gelu"),
     "gelu_approximate": ("none", "tanh"),
-    # RoPE comes in as the model's own tables (`GLM._rope_tables`); `apply_rotary` turns 1-D and 2-D.
+    # RoPE comes in as the model's own tables (`GLM.rope_tables`); `apply_rotary` turns 1-D and 2-D.
     "position_encoding": ("rope1d", "rope2d"),
     "rope_base": ANY_VALUE,
     "rope_fp16_inv_freq": ANY_VALUE,
@@ -71,16 +70,6 @@ def as_function(module: nn.Module) -> Linear:
     if type(module) is nn.Linear:
         return partial(kernels.linear, weight=module.weight, bias=module.bias)
     return module.forward
-
-
-@dataclass(frozen=True)
-class _Block:
-    norm1: tuple[torch.Tensor, torch.Tensor]
-    query_key_value: Linear
-    dense: Linear
-    norm2: tuple[torch.Tensor, torch.Tensor]
-    h_to_4h: Linear
-    four_h_to_h: Linear
 
 
 def has_hooks(model: nn.Module) -> bool:
@@ -106,10 +95,12 @@ class DecodeStep:
 
     @staticmethod
     def usable(model: nn.Module) -> bool:
-        """A GLM whose forward is GLM's own (not a subclass's or a test stub's), whose config uses
-        only what `SUPPORTS` declares, and that no forward hook watches (hooks see module calls,
-        which the step does not make)."""
+        """A whole GLM (not a pipeline stage) whose forward is GLM's own (not a subclass's or a
+        test stub's), whose config uses only what `SUPPORTS` declares, and that no forward hook
+        watches (hooks see module calls, which the step does not make)."""
         if not isinstance(model, GLM) or type(model).forward is not GLM.forward or has_hooks(model):
+            return False
+        if not (model.embeds and model.has_head and len(model.layers) == model.config.num_layers):
             return False
         unsupported = unsupported_fields(model.config, SUPPORTS)
         if unsupported:
@@ -120,24 +111,38 @@ class DecodeStep:
         config = model.config
         self.model = model
         self.use_native = native
-        self.hidden = (config.hidden_size,)
-        self.head_dim, self.rotary_dim = config.head_dim, config.rotary_dim
-        self.alpha, self.eps = config.alpha, config.layernorm_eps
-        self.geglu, self.approximate = config.ffn_type == "geglu", config.gelu_approximate
+        hidden = (config.hidden_size,)
         embedding = model.word_embeddings
         # A float table is indexed directly; an INT8/INT4 one (`QuantizedEmbedding`) dequantizes the rows.
         self.embed: Callable[[torch.Tensor], torch.Tensor] = (
             partial(F.embedding, weight=embedding.weight) if type(embedding) is nn.Embedding else partial(embedding, dtype=model.dtype)
         )
-        self.final_norm = (model.final_layernorm.weight, model.final_layernorm.bias)
+
+        def norm(module: nn.LayerNorm) -> Linear:
+            return partial(torch.layer_norm, normalized_shape=hidden, weight=module.weight, bias=module.bias, eps=config.layernorm_eps)
+
+        self.final_norm = norm(model.final_layernorm)
+        geglu = config.ffn_type == "geglu"
         self.blocks = [
-            _Block(
-                (block.input_layernorm.weight, block.input_layernorm.bias),
-                as_function(block.attention.query_key_value),
-                as_function(block.attention.dense),
-                (block.post_attention_layernorm.weight, block.post_attention_layernorm.bias),
-                as_function(block.mlp.dense_h_to_4h),
-                as_function(block.mlp.dense_4h_to_h),
+            partial(
+                deepnorm_block,
+                norm1=norm(block.input_layernorm),
+                attention=partial(
+                    self_attention,
+                    query_key_value=as_function(block.attention.query_key_value),
+                    dense=as_function(block.attention.dense),
+                    head_dim=config.head_dim,
+                    rotary_dim=config.rotary_dim,
+                ),
+                norm2=norm(block.post_attention_layernorm),
+                mlp=partial(
+                    feed_forward,
+                    h_to_4h=as_function(block.mlp.dense_h_to_4h),
+                    four_h_to_h=as_function(block.mlp.dense_4h_to_h),
+                    geglu=geglu,
+                    approximate=config.gelu_approximate,
+                ),
+                alpha=config.alpha,
             )
             for block in model.layers
         ]
@@ -158,7 +163,7 @@ class DecodeStep:
         padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [rows, vocab] of the tokens `ids` [rows, 1], fed after the `cache.length` cached
-        ones; `rope`: their rotary tables as `GLM._rope_tables` makes them ([rows, 1, 1, 1,
+        ones; `rope`: their rotary tables as `GLM.rope_tables` makes them ([rows, 1, 1, 1,
         head_dim] each); `padding_mask` [rows, cache.length + 1] as in `GLM.forward` (a new token
         is never padding, so it is the whole attention mask). The logits are fp32 (inference
         tensors: read them, copy them, but do not change them in place)."""
@@ -172,22 +177,10 @@ class DecodeStep:
             logits = self.native(int(ids), rope, cache, padding_mask)
             cache.length = start + 1
             return logits
-        cos, sin = rope
         mask = None if padding_mask is None else padding_mask[:, None, None, :]
-        eps, alpha, head_dim, rotary_dim = self.eps, self.alpha, self.head_dim, self.rotary_dim
         h = self.embed(ids)
         for block, keys, values in zip(self.blocks, cache.keys.unbind(0), cache.values.unbind(0), strict=True):
-            y = torch.layer_norm(h, self.hidden, *block.norm1, eps)
-            qkv = block.query_key_value(y).view(rows, 1, -1, 3, head_dim)
-            q, k = apply_rotary(qkv.narrow(3, 0, 2), cos, sin, rotary_dim).transpose(1, 2).unbind(3)
-            keys.narrow(2, start, 1).copy_(k)
-            values.narrow(2, start, 1).copy_(qkv.select(3, 2).transpose(1, 2))
-            out = F.scaled_dot_product_attention(q, keys.narrow(2, 0, start + 1), values.narrow(2, 0, start + 1), attn_mask=mask)
-            # [rows, heads, 1, head_dim] -> [rows, 1, hidden]: with one query, the heads' order is the hidden order.
-            h = torch.add(block.dense(out.reshape(rows, 1, -1)), y, alpha=alpha)
-            z = torch.layer_norm(h, self.hidden, *block.norm2, eps)
-            u = ffn_activation(block.h_to_4h(z), self.geglu, self.approximate)
-            h = torch.add(block.four_h_to_h(u), z, alpha=alpha)
+            h = block(h, rope, mask, (keys, values), start)
         cache.length = start + 1
-        h = torch.layer_norm(h[:, 0], self.hidden, *self.final_norm, eps)
+        h = self.final_norm(h[:, 0])
         return self.model.logits(h).float()

@@ -50,7 +50,7 @@ def assert_step_equals_forward(model: GLM, rows: int = 3, padded: bool = False, 
     with torch.no_grad():
         hidden = model(ids, positions, blocks, prefix, reference_cache, return_hidden=True, padding_mask=padding)
         expected = model.logits(hidden[:, -1])
-    rope = model._rope_tables(positions, blocks, model.word_embeddings.weight.dtype)
+    rope = model.rope_tables(positions, blocks, model.word_embeddings.weight.dtype)
     logits = DecodeStep(model, native=False)(ids, rope, cache, padding)
     assert logits.dtype == torch.float32 and logits.shape == (rows, model.config.vocab_size) and logits.abs().max() > 0.1
     assert cache.length == reference_cache.length == PROMPT + 1
@@ -128,7 +128,7 @@ def test_a_full_cache_is_refused() -> None:
     cache.length = 2
     one = torch.ones(1, 1, dtype=torch.long)
     with pytest.raises(ValueError, match="KV cache holds 2 positions; 3 requested"):
-        DecodeStep(model)(one, model._rope_tables(one, one, torch.float32), cache)
+        DecodeStep(model)(one, model.rope_tables(one, one, torch.float32), cache)
 
 
 def test_only_plain_unhooked_glm_models_are_usable() -> None:

@@ -33,8 +33,8 @@ from openglm.generation import (
 from openglm.generation.rules import Rules, banned_by_ngrams
 from openglm.generation.search import Job, run
 from openglm.generation.text import Text
-from openglm.model import GLM, derive_positions, derive_prefix_len
-from openglm.positions import find_blank
+from openglm.model import GLM
+from openglm.positions import derive_positions, derive_prefix_len, find_blank
 
 TOKENS = SpecialTokens()
 NEVER_GENERATED = {*TOKENS.mask_ids, TOKENS.sop, TOKENS.pad}
@@ -519,7 +519,7 @@ def test_greedy_equals_beam_search_with_one_beam(variant: dict[str, Any]) -> Non
 
     def run(beam: bool) -> list[tuple[str, list[str]]]:
         with pytest.MonkeyPatch.context() as monkeypatch:
-            model = make_model(seed=12)
+            model = make_model(seed=14)
             # <eop> wins at some steps only (a random model likes to repeat its last token).
             add_bias(monkeypatch, model, lambda call: one_hot(model, TOKENS.eop, 3.0 if call % 4 == 3 else 0.3))
             if beam:

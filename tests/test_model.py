@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from openglm.config import ConfigError, GLMConfig, model_preset
-from openglm.model import GLM, KVCache, derive_positions, derive_prefix_len
+from openglm.model import GLM, KVCache
+from openglm.positions import derive_positions, derive_prefix_len
 
 F64 = torch.float64
 

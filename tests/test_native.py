@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 import torch
 
-import openglm.model
 from openglm import native
 from openglm.config import model_preset
 from openglm.decoding import DecodeStep
 from openglm.generation import GenerationConfig, generate_tokens
 from openglm.model import GLM, KVCache
+from openglm.positions import derive_positions
 from openglm.quant import QuantizedLinear, int4pack, quantize_model, quantized_layers
 
 PROMPT = 11  # cached positions before the decoded token (PAD of them padding in padded runs)
@@ -78,7 +78,7 @@ def decode_once(model: GLM, padded: bool, use_native: bool) -> tuple[torch.Tenso
     token, position, block = next_token(model, padded)
     step = DecodeStep(model, native=use_native)
     assert (step.native is not None) == use_native
-    logits = step(token, model._rope_tables(position, block, model.dtype), cache, padding)
+    logits = step(token, model.rope_tables(position, block, model.dtype), cache, padding)
     return logits, cache
 
 
@@ -156,8 +156,8 @@ def test_incremental_logits_equal_full_recompute(one_thread: None) -> None:
         logits = model(ids, cache=cache)[:, -1]
     for _ in range(8):
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
-        position, block = (p[:, -1:] for p in openglm.model.derive_positions(ids, prefix, config))
-        logits = step(ids[:, -1:], model._rope_tables(position, block, torch.float32), cache)
+        position, block = (p[:, -1:] for p in derive_positions(ids, prefix, config))
+        logits = step(ids[:, -1:], model.rope_tables(position, block, torch.float32), cache)
         with torch.no_grad():
             full = model(ids, prefix_len=prefix)[:, -1]
         assert (logits - full).abs().max() <= 1e-5 * full.abs().max()
@@ -250,7 +250,7 @@ def test_padding_is_never_attended(one_thread: None) -> None:
     positions = (torch.arange(PROMPT)[None] - PAD).clamp(min=0)
     with torch.no_grad():
         model(ids, positions, torch.zeros_like(positions), torch.tensor([PROMPT - 1]), cache, padding_mask=padding[:, :PROMPT])
-    rope = model._rope_tables(torch.tensor([[PROMPT - PAD]]), torch.tensor([[0]]), torch.float32)
+    rope = model.rope_tables(torch.tensor([[PROMPT - PAD]]), torch.tensor([[0]]), torch.float32)
     step = DecodeStep(model)
     results = []
     for fill in (0.0, 1e4):
@@ -308,7 +308,7 @@ def test_bad_calls_are_clear_errors(one_thread: None) -> None:
     kernel = native.RowDecoder.build(model)
     assert kernel is not None
     config = model.config
-    rope = model._rope_tables(torch.tensor([[0]]), torch.tensor([[0]]), torch.float32)
+    rope = model.rope_tables(torch.tensor([[0]]), torch.tensor([[0]]), torch.float32)
     cache = KVCache.empty(config, 1, 4, torch.float32)
     with pytest.raises(IndexError, match="outside the vocabulary"):
         kernel(config.vocab_size, rope, cache, None)

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from openglm.config import SpecialTokens, model_preset
 from openglm.data.blank_infill import build_infill_sample, place_spans
 from openglm.generation import GenerationConfig, generate_tokens
-from openglm.model import GLM, derive_positions, derive_prefix_len
-from openglm.positions import attention_mask
+from openglm.model import GLM
+from openglm.positions import attention_mask, derive_positions, derive_prefix_len
 
 SP = SpecialTokens()
 FIRST_PLAIN = 10  # ids below are special tokens (or unused)

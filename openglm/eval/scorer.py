@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from openglm.eval.lm import LMScore, score_tokens
 from openglm.generation import GenerationConfig, infill_batch, never_generated_ids
 from openglm.generation.batch import Batch, Prefill, prefill
-from openglm.model import GLM, KVCache, derive_positions, derive_prefix_len
+from openglm.model import GLM, KVCache
+from openglm.positions import derive_positions, derive_prefix_len
 from openglm.tokenizer import GLMTokenizer
 
 logger = logging.getLogger(__name__)

@@ -97,7 +97,7 @@ class Batch:
         padding = self.padding[:, : start + length] if self._padded else None
         if length == 1 and self._decode is not None:
             if self._rope is None:
-                self._rope = self.model._rope_tables(*self.layout.positions(0, self.cache.capacity), self.cache.keys.dtype)
+                self._rope = self.model.rope_tables(*self.layout.positions(0, self.cache.capacity), self.cache.keys.dtype)
             rope = (self._rope[0].narrow(1, start, 1), self._rope[1].narrow(1, start, 1))
             return self._decode(ids, rope, self.cache, padding)
         position_ids, block_position_ids = self.layout.positions(start, length)

@@ -1,80 +1,34 @@
 """Tensor, pipeline and data parallelism applied to an unmodified GLM from outside.
 
-Each rank builds the full model with the run's seed (so every layout starts from the same weights
-as single-process training), keeps its pipeline stage as a `GLMStage` whose parameter names are the
-full model's, then shards it: DTensor tensor parallelism on the "tp" mesh dimension, FSDP2 on "dp".
+Each rank builds its own pipeline stage (`build_stage`: a GLM holding a range of layers, with the
+embedding on the first stage and the final LayerNorm and output layer on the last, named as in the
+full model) on the meta device, shards it there (DTensor tensor parallelism on the "tp" mesh
+dimension, FSDP2 on "dp") and only then allocates and initialises what it holds (`materialize`):
+no rank ever allocates a parameter it does not own. Initial values depend only on the run's seed,
+the parameter's name and the element's index (`model.fill_initial`), so every layout starts from
+exactly the weights single-process training starts from.
 
 Tensor parallelism (Megatron's layout): QKV column-parallel, split per head (the fused weight is laid
 out per head as [q|k|v], so Shard(0) keeps heads whole); GeGLU's input projection column-parallel
-after its rows are interleaved so that each rank holds matching x1 and x2 halves; both output
-projections row-parallel; the (tied) embedding vocabulary-parallel, and the output layer's logits
-stay sharded over the vocabulary into a parallel cross-entropy (`loss_parallel`). LayerNorms and
-RoPE act on replicated activations, so they need nothing.
+with its rows interleaved (`geglu_row_order`) so that each rank holds matching x1 and x2 halves;
+both output projections row-parallel; the (tied) embedding vocabulary-parallel, and the output
+layer's logits stay sharded over the vocabulary into a parallel cross-entropy (`loss_parallel`).
+LayerNorms and RoPE act on replicated activations, so they need nothing.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-from torch.utils.checkpoint import checkpoint
 
 from openglm.config import GLMConfig
-from openglm.model import GLM
-from openglm.train.trainer import head_loss, linear_cross_entropy
-
-
-class GLMStage(nn.Module):
-    """The part of a GLM one pipeline stage runs (all of it without pipelining): the embedding on
-    the first stage, a contiguous run of blocks, the final LayerNorm and the (tied) output layer
-    with the loss on the last. Submodule names are the full model's, so state dicts of stages are
-    pieces of one GLM state dict."""
-
-    def __init__(self, glm: GLM, layers: range, first: bool, last: bool) -> None:
-        super().__init__()
-        self.config: GLMConfig = glm.config
-        self.first, self.last = first, last
-        self.embedding_grad_scale = glm.embedding_grad_scale
-        self.rotary = glm.rotary
-        tied = glm.lm_head is None
-        self.word_embeddings = glm.word_embeddings if first or (last and tied) else None
-        self.layers = nn.ModuleDict({str(i): glm.layers[i] for i in layers})
-        self.final_layernorm = glm.final_layernorm if last else None
-        self.lm_head = glm.lm_head if last and not tied else None
-        self.loss_fn = linear_cross_entropy
-        self.normalizer = 1  # the step's target count, set before each step
-        self.checkpoint_layers = False  # recompute each block's activations in backward
-
-    output_weight = GLM.output_weight
-    num_parameters = GLM.num_parameters  # of the whole model, not of this rank's shard
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        position_ids: torch.Tensor,
-        block_position_ids: torch.Tensor,
-        prefix_len: torch.Tensor,
-        labels: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Token ids (first stage) or hidden states in; hidden states out, or on the last stage
-        the step-normalised loss of this micro-batch (shape [1], so pipelining can concatenate)."""
-        h = GLM.embed(self, x) if self.first else x
-        rope = GLM._rope_tables(self, position_ids, block_position_ids, h.dtype)
-        mask = GLM._mask(self, prefix_len, 0, h.shape[1])
-        for layer in self.layers.values():
-            if self.checkpoint_layers and self.training:
-                h = checkpoint(layer, h, rope, mask, use_reentrant=False)
-            else:
-                h = layer(h, rope, mask)
-        if not self.last:
-            return h
-        assert labels is not None, "the last stage needs labels"
-        return head_loss(self.final_layernorm(h), labels, self.output_weight, self.normalizer, self.loss_fn)[0][None].clone()
+from openglm.model import GLM, fill_initial
+from openglm.parallel.plan import Layout, stage_layers
 
 
 def geglu_row_order(ffn: int, tp: int) -> torch.Tensor:
@@ -99,23 +53,17 @@ def vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, tar
     return loss.to_local() / normalizer
 
 
-def apply_tensor_parallel(stage: GLMStage, mesh: DeviceMesh) -> None:
-    """Shard `stage` in place over the 1-D tensor-parallel `mesh` (see the module docstring)."""
-    tp = mesh.size()
-    config = stage.config
-    assert config.ffn_hidden_size is not None
+def apply_tensor_parallel(stage: GLM, mesh: DeviceMesh) -> None:
+    """Shard `stage`, still on the meta device, over the 1-D tensor-parallel `mesh` (see the module
+    docstring); `materialize` writes GeGLU's input rows in `geglu_row_order`."""
+    if not all(p.is_meta for p in stage.parameters()):
+        raise ValueError("tensor parallelism is applied to a stage on the meta device, before materialize")
     plan: dict[str, ColwiseParallel | RowwiseParallel] = {}
     if stage.word_embeddings is not None:
         plan["word_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
     if stage.lm_head is not None:
         plan["lm_head"] = ColwiseParallel(use_local_output=False)
-    for name, block in stage.layers.items():
-        mlp = block.mlp
-        if config.ffn_type == "geglu":
-            order = geglu_row_order(config.ffn_hidden_size, tp)
-            with torch.no_grad():
-                for param in mlp.dense_h_to_4h.parameters():
-                    param.copy_(param[order])
+    for name in dict(stage.layers.named_children()):
         plan |= {
             f"layers.{name}.attention.query_key_value": ColwiseParallel(),
             f"layers.{name}.attention.dense": RowwiseParallel(),
@@ -123,23 +71,72 @@ def apply_tensor_parallel(stage: GLMStage, mesh: DeviceMesh) -> None:
             f"layers.{name}.mlp.dense_4h_to_h": RowwiseParallel(),
         }
     parallelize_module(stage, mesh, plan)
-    if stage.last:
-        stage.loss_fn = vocab_parallel_cross_entropy
 
 
 DATA_PARALLEL = {"fsdp": fully_shard, "replicate": replicate}
 
 
-def apply_data_parallel(stage: GLMStage, mesh: DeviceMesh, mode: str = "fsdp") -> None:
+def apply_data_parallel(stage: GLM, mesh: DeviceMesh, mode: str = "fsdp") -> None:
     """Data parallelism over `mesh`: FSDP2 (ZeRO-3: weights, gradients and optimizer state
     sharded) or FSDP2's replicate (DDP: whole copies, gradients all-reduced), one parameter group
     per block and one for the rest. Gradients are summed, not averaged, because the loss is
     already normalised by the whole step's target count."""
     wrap = DATA_PARALLEL[mode]
-    for block in stage.layers.values():
+    for block in stage.layers:
         wrap(block, mesh=mesh)
     wrap(stage, mesh=mesh)
     for module in stage.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+
+
+def local_indices(param: torch.Tensor) -> list[torch.Tensor]:
+    """The global indices, one int64 vector per dimension, of the elements this rank holds of
+    `param` (a DTensor's local shard, or a whole plain tensor). Sharding selects indices along
+    each dimension independently, so each vector comes from distributing that dimension's arange
+    (a tensor of the parameter's rank, one long along that dimension) with the placements that
+    shard it; no rank builds anything of the parameter's full size."""
+    if not isinstance(param, DTensor):
+        return [torch.arange(size, device=param.device) for size in param.shape]
+    mesh, placements = param.device_mesh, param.placements
+    vectors = []
+    for dim, size in enumerate(param.shape):
+        shape = [1] * param.ndim
+        shape[dim] = size
+        # Shard(dim), or FSDP's strided shard over a tensor-parallel one (both name their `dim`).
+        along = [p if getattr(p, "dim", None) == dim else Replicate() for p in placements]
+        full = torch.arange(size, device=param.to_local().device).view(shape)
+        vectors.append(distribute_tensor(full, mesh, along, src_data_rank=None).to_local().flatten())
+    return vectors
+
+
+@torch.no_grad()
+def materialize(stage: GLM, device: torch.device, seed: int, tp: int) -> None:
+    """Allocate the (sharded) parameters of `stage`, built and parallelized on the meta device, on
+    `device`, and write each rank's elements of the initial weights (`model.fill_initial`)."""
+    stage.to_empty(device=device)
+    config = stage.config
+    order = geglu_row_order(config.ffn_hidden_size, tp).to(device) if tp > 1 and config.ffn_type == "geglu" else None
+    for name, param in stage.named_parameters():
+        index = local_indices(param)
+        if order is not None and is_geglu_input(name):
+            index[0] = order[index[0]]  # the row of the tensor-parallel layout holds this single-process row
+        local = param.to_local() if isinstance(param, DTensor) else param
+        fill_initial(local, config, name, param.shape, index, seed)
+
+
+def build_stage(
+    config: GLMConfig, layout: Layout, mesh: DeviceMesh, device: torch.device, seed: int, dp_mode: str = "fsdp"
+) -> GLM:
+    """This rank's part of the model: its pipeline stage, sharded over "tp" and "dp", allocated and
+    initialised only where it owns elements (see the module docstring)."""
+    pp_rank = mesh.get_local_rank("pp")
+    with torch.device("meta"):
+        stage = GLM(config, stage_layers(config.num_layers, layout.pp)[pp_rank], embed=pp_rank == 0, head=pp_rank == layout.pp - 1)
+    if layout.tp > 1:
+        apply_tensor_parallel(stage, mesh["tp"])
+    if layout.dp > 1:
+        apply_data_parallel(stage, mesh["dp"], dp_mode)
+    materialize(stage, device, seed, layout.tp)
+    return stage

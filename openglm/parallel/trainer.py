@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from openglm.config import ConfigError, GLMConfig, TrainConfig
+from openglm.model import GLM
 from openglm.parallel.checkpoint import (
     DIST_LATEST,
     check_distributed,
@@ -33,14 +34,14 @@ from openglm.parallel.checkpoint import (
     save_distributed,
 )
 from openglm.parallel.launch import spawn
-from openglm.parallel.parallelize import DATA_PARALLEL, GLMStage, apply_data_parallel, apply_tensor_parallel
-from openglm.parallel.plan import Layout, stage_layers, validate_layout
+from openglm.parallel.parallelize import DATA_PARALLEL, build_stage, vocab_parallel_cross_entropy
+from openglm.parallel.plan import Layout, validate_layout
 from openglm.tokenizer import GLMTokenizer
 from openglm.train import rundir
 from openglm.train.optim import batch_size_at
 from openglm.train.precision import DynamicLossScaler, MixedPrecision, StepReport
 from openglm.train.rundir import ResumeMode, TrainingStopped
-from openglm.train.trainer import SampleSource, Trainer
+from openglm.train.trainer import SampleSource, Trainer, compute_loss, head_loss
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,8 @@ class DistributedPrecision(MixedPrecision):
         self.mesh = mesh
         self.tied_group = tied_group
         self.stage_ranks = mesh["dp"].size() * mesh["tp"].size()
-        stage: GLMStage = model  # type: ignore[assignment]
-        self.tied_copy = stage.last and not stage.first and stage.lm_head is None
+        stage: GLM = model  # type: ignore[assignment]
+        self.tied_copy = stage.has_head and not stage.embeds and stage.lm_head is None
 
     def _copies(self, name: str, grad: torch.Tensor) -> float:
         if self.tied_copy and name == "word_embeddings.weight":
@@ -191,7 +192,10 @@ class ParallelTrainer(Trainer):
         # Other ranks keep their (identical) metrics out of the run directory's metrics.jsonl.
         out = config.out_dir if self.rank == 0 else str(self.run_dir / ".ranks" / str(self.rank))
         self._schedules: dict[int, Any] = {}
+        self.normalizer = 1  # the step's target count, set before each step
         super().__init__(model_config, dataclasses.replace(config, out_dir=out, compile=False), tokenizer, resume, overwrite)
+        if layout.tp > 1:
+            self.loss_fn = vocab_parallel_cross_entropy
 
     def _tied_group(self) -> Any:
         """Process groups pairing first and last stage ranks at the same (dp, tp) coordinate; every
@@ -208,15 +212,9 @@ class ParallelTrainer(Trainer):
 
     # ------------------------------------------------------------------------------- hooks
     def _build_model(self, model_config: GLMConfig) -> nn.Module:
-        full = super()._build_model(model_config)
-        stages = stage_layers(model_config.num_layers, self.layout.pp)
-        stage = GLMStage(full, stages[self.pp_rank], first=self.pp_rank == 0, last=self.pp_rank == self.layout.pp - 1)
-        stage.to(self.device)
+        stage = build_stage(model_config, self.layout, self.mesh, self.device, self.config.seed, self.dp_mode)
+        stage.embedding_grad_scale = self.config.egs_alpha
         stage.checkpoint_layers = self.activation_checkpointing
-        if self.layout.tp > 1:
-            apply_tensor_parallel(stage, self.mesh["tp"])
-        if self.layout.dp > 1:
-            apply_data_parallel(stage, self.mesh["dp"], self.dp_mode)
         return stage
 
     def _build_precision(self, scaler: DynamicLossScaler) -> MixedPrecision:
@@ -236,9 +234,14 @@ class ParallelTrainer(Trainer):
         if micro_batches not in self._schedules:
             stage = PipelineStage(self.model, self.pp_rank, self.layout.pp, self.device, group=self.mesh["pp"].get_group())
             self._schedules[micro_batches] = SCHEDULES[self.schedule_name](
-                stage, micro_batches, loss_fn=lambda loss, _target: loss * self.precision.loss_scale, scale_grads=False
+                stage, micro_batches, loss_fn=self._stage_loss, scale_grads=False
             )
         return self._schedules[micro_batches]
+
+    def _stage_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The last stage's loss of one micro-batch, normalised by the step's targets and scaled."""
+        model: Any = self.model
+        return head_loss(hidden, labels, model.output_weight, self.normalizer, self.loss_fn)[0] * self.precision.loss_scale
 
     def _run_batches(self, batches: list[dict[str, torch.Tensor]], train: bool) -> float:
         """Forward (and backward when `train`) over this rank's micro-batches; returns the sum of
@@ -247,11 +250,11 @@ class ParallelTrainer(Trainer):
         if self.layout.pp > 1:
             batch = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
             schedule = self._schedule(len(batches))
-            inputs = (batch["input_ids"],) if model.first else ()
-            keys = ("position_ids", "block_position_ids", "prefix_len", "labels")
+            inputs = (batch["input_ids"],) if model.embeds else ()
+            keys = ("position_ids", "block_position_ids", "prefix_len")
             losses: list[torch.Tensor] = []
             run = schedule.step if train else schedule.eval
-            run(*inputs, target=batch["labels"], losses=losses, **{k: batch[k] for k in keys})
+            run(*inputs, target=batch["labels"], losses=losses, return_hidden=True, **{k: batch[k] for k in keys})
             return sum(loss.item() for loss in losses) / self.precision.loss_scale
         total = 0.0
         for index, batch in enumerate(batches):
@@ -261,7 +264,7 @@ class ParallelTrainer(Trainer):
                 last = index == len(batches) - 1
                 model.set_requires_gradient_sync(last)
                 model.set_reshard_after_backward(last)
-            loss = model(batch["input_ids"], batch["position_ids"], batch["block_position_ids"], batch["prefix_len"], batch["labels"])
+            loss, _ = compute_loss(model, batch, self.normalizer, self.loss_fn)
             if train:
                 self.precision.backward(loss)
             total += loss.item()
@@ -291,7 +294,7 @@ class ParallelTrainer(Trainer):
     def _forward_backward_step(self, sequences: int) -> tuple[float, int, StepReport]:
         batches = self._local_batches(self.train_data, self.data_position, sequences, self.config.micro_batch_size)
         targets = self._target_count(batches)
-        self.model.normalizer = max(targets, 1)
+        self.normalizer = max(targets, 1)
         with self._context():
             local = self._run_batches(batches, train=True)
             report = self.precision.step(self.optimizer, self.config.grad_clip)
@@ -304,7 +307,7 @@ class ParallelTrainer(Trainer):
         count += -count % self.layout.dp
         batches = self._local_batches(self.val_data, 0, count, self.config.micro_batch_size)
         targets = self._target_count(batches)
-        self.model.normalizer = max(targets, 1)
+        self.normalizer = max(targets, 1)
         with self._context():
             return self._global_loss(self._run_batches(batches, train=False))
 

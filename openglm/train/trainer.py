@@ -176,7 +176,7 @@ class Trainer:
 
     def _build_model(self, model_config: GLMConfig) -> torch.nn.Module:
         """The model to train (a hook: `openglm.parallel` returns this rank's parallelized part)."""
-        model = GLM(model_config)
+        model = GLM(model_config, seed=self.config.seed)
         model.embedding_grad_scale = self.config.egs_alpha
         return model
 
