@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_chatglm_tokenizer import build_ice_text, write_release
 from torch import nn
 from typer.testing import CliRunner
 
+import openglm
 from openglm.checkpoint import save_checkpoint
 from openglm.cli import app
 from openglm.config import model_preset
@@ -250,3 +252,22 @@ def test_whitespace_at_the_context_end_starts_each_continuation(tok: GLMTokenize
     assert glm.loglikelihoods("q\nA: ", ["yes", "no"]) == glm.loglikelihoods("q\nA:", [" yes", " no"])
     # a generation prompt drops it: the answer is generated with its own leading space
     assert glm.generate(["q\nA: "], 3, None) == glm.generate(["q\nA:"], 3, None)
+
+
+def test_a_chatglm_checkpoint_scores_choices_with_its_own_tokenizer(tmp_path: Path) -> None:
+    """ChatGLM-6B's sentencepiece tokenizer has no lookup of a token by its text: the blank's id
+    comes from the model config, and the scores equal full forwards of `context [gMASK] <sop> choice`."""
+    folder = tmp_path / "chatglm-6b"
+    write_release(folder, build_ice_text(tmp_path), slim=True)
+    model, tokenizer = openglm.load(folder, torch.float32)
+    assert not hasattr(tokenizer, "token_to_id")
+    special = model.config.special_tokens
+    scorer = ModelScorer(model, tokenizer)
+    context, choices = "问题：天下大势", ["分久必合", "合久必分"]
+    for mask, mask_id in (("[gMASK]", special.gmask), ("[MASK]", special.mask)):
+        prefix = [*tokenizer.encode(context), mask_id, special.sop]
+        expected = [manual_logliks(model, prefix, tokenizer.encode(c)) for c in choices]
+        got = [s.loglik for s in scorer.loglikelihoods(context, choices, mask=mask)]
+        assert got == pytest.approx(expected, abs=1e-4), mask
+    with pytest.raises(ValueError, match="mask must be one of"):
+        scorer.loglikelihoods(context, choices, mask="<sop>")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from openglm.config import SPECIAL_TOKEN_TEXT
 from openglm.eval.lm import LMScore, score_tokens
 from openglm.generation import GenerationConfig, infill_batch, never_generated_ids
 from openglm.generation.batch import Batch, Prefill, prefill
@@ -83,9 +84,17 @@ class ModelScorer:
             return [self.special.gmask, self.special.sop, *context]
         return [*context, mask, self.special.sop]
 
+    def _mask_id(self, mask: str) -> int:
+        """The id of a blank's text ("[MASK]", "[gMASK]") from the model config, which every
+        tokenizer openglm loads agrees with (ChatGLM-6B's has no vocabulary lookup by text)."""
+        names = {text: name for name, text in SPECIAL_TOKEN_TEXT.items() if name in ("mask", "smask", "gmask")}
+        if mask not in names:
+            raise ValueError(f"mask must be one of {', '.join(names)}, got {mask!r}")
+        return getattr(self.special, names[mask])
+
     def _request(self, context: str, continuations: Sequence[list[int]], unidirectional: bool, mask: str) -> _Request:
         ids = self.tokenizer.encode(context) if context else []
-        mask_id = self.tokenizer.token_to_id(mask)
+        mask_id = self._mask_id(mask)
         longest = max(map(len, continuations))
         if min(map(len, continuations)) == 0:
             raise ValueError("a continuation must encode to at least one token")
