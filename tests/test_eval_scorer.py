@@ -23,6 +23,7 @@ from openglm.eval.lm import LMScore
 from openglm.eval.runner import evaluate_task, first_word_matches, markdown_table, word_decided
 from openglm.eval.scorer import ModelScorer, move_trailing_space
 from openglm.eval.tasks import TaskConfig, resolve_task
+from openglm.generation import GenerationConfig, infill
 from openglm.model import GLM
 from openglm.tokenizer import GLMTokenizer
 
@@ -271,3 +272,37 @@ def test_a_chatglm_checkpoint_scores_choices_with_its_own_tokenizer(tmp_path: Pa
         assert got == pytest.approx(expected, abs=1e-4), mask
     with pytest.raises(ValueError, match="mask must be one of"):
         scorer.loglikelihoods(context, choices, mask="<sop>")
+
+
+def test_acc_beam_from_known_log_probs(tok: GLMTokenizer, tmp_path: Path) -> None:
+    """The stub model prefers " yes" everywhere: the best texts of 5 tokens with no 3-gram repeated
+    are the three with one " no" (4 ln 0.5 + ln 0.2), all starting with " yes", so acc_beam is 1
+    for target "yes", 0 for "no"."""
+    path = tmp_path / "c.jsonl"
+    lines = [{"text": "They said yes and yes", "target": "yes"}, {"text": "They said no and no", "target": "no"}]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    config = TaskConfig(name="c", type="cloze", data=path, num_beams=4)
+    scorer = ModelScorer(StubModel(), tok)
+    (beams,) = scorer.beam_continuations(["They said yes and"], GenerationConfig(max_new_tokens=5, num_beams=4, no_repeat_ngram_size=3))
+    assert beams[:3] == [" yes yes yes no yes", " yes yes no yes yes", " yes no yes yes yes"] and len(beams) == 4
+    for mode in ("bidirectional", "unidirectional"):
+        values = rows_by_metric([r for r in evaluate_task(config, scorer, seed=0, progress=False) if r.subtask == mode])
+        assert values[(mode, "acc_beam")] == 0.5 and values[(mode, "acc")] == 0.5
+    assert {r.settings["num_beams"] for r in evaluate_task(config, scorer, seed=0, progress=False)} == {4}
+
+
+@pytest.mark.parametrize("objective", ["glm", "causal"])
+def test_beam_continuations_use_the_scoring_row_layouts(objective: str, tok: GLMTokenizer) -> None:
+    """One beam is greedy decoding (checked against full forwards above); more beams after a
+    [gMASK] context are what blank filling's beam search gives for `context [gMASK]`."""
+    torch.manual_seed(0)
+    model = GLM(model_preset("micro", objective=objective)).eval()
+    scorer = ModelScorer(model, tok)
+    context = "Elizabeth looked at her sister and said"
+    for unidirectional in [False] if objective == "causal" else [False, True]:
+        (one,) = scorer.beam_continuations([context], GenerationConfig(max_new_tokens=4, num_beams=1), unidirectional)
+        assert one == scorer.greedy_continuations([context], [4], unidirectional)
+    config = GenerationConfig(max_new_tokens=4, num_beams=4)
+    (beams,) = scorer.beam_continuations([context], config)
+    prompt = context if objective == "causal" else context + "[gMASK]"
+    assert beams[0] == infill(model, tok, prompt, config)[1][-1] and len(beams) == 4

@@ -35,7 +35,8 @@ def choice_accuracy(logliks: Sequence[float], gold: Sequence[int], choice_bytes:
     return float(int(np.argmax(scores)) in gold), float(int(np.argmax(scores / lengths)) in gold)
 
 
-def _is_punctuation(char: str) -> bool:
+def is_punctuation(char: str) -> bool:
+    """ASCII punctuation or a Unicode punctuation character (quotes, CJK marks)."""
     return char in string.punctuation or unicodedata.category(char).startswith("P")
 
 
@@ -43,7 +44,7 @@ def normalize_answer(text: str) -> str:
     """SQuAD's normalisation (lower case, punctuation deleted, articles and extra whitespace
     removed) made bilingual: NFKC first, so full-width "，" "？" "Ａ" become "," "?" "A"."""
     text = unicodedata.normalize("NFKC", text).lower()
-    text = "".join(c for c in text if not _is_punctuation(c))
+    text = "".join(c for c in text if not is_punctuation(c))
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 

@@ -7,7 +7,8 @@ the example count and the settings it was computed with. Metrics by task type:
 - cloze, per context mode: `acc` (greedy decoding yields the target's tokens: every one is the
   argmax where it is predicted, lm-evaluation-harness' LAMBADA accuracy, from the likelihood
   pass), `acc_generate` (the first word greedy generation writes is the target, GLM-130B's
-  LAMBADA metric) and `ppl` (exp of minus the mean target log-likelihood, per example).
+  LAMBADA metric) and `ppl` (exp of minus the mean target log-likelihood, per example); with
+  the task's `num_beams` also `acc_beam`, GLM-130B's beam-search protocol (`openglm.eval.glm130b`).
 - mul: `acc` and `acc_norm` (`openglm.eval.metrics.choice_accuracy`); with subtasks also over all.
 - gen: `exact_match` and `f1` of the post-processed generation against the targets.
 
@@ -28,6 +29,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from openglm.eval.glm130b import beam_answer_matches, beam_config
 from openglm.eval.metrics import (
     Statistic,
     bits_per_byte_statistic,
@@ -40,6 +42,7 @@ from openglm.eval.metrics import (
 )
 from openglm.eval.scorer import ModelScorer
 from openglm.eval.tasks import TASK_TYPES, ClozeExample, TaskConfig, TaskError, bundled_task_names, load_subtasks, resolve_task
+from openglm.generation import GenerationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +85,7 @@ class _Evaluation:
         total = modes * sum(len(s.evaluated) for s in self.subtasks)
         self.bar = tqdm(total=total, desc=config.name, unit="ex", disable=None if progress else True, leave=False)
         self.results: list[Result] = []
+        self._beam: GenerationConfig | None = None
 
     def add(self, subtask: str, samples: Sequence[Sequence[float]], metrics: dict[str, Statistic], **settings: Any) -> None:
         """Rows for `metrics` (name: statistic over the columns of the per-example samples)."""
@@ -134,10 +138,22 @@ class _Evaluation:
                 until=lambda i, text: word_decided(text, examples[i].target),
             )
             samples = [
-                (float(s.greedy), float(first_word_matches(g, e.target)), s.loglik)
+                [float(s.greedy), float(first_word_matches(g, e.target)), s.loglik]
                 for s, g, e in zip(scores, generated, examples, strict=True)
             ]
-            self.add(mode, samples, {"acc": column_mean(0), "acc_generate": column_mean(1), "ppl": _target_perplexity}, mode=mode)
+            metrics = {"acc": column_mean(0), "acc_generate": column_mean(1), "ppl": _target_perplexity}
+            if self.config.num_beams:
+                contexts = [e.context for e in examples]
+                beams = self.scorer.beam_continuations(contexts, self._beam_config(), unidirectional, self.config.mask)
+                for sample, hypotheses, example in zip(samples, beams, examples, strict=True):
+                    sample.append(float(beam_answer_matches(hypotheses, example.target)))
+                metrics["acc_beam"] = column_mean(3)
+            self.add(mode, samples, metrics, mode=mode)
+
+    def _beam_config(self) -> GenerationConfig:
+        if self._beam is None:
+            self._beam = beam_config(self.scorer.tokenizer, self.config.num_beams)
+        return self._beam
 
     def _mul(self) -> None:
         everything = []

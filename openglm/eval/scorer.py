@@ -30,6 +30,9 @@ from openglm.config import SPECIAL_TOKEN_TEXT
 from openglm.eval.lm import LMScore, score_tokens
 from openglm.generation import GenerationConfig, infill_batch, never_generated_ids
 from openglm.generation.batch import Batch, Prefill, prefill
+from openglm.generation.rules import Rules
+from openglm.generation.search import Job, beam
+from openglm.generation.text import Text
 from openglm.model import GLM, KVCache, derive_positions, derive_prefix_len
 from openglm.tokenizer import GLMTokenizer
 
@@ -196,9 +199,7 @@ class ModelScorer:
         banned = sorted(never_generated_ids(self.config, self.tokenizer.vocab_size, stops))
         texts = []
         for index, (context, limit) in enumerate(zip(contexts, max_new_tokens, strict=True)):
-            request = self._request(context, [[0] * limit], unidirectional, mask)
-            batch = Batch(self.model, [self._prefill_layout([*request.shared, request.rows[0][0]], unidirectional)], limit)
-            logits = batch.step(batch.first)
+            batch, logits = self._start(context, limit, unidirectional, mask)
             tokens: list[int] = []
             while True:
                 logits[:, banned] = float("-inf")
@@ -211,6 +212,29 @@ class ModelScorer:
                 logits = batch.step(torch.tensor([[token]]))
             texts.append(self.tokenizer.decode(tokens))
         return texts
+
+    @torch.inference_mode()
+    def beam_continuations(
+        self, contexts: Sequence[str], config: GenerationConfig, unidirectional: bool = False, mask: str = "[gMASK]"
+    ) -> list[list[str]]:
+        """Every finished hypothesis of beam search (`config.num_beams` beams, the library's
+        `beam`) after each context, best first, in the row layouts of `loglikelihoods`."""
+        rules = Rules(self.config, config, self.tokenizer, self.model.device)
+        hypotheses = []
+        for context in contexts:
+            batch, logits = self._start(context, config.max_new_tokens, unidirectional, mask)
+            job = Job([], Text(rules, incremental=False), None)
+            for _ in beam(batch, [job], logits, config, rules):
+                pass
+            hypotheses.append([self.tokenizer.decode(tokens) for tokens in job.hypotheses])
+        return hypotheses
+
+    def _start(self, context: str, limit: int, unidirectional: bool, mask: str) -> tuple[Batch, torch.Tensor]:
+        """A one-row decoding batch over `context` with room for `limit` tokens, and the logits
+        of the first one."""
+        request = self._request(context, [[0] * limit], unidirectional, mask)
+        batch = Batch(self.model, [self._prefill_layout([*request.shared, request.rows[0][0]], unidirectional)], limit)
+        return batch, batch.step(batch.first)
 
     def _prefill_layout(self, prefix: list[int], unidirectional: bool) -> Prefill:
         """The generation engine's first forward for a `_prefix` row: where Part A ends and which

@@ -71,6 +71,7 @@ class TaskConfig:
     limit: int | None = None  # examples per subtask (the first ones); None: all
     modes: tuple[str, ...] = CLOZE_MODES  # cloze: how the context is read
     mask: str = "[gMASK]"  # cloze, bidirectional: the blank after the context in Part A
+    num_beams: int = 0  # cloze: beams of GLM-130B's protocol (acc_beam, 16 in the paper); 0: not run
     chunk: int | None = None  # lm: tokens predicted per window (default: half the model's context)
     context: int | None = None  # lm: earlier tokens each window sees (default: the rest of the context)
     max_new_tokens: int = 32  # gen
@@ -88,6 +89,8 @@ class TaskConfig:
         bad = [m for m in self.modes if m not in CLOZE_MODES]
         if bad or not self.modes:
             raise TaskError(f"{where}: modes must be a non-empty list of {', '.join(CLOZE_MODES)}, got {list(self.modes)!r}")
+        if not isinstance(self.num_beams, int) or isinstance(self.num_beams, bool) or self.num_beams < 0:
+            raise TaskError(f"{where}: num_beams must be a non-negative integer (0: no acc_beam), got {self.num_beams!r}")
         if self.mask not in ("[MASK]", "[gMASK]"):
             raise TaskError(f"{where}: mask must be [MASK] or [gMASK], got {self.mask!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
@@ -99,7 +102,7 @@ class TaskConfig:
         """What the results record about how the task was run."""
         keys = {
             "lm": ("chunk", "context"),
-            "cloze": ("modes", "mask"),
+            "cloze": ("modes", "mask", "num_beams"),
             "mul": ("shots", "choice_order"),
             "gen": ("shots", "max_new_tokens", "choice_order"),
         }
