@@ -181,6 +181,30 @@ class ModelScorer:
         return self._scores(self._hidden(request.shared, request.rows, batching == "shared"), request.targets)
 
     @torch.inference_mode()
+    def infill_loglikelihood(self, left: str, span: str, right: str) -> ContinuationScore:
+        """A GLM's log-likelihood of `span` between `left` and `right`, both sides in Part A:
+        `left [MASK] right <sop> span`, the span's tokens taking the blank's position (whitespace
+        at the end of `left` moved onto the span, as `loglikelihoods` does). Too long a row
+        loses tokens from the end of `right`, then from the start of `left`."""
+        if self.causal:
+            raise ValueError("a causal model has no bidirectional context to fill a span from")
+        left, (span,) = move_trailing_space(left, [span])
+        left_ids, right_ids = self.tokenizer.encode(left) if left else [], self.tokenizer.encode(right)
+        target = self.tokenizer.encode(span)
+        if not target:
+            raise ValueError("a span must encode to at least one token")
+        excess = len(left_ids) + len(right_ids) + len(target) + 1 - self.config.max_seq_len
+        if excess > 0:
+            self.truncated += 1
+            cut = min(excess, len(right_ids))
+            right_ids, excess = right_ids[: len(right_ids) - cut], excess - cut
+            if excess > len(left_ids):
+                raise ValueError(f"a span of {len(target)} tokens does not fit the model's {self.config.max_seq_len}")
+            left_ids = left_ids[excess:]
+        shared = [*left_ids, self.special.mask, *right_ids]
+        return self._scores(self._hidden(shared, [[self.special.sop, *target[:-1]]], False), [target])[0]
+
+    @torch.inference_mode()
     def greedy_continuations(
         self,
         contexts: Sequence[str],
