@@ -306,3 +306,71 @@ def test_beam_continuations_use_the_scoring_row_layouts(objective: str, tok: GLM
     (beams,) = scorer.beam_continuations([context], config)
     prompt = context if objective == "causal" else context + "[gMASK]"
     assert beams[0] == infill(model, tok, prompt, config)[1][-1] and len(beams) == 4
+
+
+def test_bias_metrics_from_known_log_probs(tok: GLMTokenizer, tmp_path: Path) -> None:
+    """CrowS-Pairs: "x yes" beats "x no" (ln 0.5 > ln 0.2), so the first pair counts and the second
+    not: pct_stereotype 0.5. StereoSet, a sentence scored by its mean token log-likelihood: term a
+    prefers the stereotype twice (SS 100, LM 50: one of its two meaningful sentences beats the
+    unrelated one each time, a tie counting as not), term b once the anti-stereotype (SS 0, LM
+    50), so SS = 50 averaged over the terms (not 66.7 over examples), LM = 50, ICAT = 50."""
+    crows = tmp_path / "crows.csv"
+    crows.write_text("sent_more,sent_less,stereo_antistereo,bias_type\nx yes,x no,stereo,race\nx no,x yes,antistereo,gender\n")
+    scorer = ModelScorer(StubModel(), tok)
+    values = rows_by_metric(evaluate_task(resolve_task(crows), scorer, seed=0, progress=False))
+    assert values == {("gender", "pct_stereotype"): 0.0, ("race", "pct_stereotype"): 1.0, ("all", "pct_stereotype"): 0.5}
+    items = [
+        {"target": "a", "bias_type": "race", "sentences": [(" yes", "stereotype"), (" no", "anti-stereotype"), (" yes no", "unrelated")]},
+        {"target": "a", "bias_type": "race", "sentences": [(" yes yes", "stereotype"), (" no", "anti-stereotype"), (" no no", "unrelated")]},
+        {"target": "b", "bias_type": "gender", "sentences": [(" no", "stereotype"), (" yes", "anti-stereotype"), (" no no", "unrelated")]},
+    ]
+    for item in items:
+        item["sentences"] = [{"sentence": s, "gold_label": g} for s, g in item["sentences"]]
+    stereoset = tmp_path / "dev.json"
+    stereoset.write_text(json.dumps({"data": {"intrasentence": items}}))
+    values = rows_by_metric(evaluate_task(resolve_task(stereoset), scorer, seed=0, progress=False))
+    assert values[("all", "ss_score")] == pytest.approx(50.0) and values[("race", "ss_score")] == pytest.approx(100.0)
+    assert values[("all", "lm_score")] == pytest.approx(50.0) and values[("all", "icat_score")] == pytest.approx(50.0)
+    assert values[("race", "icat_score")] == pytest.approx(0.0) and values[("gender", "lm_score")] == pytest.approx(50.0)
+
+
+def test_pile_sets_and_their_byte_weighted_average(tok: GLMTokenizer, tmp_path: Path) -> None:
+    path = tmp_path / "pile.jsonl"
+    records = [("ab", "A"), ("abcd efgh", "B"), ("xyz", "A")]
+    path.write_text("".join(json.dumps({"text": t, "meta": {"pile_set_name": s}}) + "\n" for t, s in records))
+    results = evaluate_task(resolve_task(path), ModelScorer(StubModel(uniform=True), tok), seed=0, progress=False)
+    bpb = {r.subtask: r.value for r in results if r.metric == "bits_per_byte"}
+    tokens = {name: sum(len(tok.encode(t)) for t, s in records if s == name) for name in "AB"}
+    nbytes = {"A": 5, "B": 9}
+    bits = {name: tokens[name] * math.log2(tok.vocab_size) for name in "AB"}  # a uniform model: log2 V bits a token
+    assert bpb == pytest.approx({"A": bits["A"] / 5, "B": bits["B"] / 9, "all": (bits["A"] + bits["B"]) / 14})
+    assert bpb["all"] == pytest.approx(sum(bpb[n] * nbytes[n] for n in "AB") / 14)  # the sets weighted by their bytes
+
+
+def test_infill_scores_the_span_with_both_sides_or_the_left_only(tok: GLMTokenizer, micro_glm: GLM, tmp_path: Path) -> None:
+    """Both sides: `left [MASK] right <sop> span`, Part A at positions 0.., Part B at the blank's
+    position (GLM-130B's [MASK] under 1-D RoPE), by a forward with those positions written out;
+    left only: `[gMASK] <sop> left span`, all causal."""
+    left, span, right = "Emma was", " delighted", " to see her sister."
+    left_ids, span_ids, right_ids = tok.encode(left), tok.encode(span), tok.encode(right)
+    special = micro_glm.config.special_tokens
+    shared = [*left_ids, special.mask, *right_ids]
+    ids = torch.tensor([[*shared, special.sop, *span_ids[:-1]]])
+    positions = torch.tensor([[*range(len(shared)), *[len(left_ids)] * len(span_ids)]])
+    with torch.no_grad():
+        logits = micro_glm(ids, positions, torch.zeros_like(positions), torch.tensor([len(shared)]))[0]
+    logprobs = F.log_softmax(logits.float(), -1)
+    both = sum(logprobs[len(shared) + i, t].item() for i, t in enumerate(span_ids))
+    scorer = ModelScorer(micro_glm, tok)
+    assert scorer.infill_loglikelihood(left + " ", span.strip(), right).loglik == pytest.approx(both, abs=1e-4)
+    left_only = manual_logliks(micro_glm, [special.gmask, special.sop, *left_ids], span_ids)
+    path = tmp_path / "spans.jsonl"
+    path.write_text(json.dumps({"text": f"{left} [MASK]{right}", "span": span.strip()}) + "\n")
+    results = rows_by_metric(evaluate_task(resolve_task(path), scorer, seed=0, progress=False))
+    span_bits = 8 * math.log(2)  # "delighted": 9 bytes
+    assert results == {
+        ("bidirectional", "bits_per_byte"): pytest.approx(-both / span_bits * 8 / 9, rel=1e-4),
+        ("unidirectional", "bits_per_byte"): pytest.approx(-left_only / span_bits * 8 / 9, rel=1e-4),
+    }
+    causal = evaluate_task(resolve_task(path), ModelScorer(StubModel("causal"), tok), seed=0, progress=False)
+    assert {r.subtask for r in causal} == {"unidirectional"}
