@@ -4,13 +4,19 @@ A task is a YAML file (a bundled one by name, or a path) or directly a data file
 format is recognised:
 
 - `.txt`, or `.jsonl` of `{"text"}`: `lm` (documents as `openglm.data.documents.iter_documents` reads them),
-  except that a `.jsonl` named `lambada*` is `cloze` (logged);
+  except that a `.jsonl` named `lambada*` is `cloze` (logged); the Pile's
+  `{"text", "meta": {"pile_set_name"}}`: `lm`, a subtask per set;
 - `.jsonl` of `{"text", "target"}` or GLM-130B's `{"inputs_pretokenized", "targets_pretokenized"}`:
-  `cloze` (LAMBADA; the cloze shapes are `load_cloze`'s);
+  `cloze` (LAMBADA; the cloze shapes are `load_cloze`'s); GLM-130B's
+  `{"inputs_pretokenized", "choices_pretokenized", "label"}`: `mul`; `{"text", "span"}`: `infill`;
 - a BIG-bench `task.json`, or a folder holding one (subtasks in subfolders): `mul` where examples
   carry `target_scores`, `gen` where they carry `target`; listed choices in BIG-bench's own order
-  (`choice_order`, `_load_bigbench`);
-- `.csv` (MMLU: question, A, B, C, D, answer; a folder of them is one subtask per file): `mul`.
+  (`choice_order`, `_load_bigbench`); a SQuAD-format `.json` (CMRC 2018, DRCD): `gen`; StereoSet's
+  `.json`: `bias`;
+- `.csv`: MMLU, C-Eval, CMMLU (a folder of them is one subtask per file): `mul`; CrowS-Pairs: `bias`;
+- with `verbalizers` in the task YAML: CLUE / FewCLUE classification JSON Lines, `mul`.
+
+The readers beyond BIG-bench and LAMBADA are `openglm.eval.formats`'.
 
 Every example is turned into a *query* here (the example's text with its prefixes, ending where
 the answer starts) and its answer(s), so the runner never sees a format. A k-shot prompt is
