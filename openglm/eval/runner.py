@@ -11,6 +11,9 @@ the example count and the settings it was computed with. Metrics by task type:
   the task's `num_beams` also `acc_beam`, GLM-130B's beam-search protocol (`openglm.eval.glm130b`).
 - mul: `acc` and `acc_norm` (`openglm.eval.metrics.choice_accuracy`); with subtasks also over all.
 - gen: `exact_match` and `f1` of the post-processed generation against the targets.
+- bias: CrowS-Pairs `pct_stereotype`; StereoSet `lm_score`, `ss_score`, `icat_score` (`_bias`).
+- infill, per mode: `bits_per_byte` of the span, both sides visible or the left only (`_infill`).
+- with several subtasks (BIG-bench, MMLU, the Pile's sets, bias types) also `all`.
 
 A causal model has no bidirectional context mode; such rows are skipped (logged).
 """
