@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from openglm.eval import glm130b
+from openglm.eval import glm130b, metrics
 from openglm.eval.metrics import (
     bits_per_byte_statistic,
     choice_accuracy,
@@ -95,3 +95,12 @@ def test_glm130b_lambada_answer_is_the_first_word_of_the_chosen_beam() -> None:
     assert not glm130b.beam_answer_matches([" duty.", " duty"], "duty")  # the word is "duty.", as the reference splits it
     assert not glm130b.beam_answer_matches([" dutiful and"], "duty")
     assert glm130b.beam_answer_matches(["孔明曰"], "孔明")  # Chinese: no space ends the word
+
+
+def test_bootstrap_in_chunks_gives_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resamples are gathered a bounded number of floats at a time (StereoSet has 3 columns per
+    target term); the chunking changes nothing."""
+    samples = np.random.default_rng(0).random((50, 6))
+    whole = estimate(samples, column_mean(4), seed=3)
+    monkeypatch.setattr(metrics, "RESAMPLE_CELLS", 50 * 6 * 7)  # 7 resamples at a time
+    assert estimate(samples, column_mean(4), seed=3) == whole

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 BOOTSTRAP_ITERS = 1000
-_RESAMPLE_CELLS = 1 << 24  # floats gathered at once by the bootstrap
+RESAMPLE_CELLS = 1 << 24  # floats gathered at once by the bootstrap
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 # Chinese and Japanese characters: written without spaces between words
 CJK = re.compile(r"([\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff])")
@@ -114,7 +114,7 @@ def estimate(samples: np.ndarray, statistic: Statistic, seed: int, iters: int = 
         return value, float("nan")
     rng = np.random.default_rng(seed)
     indices = rng.integers(0, n, size=(iters, n))
-    step = max(1, _RESAMPLE_CELLS // (n * samples.shape[1]))  # resamples summed at once, bounding memory
+    step = max(1, RESAMPLE_CELLS // (n * samples.shape[1]))  # resamples summed at once, bounding memory
     resampled = np.concatenate([samples[indices[i : i + step]].sum(1) for i in range(0, iters, step)])
     return value, float(np.std(statistic(resampled, n), ddof=1))
 
