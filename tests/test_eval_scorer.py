@@ -19,7 +19,9 @@ import openglm
 from openglm.checkpoint import save_checkpoint
 from openglm.cli import app
 from openglm.config import model_preset
+from openglm.eval import glm130b
 from openglm.eval.lm import LMScore
+from openglm.eval.metrics import is_punctuation
 from openglm.eval.runner import evaluate_task, first_word_matches, markdown_table, word_decided
 from openglm.eval.scorer import ModelScorer, move_trailing_space
 from openglm.eval.tasks import TaskConfig, resolve_task
@@ -272,6 +274,11 @@ def test_a_chatglm_checkpoint_scores_choices_with_its_own_tokenizer(tmp_path: Pa
         assert got == pytest.approx(expected, abs=1e-4), mask
     with pytest.raises(ValueError, match="mask must be one of"):
         scorer.loglikelihoods(context, choices, mask="<sop>")
+    # GLM-130B's LAMBADA protocol over the sentencepiece vocabulary: no beam starts with punctuation
+    config = glm130b.beam_config(tokenizer, num_beams=4)
+    assert tokenizer.encode("，")[-1] in config.banned_ids
+    (beams,) = scorer.beam_continuations([context], config)
+    assert beams and not any(is_punctuation(b.strip()[:1] or "x") for b in beams)
 
 
 def test_acc_beam_from_known_log_probs(tok: GLMTokenizer, tmp_path: Path) -> None:
