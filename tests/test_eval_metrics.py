@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from openglm.eval import glm130b, metrics
 from openglm.eval.metrics import (
     bits_per_byte_statistic,
     choice_accuracy,
@@ -70,3 +71,36 @@ def test_bootstrap_stderr_is_seeded_and_matches_the_binomial_formula() -> None:
     assert math.isnan(estimate(np.array([[1.0]]), column_mean(0), seed=0)[1])  # one example: no spread
     with pytest.raises(ValueError, match="no examples"):
         estimate(np.zeros((0, 1)), column_mean(0), seed=0)
+
+
+def test_glm130b_lambada_bans_punctuation_tokens_and_punctuation_starts(tok) -> None:
+    """Golden ids of the bundled tokenizer: "." (20), "," (18), ' "' (488), " '" (2325), " (" (2261)
+    and "。" (283) are one punctuation character, never generated; "'t" (3317) and "'s" (431) start
+    with one, never first; " " (227) and "\\n" (205) are neither, nor are word pieces."""
+    never, first = glm130b.banned_tokens(tok)
+    assert {20, 18, 488, 2325, 2261, 283} <= set(never) <= set(first)
+    assert {3317, 431} <= set(first) - set(never)
+    assert not {227, 205, *tok.encode(" Hello world")} & set(first)
+    config = glm130b.beam_config(tok)
+    assert (config.num_beams, config.max_new_tokens, config.no_repeat_ngram_size) == (16, 5, 3)
+    assert config.banned_ids == never and config.banned_first_ids == first
+
+
+def test_glm130b_lambada_answer_is_the_first_word_of_the_chosen_beam() -> None:
+    # the first beam whose second word is punctuation, else the best
+    assert glm130b.chosen_text([" duty and", " dutiful .", " duty !"]) == " dutiful ."
+    assert glm130b.chosen_text([" duty and", " dutiful"]) == " duty and"
+    assert glm130b.chosen_text([]) == ""
+    assert glm130b.beam_answer_matches([" duty and the", " dutiful"], "duty")
+    assert not glm130b.beam_answer_matches([" duty.", " duty"], "duty")  # the word is "duty.", as the reference splits it
+    assert not glm130b.beam_answer_matches([" dutiful and"], "duty")
+    assert glm130b.beam_answer_matches(["孔明曰"], "孔明")  # Chinese: no space ends the word
+
+
+def test_bootstrap_in_chunks_gives_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resamples are gathered a bounded number of floats at a time (StereoSet has 3 columns per
+    target term); the chunking changes nothing."""
+    samples = np.random.default_rng(0).random((50, 6))
+    whole = estimate(samples, column_mean(4), seed=3)
+    monkeypatch.setattr(metrics, "RESAMPLE_CELLS", 50 * 6 * 7)  # 7 resamples at a time
+    assert estimate(samples, column_mean(4), seed=3) == whole

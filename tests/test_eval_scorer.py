@@ -11,15 +11,20 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_chatglm_tokenizer import build_ice_text, write_release
 from torch import nn
 from typer.testing import CliRunner
 
+import openglm
 from openglm.cli import app
 from openglm.config import model_preset
+from openglm.eval import glm130b
 from openglm.eval.lm import LMScore
+from openglm.eval.metrics import is_punctuation
 from openglm.eval.runner import evaluate_task, first_word_matches, markdown_table, word_decided
 from openglm.eval.scorer import ModelScorer, move_trailing_space
 from openglm.eval.tasks import TaskConfig, resolve_task
+from openglm.generation import GenerationConfig, infill
 from openglm.io.checkpoint import save_checkpoint
 from openglm.model import GLM
 from openglm.tokenizer import GLMTokenizer
@@ -250,3 +255,129 @@ def test_whitespace_at_the_context_end_starts_each_continuation(tok: GLMTokenize
     assert glm.loglikelihoods("q\nA: ", ["yes", "no"]) == glm.loglikelihoods("q\nA:", [" yes", " no"])
     # a generation prompt drops it: the answer is generated with its own leading space
     assert glm.generate(["q\nA: "], 3, None) == glm.generate(["q\nA:"], 3, None)
+
+
+def test_a_chatglm_checkpoint_scores_choices_with_its_own_tokenizer(tmp_path: Path) -> None:
+    """ChatGLM-6B's sentencepiece tokenizer has no lookup of a token by its text: the blank's id
+    comes from the model config, and the scores equal full forwards of `context [gMASK] <sop> choice`."""
+    folder = tmp_path / "chatglm-6b"
+    write_release(folder, build_ice_text(tmp_path), slim=True)
+    model, tokenizer = openglm.load(folder, torch.float32)
+    assert not hasattr(tokenizer, "token_to_id")
+    special = model.config.special_tokens
+    scorer = ModelScorer(model, tokenizer)
+    context, choices = "问题：天下大势", ["分久必合", "合久必分"]
+    for mask, mask_id in (("[gMASK]", special.gmask), ("[MASK]", special.mask)):
+        prefix = [*tokenizer.encode(context), mask_id, special.sop]
+        expected = [manual_logliks(model, prefix, tokenizer.encode(c)) for c in choices]
+        got = [s.loglik for s in scorer.loglikelihoods(context, choices, mask=mask)]
+        assert got == pytest.approx(expected, abs=1e-4), mask
+    with pytest.raises(ValueError, match="mask must be one of"):
+        scorer.loglikelihoods(context, choices, mask="<sop>")
+    # GLM-130B's LAMBADA protocol over the sentencepiece vocabulary: no beam starts with punctuation
+    config = glm130b.beam_config(tokenizer, num_beams=4)
+    assert tokenizer.encode("，")[-1] in config.banned_ids
+    (beams,) = scorer.beam_continuations([context], config)
+    assert beams and not any(is_punctuation(b.strip()[:1] or "x") for b in beams)
+
+
+def test_acc_beam_from_known_log_probs(tok: GLMTokenizer, tmp_path: Path) -> None:
+    """The stub model prefers " yes" everywhere: the best texts of 5 tokens with no 3-gram repeated
+    are the three with one " no" (4 ln 0.5 + ln 0.2), all starting with " yes", so acc_beam is 1
+    for target "yes", 0 for "no"."""
+    path = tmp_path / "c.jsonl"
+    lines = [{"text": "They said yes and yes", "target": "yes"}, {"text": "They said no and no", "target": "no"}]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    config = TaskConfig(name="c", type="cloze", data=path, num_beams=4)
+    scorer = ModelScorer(StubModel(), tok)
+    (beams,) = scorer.beam_continuations(["They said yes and"], GenerationConfig(max_new_tokens=5, num_beams=4, no_repeat_ngram_size=3))
+    assert beams[:3] == [" yes yes yes no yes", " yes yes no yes yes", " yes no yes yes yes"] and len(beams) == 4
+    for mode in ("bidirectional", "unidirectional"):
+        values = rows_by_metric([r for r in evaluate_task(config, scorer, seed=0, progress=False) if r.subtask == mode])
+        assert values[(mode, "acc_beam")] == 0.5 and values[(mode, "acc")] == 0.5
+    assert {r.settings["num_beams"] for r in evaluate_task(config, scorer, seed=0, progress=False)} == {4}
+
+
+@pytest.mark.parametrize("objective", ["glm", "causal"])
+def test_beam_continuations_use_the_scoring_row_layouts(objective: str, tok: GLMTokenizer) -> None:
+    """One beam is greedy decoding (checked against full forwards above); more beams after a
+    [gMASK] context are what blank filling's beam search gives for `context [gMASK]`."""
+    torch.manual_seed(0)
+    model = GLM(model_preset("micro", objective=objective)).eval()
+    scorer = ModelScorer(model, tok)
+    context = "Elizabeth looked at her sister and said"
+    for unidirectional in [False] if objective == "causal" else [False, True]:
+        (one,) = scorer.beam_continuations([context], GenerationConfig(max_new_tokens=4, num_beams=1), unidirectional)
+        assert one == scorer.greedy_continuations([context], [4], unidirectional)
+    config = GenerationConfig(max_new_tokens=4, num_beams=4)
+    (beams,) = scorer.beam_continuations([context], config)
+    prompt = context if objective == "causal" else context + "[gMASK]"
+    assert beams[0] == infill(model, tok, prompt, config)[1][-1] and len(beams) == 4
+
+
+def test_bias_metrics_from_known_log_probs(tok: GLMTokenizer, tmp_path: Path) -> None:
+    """CrowS-Pairs: "x yes" beats "x no" (ln 0.5 > ln 0.2), so the first pair counts and the second
+    not: pct_stereotype 0.5. StereoSet, a sentence scored by its mean token log-likelihood: term a
+    prefers the stereotype twice (SS 100, LM 50: one of its two meaningful sentences beats the
+    unrelated one each time, a tie counting as not), term b once the anti-stereotype (SS 0, LM
+    50), so SS = 50 averaged over the terms (not 66.7 over examples), LM = 50, ICAT = 50."""
+    crows = tmp_path / "crows.csv"
+    crows.write_text("sent_more,sent_less,stereo_antistereo,bias_type\nx yes,x no,stereo,race\nx no,x yes,antistereo,gender\n")
+    scorer = ModelScorer(StubModel(), tok)
+    values = rows_by_metric(evaluate_task(resolve_task(crows), scorer, seed=0, progress=False))
+    assert values == {("gender", "pct_stereotype"): 0.0, ("race", "pct_stereotype"): 1.0, ("all", "pct_stereotype"): 0.5}
+    items = [
+        {"target": "a", "bias_type": "race", "sentences": [(" yes", "stereotype"), (" no", "anti-stereotype"), (" yes no", "unrelated")]},
+        {"target": "a", "bias_type": "race", "sentences": [(" yes yes", "stereotype"), (" no", "anti-stereotype"), (" no no", "unrelated")]},
+        {"target": "b", "bias_type": "gender", "sentences": [(" no", "stereotype"), (" yes", "anti-stereotype"), (" no no", "unrelated")]},
+    ]
+    for item in items:
+        item["sentences"] = [{"sentence": s, "gold_label": g} for s, g in item["sentences"]]
+    stereoset = tmp_path / "dev.json"
+    stereoset.write_text(json.dumps({"data": {"intrasentence": items}}))
+    values = rows_by_metric(evaluate_task(resolve_task(stereoset), scorer, seed=0, progress=False))
+    assert values[("all", "ss_score")] == pytest.approx(50.0) and values[("race", "ss_score")] == pytest.approx(100.0)
+    assert values[("all", "lm_score")] == pytest.approx(50.0) and values[("all", "icat_score")] == pytest.approx(50.0)
+    assert values[("race", "icat_score")] == pytest.approx(0.0) and values[("gender", "lm_score")] == pytest.approx(50.0)
+
+
+def test_pile_sets_and_their_byte_weighted_average(tok: GLMTokenizer, tmp_path: Path) -> None:
+    path = tmp_path / "pile.jsonl"
+    records = [("ab", "A"), ("abcd efgh", "B"), ("xyz", "A")]
+    path.write_text("".join(json.dumps({"text": t, "meta": {"pile_set_name": s}}) + "\n" for t, s in records))
+    results = evaluate_task(resolve_task(path), ModelScorer(StubModel(uniform=True), tok), seed=0, progress=False)
+    bpb = {r.subtask: r.value for r in results if r.metric == "bits_per_byte"}
+    tokens = {name: sum(len(tok.encode(t)) for t, s in records if s == name) for name in "AB"}
+    nbytes = {"A": 5, "B": 9}
+    bits = {name: tokens[name] * math.log2(tok.vocab_size) for name in "AB"}  # a uniform model: log2 V bits a token
+    assert bpb == pytest.approx({"A": bits["A"] / 5, "B": bits["B"] / 9, "all": (bits["A"] + bits["B"]) / 14})
+    assert bpb["all"] == pytest.approx(sum(bpb[n] * nbytes[n] for n in "AB") / 14)  # the sets weighted by their bytes
+
+
+def test_infill_scores_the_span_with_both_sides_or_the_left_only(tok: GLMTokenizer, micro_glm: GLM, tmp_path: Path) -> None:
+    """Both sides: `left [MASK] right <sop> span`, Part A at positions 0.., Part B at the blank's
+    position (GLM-130B's [MASK] under 1-D RoPE), by a forward with those positions written out;
+    left only: `[gMASK] <sop> left span`, all causal."""
+    left, span, right = "Emma was", " delighted", " to see her sister."
+    left_ids, span_ids, right_ids = tok.encode(left), tok.encode(span), tok.encode(right)
+    special = micro_glm.config.special_tokens
+    shared = [*left_ids, special.mask, *right_ids]
+    ids = torch.tensor([[*shared, special.sop, *span_ids[:-1]]])
+    positions = torch.tensor([[*range(len(shared)), *[len(left_ids)] * len(span_ids)]])
+    with torch.no_grad():
+        logits = micro_glm(ids, positions, torch.zeros_like(positions), torch.tensor([len(shared)]))[0]
+    logprobs = F.log_softmax(logits.float(), -1)
+    both = sum(logprobs[len(shared) + i, t].item() for i, t in enumerate(span_ids))
+    scorer = ModelScorer(micro_glm, tok)
+    assert scorer.infill_loglikelihood(left + " ", span.strip(), right).loglik == pytest.approx(both, abs=1e-4)
+    left_only = manual_logliks(micro_glm, [special.gmask, special.sop, *left_ids], span_ids)
+    path = tmp_path / "spans.jsonl"
+    path.write_text(json.dumps({"text": f"{left} [MASK]{right}", "span": span.strip()}) + "\n")
+    results = rows_by_metric(evaluate_task(resolve_task(path), scorer, seed=0, progress=False))
+    span_bits = 8 * math.log(2)  # "delighted": 9 bytes
+    assert results == {
+        ("bidirectional", "bits_per_byte"): pytest.approx(-both / span_bits * 8 / 9, rel=1e-4),
+        ("unidirectional", "bits_per_byte"): pytest.approx(-left_only / span_bits * 8 / 9, rel=1e-4),
+    }
+    causal = evaluate_task(resolve_task(path), ModelScorer(StubModel("causal"), tok), seed=0, progress=False)
+    assert {r.subtask for r in causal} == {"unidirectional"}

@@ -247,3 +247,15 @@ def test_bigbench_lists_choices_in_bigbench_own_order(tmp_path: Path) -> None:
     assert seeded.examples[0].query == "\nQ: q0" + "".join(f"\n  choice: {c}" for c in listed) + "\nA: "
     with pytest.raises(TaskError, match="choice_order must be one of bigbench, seeded"):
         TaskConfig(name="x", type="mul", data=mul, choice_order="random")
+
+
+def test_bundled_infill_sets_cut_one_sentence_out_of_held_out_passages() -> None:
+    held_out = {d for lang in ("en", "zh") for d in heldout.heldout_documents(lang)}
+    training = [d for d in iter_documents(bundled_corpus_paths()) if d not in held_out]
+    for lang in ("en", "zh"):
+        (subtask,) = load_subtasks(resolve_task(f"infill_{lang}"), seed=0)
+        assert len(subtask.examples) >= 30
+        for example in subtask.examples:
+            passage = example.left + example.span + example.right
+            assert any(passage in d for d in held_out) and not any(passage in d for d in training)
+            assert len(example.left) >= heldout.INFILL_SIDE[lang] and len(example.right) >= heldout.INFILL_SIDE[lang]

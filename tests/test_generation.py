@@ -372,14 +372,18 @@ def ngram_bans(seq: list[int], n: int) -> set[int]:
     return {t for t in range(ABC.vocab_size) if len(seq) >= n - 1 and (*seq[len(seq) - n + 1 :], t)[-n:] in grams}
 
 
-def exhaustive_best(model: GLM, context: list[int], depth: int, penalty: float, min_new: int = 0, ngram: int = 0) -> tuple[list[int], float]:
+def exhaustive_best(
+    model: GLM, context: list[int], depth: int, penalty: float, min_new: int = 0, ngram: int = 0,
+    never: frozenset[int] = frozenset(), not_first: frozenset[int] = frozenset(),
+) -> tuple[list[int], float]:  # fmt: skip
     """The best text of at most `depth` tokens over every possible one: those ending in a stop token
-    (scored with it) and those of full length, score sum log p / length ** penalty."""
+    (scored with it) and those of full length, score sum log p / length ** penalty; `never`
+    tokens nowhere, `not_first` tokens not first."""
     best: tuple[float, list[int]] = (float("-inf"), [])
 
     def visit(seq: list[int], total: float) -> None:
         nonlocal best
-        banned = ngram_bans(seq, ngram) | (STOPS if len(seq) < min_new else set())
+        banned = ngram_bans(seq, ngram) | (STOPS if len(seq) < min_new else set()) | never | (not_first if not seq else set())
         logprobs = allowed_logprobs(model, [*context, TOKENS.sop, *seq], banned)
         for token, lp in enumerate(logprobs):
             if lp == float("-inf"):
@@ -409,6 +413,47 @@ def test_beam_search_with_enough_beams_is_exhaustive(monkeypatch: pytest.MonkeyP
     assert run_jobs(model, [context], config)[0] == expected
 
 
+@pytest.mark.parametrize("beams", [1, 96])
+def test_banned_tokens_are_never_generated_or_never_first(monkeypatch: pytest.MonkeyPatch, beams: int) -> None:
+    """banned_ids nowhere, banned_first_ids not as the first token: beam search with enough beams
+    finds the brute-force best under those rules; greedy (one beam) takes the allowed argmax."""
+    model = make_model(seed=9, vocab_size=ABC.vocab_size)
+    add_bias(monkeypatch, model, one_hot(model, TOKENS.eop, -3.0))  # texts of 3 tokens
+    context = ABC.encode("abc[gMASK]")
+    plain, _ = exhaustive_best(model, context, 3, 1.0)
+    assert len(plain) == 3
+    never, not_first = frozenset(plain[1:2]), frozenset(plain[:1])
+    config = GenerationConfig(max_new_tokens=3, num_beams=beams, banned_ids=tuple(never), banned_first_ids=tuple(not_first), temperature=0)
+    if beams > 1:
+        expected, _ = exhaustive_best(model, context, 3, 1.0, never=never, not_first=not_first)
+        assert expected != plain and run_jobs(model, [context], config)[0] == expected
+    else:
+        got = run_jobs(model, [context], config)[0]
+        seq: list[int] = []
+        for _ in range(3):
+            logprobs = allowed_logprobs(model, [*context, TOKENS.sop, *seq], set(never) | (set(not_first) if not seq else set()))
+            token = max(range(ABC.vocab_size), key=lambda t: logprobs[t])
+            if token in STOPS:
+                break
+            seq.append(token)
+        assert got == seq and not never & set(got) and got[:1] != sorted(not_first)[:1]
+    with pytest.raises(ConfigError, match="banned_ids must be a tuple of non-negative integers"):
+        GenerationConfig(banned_ids=(-1,))
+
+
+def test_beam_search_keeps_every_finished_hypothesis_best_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make_model(seed=10, vocab_size=ABC.vocab_size)
+    add_bias(monkeypatch, model, one_hot(model, TOKENS.eop, 1.0))
+    context = ABC.encode("ab[gMASK]")
+    config = GenerationConfig(max_new_tokens=6, num_beams=3, temperature=0)
+    rules = Rules(model.config, config, None, torch.device("cpu"))
+    job = Job(list(context), Text(rules, False), None)
+    for _ in run(model, [job], config, rules):
+        pass
+    assert job.hypotheses == reference_beam_search(model, context, 3, 6, 1.0, every=True)
+    assert job.hypotheses[0] == job.text.tokens and len(job.hypotheses) == 3
+
+
 def test_length_penalty_changes_the_chosen_length(monkeypatch: pytest.MonkeyPatch) -> None:
     model = make_model(seed=9, vocab_size=ABC.vocab_size)
     add_bias(monkeypatch, model, one_hot(model, TOKENS.eop, 1.5))
@@ -421,8 +466,9 @@ def test_length_penalty_changes_the_chosen_length(monkeypatch: pytest.MonkeyPatc
     assert len(beam(3.0)) >= 2  # a length of 3 divides it by 27
 
 
-def reference_beam_search(model: GLM, context: list[int], beams: int, depth: int, penalty: float) -> list[int]:
-    """A plain beam search written from the documented rule, recomputing every sequence from scratch."""
+def reference_beam_search(model: GLM, context: list[int], beams: int, depth: int, penalty: float, every: bool = False) -> Any:
+    """A plain beam search written from the documented rule, recomputing every sequence from
+    scratch: the best text, or with `every` all finished ones, best first."""
     live: list[tuple[float, list[int]]] = [(0.0, [])]
     finished: list[tuple[float, list[int]]] = []
     for step in range(1, depth + 1):
@@ -446,7 +492,7 @@ def reference_beam_search(model: GLM, context: list[int], beams: int, depth: int
         if len(finished) >= beams and next_live[0][0] / step**penalty <= finished[-1][0]:
             break
         live = next_live
-    return finished[0][1]
+    return [seq for _, seq in finished] if every else finished[0][1]
 
 
 @pytest.mark.parametrize(("beams", "penalty", "bias"), [(2, 1.0, 1.0), (3, 0.5, 2.0), (4, 2.0, 0.5)])

@@ -5,6 +5,9 @@ default `val_fraction` and `seed` of `TrainConfig`); this module selects the sam
 writes, deterministically:
 
 - `heldout_{en,zh}.jsonl`: the held-out documents (`{"text"}`), for bits per byte;
+- `infill_{en,zh}.jsonl`: passages with one sentence cut out (`{"text", "span"}`, the text
+  holding `[MASK]` where the sentence was), at least `INFILL_SIDE` characters of whole sentences
+  on each side, every `INFILL_EVERY`-th sentence of a document that has them;
 - `cloze_{en,zh}.jsonl`: LAMBADA-style passages (`{"text", "target"}`) whose last word is to be
   predicted. As in LAMBADA, the target is a word the passage already used, so broad context
   helps: English, a word of 3+ letters (not a stopword) that ends a clause; Chinese, which has no
@@ -91,8 +94,32 @@ def cloze_examples(document: str, rule: ClozeRule) -> Iterator[dict[str, str]]:
         yield {"text": context + word, "target": word}
 
 
+INFILL_SIDE = {"en": 300, "zh": 100}  # characters of context on each side, at least
+INFILL_SPAN = {"en": (30, 200), "zh": (8, 60)}  # characters of the sentence cut out
+INFILL_EVERY = 6
+
+
+def infill_examples(document: str, language: str) -> Iterator[dict[str, str]]:
+    """Sentences of `document` (split after RULES' sentence ends) cut out with whole sentences
+    around them: `{"text": left + "[MASK]" + right, "span": sentence}`."""
+    ends = [m.end() for m in RULES[language].sentence_end.finditer(document)]
+    starts = [0, *ends]
+    side, (shortest, longest) = INFILL_SIDE[language], INFILL_SPAN[language]
+    for k in range(0, len(starts) - 1, INFILL_EVERY):
+        begin, end = starts[k], starts[k + 1]
+        span = document[begin:end].strip()
+        if not shortest <= len(span) <= longest or "[MASK]" in document:
+            continue
+        left_start = max((s for s in starts if s <= begin - side), default=None)
+        right_end = min((s for s in ends if s >= end + side), default=None)
+        if left_start is None or right_end is None:
+            continue
+        cut = begin + document[begin:end].index(span)
+        yield {"text": document[left_start:cut] + "[MASK]" + document[cut + len(span) : right_end], "span": span}
+
+
 def build(out_dir: Path) -> dict[str, int]:
-    """Write the four files into `out_dir`; returns each file's record count."""
+    """Write the six files into `out_dir`; returns each file's record count."""
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = {}
     for language, rule in RULES.items():
@@ -100,6 +127,7 @@ def build(out_dir: Path) -> dict[str, int]:
         sets = {
             f"heldout_{language}.jsonl": [{"text": d} for d in documents],
             f"cloze_{language}.jsonl": [e for d in documents for e in cloze_examples(d, rule)],
+            f"infill_{language}.jsonl": [e for d in documents for e in infill_examples(d, language)],
         }
         for name, records in sets.items():
             (out_dir / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")

@@ -7,9 +7,13 @@ the example count and the settings it was computed with. Metrics by task type:
 - cloze, per context mode: `acc` (greedy decoding yields the target's tokens: every one is the
   argmax where it is predicted, lm-evaluation-harness' LAMBADA accuracy, from the likelihood
   pass), `acc_generate` (the first word greedy generation writes is the target, GLM-130B's
-  LAMBADA metric) and `ppl` (exp of minus the mean target log-likelihood, per example).
+  LAMBADA metric) and `ppl` (exp of minus the mean target log-likelihood, per example); with
+  the task's `num_beams` also `acc_beam`, GLM-130B's beam-search protocol (`openglm.eval.glm130b`).
 - mul: `acc` and `acc_norm` (`openglm.eval.metrics.choice_accuracy`); with subtasks also over all.
 - gen: `exact_match` and `f1` of the post-processed generation against the targets.
+- bias: CrowS-Pairs `pct_stereotype`; StereoSet `lm_score`, `ss_score`, `icat_score` (`_bias`).
+- infill, per mode: `bits_per_byte` of the span, both sides visible or the left only (`_infill`).
+- with several subtasks (BIG-bench, MMLU, the Pile's sets, bias types) also `all`.
 
 A causal model has no bidirectional context mode; such rows are skipped (logged).
 """
@@ -28,6 +32,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from openglm.eval.examples import InfillExample, PairExample, TripleExample
+from openglm.eval.glm130b import beam_answer_matches, beam_config
 from openglm.eval.metrics import (
     Statistic,
     bits_per_byte_statistic,
@@ -37,9 +43,11 @@ from openglm.eval.metrics import (
     exact_match,
     f1_score,
     perplexity_statistic,
+    stereoset_statistics,
 )
 from openglm.eval.scorer import ModelScorer
-from openglm.eval.tasks import TASK_TYPES, ClozeExample, TaskConfig, TaskError, bundled_task_names, load_subtasks, resolve_task
+from openglm.eval.tasks import READ_AS_TYPES, ClozeExample, TaskConfig, TaskError, bundled_task_names, load_subtasks, resolve_task
+from openglm.generation import GenerationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +90,7 @@ class _Evaluation:
         total = modes * sum(len(s.evaluated) for s in self.subtasks)
         self.bar = tqdm(total=total, desc=config.name, unit="ex", disable=None if progress else True, leave=False)
         self.results: list[Result] = []
+        self._beam: GenerationConfig | None = None
 
     def add(self, subtask: str, samples: Sequence[Sequence[float]], metrics: dict[str, Statistic], **settings: Any) -> None:
         """Rows for `metrics` (name: statistic over the columns of the per-example samples)."""
@@ -94,7 +103,7 @@ class _Evaluation:
     def run(self) -> list[Result]:
         truncated_before = self.scorer.truncated
         try:
-            {"lm": self._lm, "cloze": self._cloze, "mul": self._mul, "gen": self._gen}[self.config.type]()
+            getattr(self, f"_{self.config.type}")()  # _lm, _cloze, _mul, _gen, _bias, _infill
         finally:
             self.bar.close()
         truncated = self.scorer.truncated - truncated_before
@@ -105,13 +114,68 @@ class _Evaluation:
         return self.results
 
     def _lm(self) -> None:
+        """With subtasks (the Pile's sets) also `all`: total bits over total bytes, the average of
+        the sets' bits per byte weighted by their bytes."""
+        everything = []
         for subtask in self.subtasks:
             samples = []
             for document in subtask.evaluated:
                 score = self.scorer.score_document(document.text, self.config.chunk, self.config.context)
                 samples.append((score.nll, score.tokens, score.bytes))
                 self.bar.update()
-            self.add(subtask.name, samples, {"bits_per_byte": bits_per_byte_statistic, "perplexity": perplexity_statistic})
+            self.add(subtask.name, samples, _LM)
+            everything += samples
+        if len(self.subtasks) > 1:
+            self.add("all", everything, _LM)
+
+    def _bias(self) -> None:
+        """CrowS-Pairs `pct_stereotype`: the share of pairs whose more stereotypical sentence has
+        the higher log-likelihood; StereoSet `lm_score`, `ss_score`, `icat_score`, a sentence scored
+        by its mean token log-likelihood (StereoSet's generative models: the geometric mean of the
+        token probabilities). Each sentence is scored alone (`[gMASK] <sop> sentence`, or
+        `<eos> sentence`); per bias type and `all`."""
+        examples = [e for s in self.subtasks for e in s.evaluated]
+        terms = sorted({e.target for e in examples if isinstance(e, TripleExample)})
+        metrics = stereoset_statistics(len(terms)) if terms else {"pct_stereotype": column_mean(0)}
+        everything = []
+        for subtask in self.subtasks:
+            samples = []
+            for example in subtask.evaluated:
+                if isinstance(example, PairExample):
+                    more, less = self.scorer.loglikelihoods("", [example.more, example.less])
+                    samples.append([float(more.loglik > less.loglik)])
+                else:
+                    sentences = [example.stereotype, example.anti_stereotype, example.unrelated]
+                    pro, anti, unrelated = (s.loglik / s.tokens for s in self.scorer.loglikelihoods("", sentences))
+                    row = [0.0] * (3 * len(terms))
+                    at = 3 * terms.index(example.target)
+                    row[at : at + 3] = [float(pro > anti), float(pro > unrelated) + float(anti > unrelated), 1.0]
+                    samples.append(row)
+                self.bar.update()
+            self.add(subtask.name, samples, metrics)
+            everything += samples
+        if len(self.subtasks) > 1:
+            self.add("all", everything, metrics)
+
+    def _infill(self) -> None:
+        """Bits per UTF-8 byte of each span: `bidirectional` with both sides visible
+        (`infill_loglikelihood`), `unidirectional` from the left side only, read causally
+        (`[gMASK] <sop> left span`, or a causal model's `<eos> left span`)."""
+        examples: list[InfillExample] = self.subtasks[0].evaluated
+        for mode in self.config.modes:
+            if mode == "bidirectional" and self.scorer.causal:
+                logger.info("%s: a causal model has no bidirectional context; skipping that mode", self.config.name)
+                self.bar.update(len(examples))
+                continue
+            samples = []
+            for example in examples:
+                if mode == "bidirectional":
+                    score = self.scorer.infill_loglikelihood(example.left, example.span, example.right)
+                else:
+                    (score,) = self.scorer.loglikelihoods(example.left, [example.span], unidirectional=True)
+                samples.append((-score.loglik, score.tokens, len(example.span.encode("utf-8"))))
+                self.bar.update()
+            self.add(mode, samples, {"bits_per_byte": bits_per_byte_statistic}, mode=mode)
 
     def _cloze(self) -> None:
         subtask = self.subtasks[0]
@@ -134,10 +198,22 @@ class _Evaluation:
                 until=lambda i, text: word_decided(text, examples[i].target),
             )
             samples = [
-                (float(s.greedy), float(first_word_matches(g, e.target)), s.loglik)
+                [float(s.greedy), float(first_word_matches(g, e.target)), s.loglik]
                 for s, g, e in zip(scores, generated, examples, strict=True)
             ]
-            self.add(mode, samples, {"acc": column_mean(0), "acc_generate": column_mean(1), "ppl": _target_perplexity}, mode=mode)
+            metrics = {"acc": column_mean(0), "acc_generate": column_mean(1), "ppl": _target_perplexity}
+            if self.config.num_beams:
+                contexts = [e.context for e in examples]
+                beams = self.scorer.beam_continuations(contexts, self._beam_config(), unidirectional, self.config.mask)
+                for sample, hypotheses, example in zip(samples, beams, examples, strict=True):
+                    sample.append(float(beam_answer_matches(hypotheses, example.target)))
+                metrics["acc_beam"] = column_mean(3)
+            self.add(mode, samples, metrics, mode=mode)
+
+    def _beam_config(self) -> GenerationConfig:
+        if self._beam is None:
+            self._beam = beam_config(self.scorer.tokenizer, self.config.num_beams)
+        return self._beam
 
     def _mul(self) -> None:
         everything = []
@@ -174,6 +250,7 @@ class _Evaluation:
             self.add("all", everything, _GENERATION, shots=self.shots)
 
 
+_LM = {"bits_per_byte": bits_per_byte_statistic, "perplexity": perplexity_statistic}
 _ACCURACIES = {"acc": column_mean(0), "acc_norm": column_mean(1)}
 _GENERATION = {"exact_match": column_mean(0), "f1": column_mean(1)}
 
@@ -273,8 +350,8 @@ def evaluate_checkpoints(
 
     if threads is not None:
         torch.set_num_threads(threads)
-    if task_type is not None and task_type not in TASK_TYPES:
-        raise TaskError(f"task type must be one of {', '.join(TASK_TYPES)}, got {task_type!r}")
+    if task_type is not None and task_type not in READ_AS_TYPES:
+        raise TaskError(f"task type must be one of {', '.join(READ_AS_TYPES)}, got {task_type!r}")
     configs = [resolve_task(spec, task_type) for spec in tasks or bundled_task_names()]
     if limit is not None:
         configs = [dataclasses.replace(c, limit=limit) for c in configs]

@@ -26,9 +26,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from openglm.config import SPECIAL_TOKEN_TEXT
 from openglm.eval.lm import LMScore, score_tokens
 from openglm.generation import GenerationConfig, infill_batch, never_generated_ids
 from openglm.generation.batch import Batch, Prefill, prefill
+from openglm.generation.rules import Rules
+from openglm.generation.search import Job, beam
+from openglm.generation.text import Text
 from openglm.model import GLM, KVCache
 from openglm.positions import derive_positions, derive_prefix_len
 from openglm.tokenizer import GLMTokenizer
@@ -84,9 +88,17 @@ class ModelScorer:
             return [self.special.gmask, self.special.sop, *context]
         return [*context, mask, self.special.sop]
 
+    def _mask_id(self, mask: str) -> int:
+        """The id of a blank's text ("[MASK]", "[gMASK]") from the model config, which every
+        tokenizer openglm loads agrees with (ChatGLM-6B's has no vocabulary lookup by text)."""
+        names = {text: name for name, text in SPECIAL_TOKEN_TEXT.items() if name in ("mask", "smask", "gmask")}
+        if mask not in names:
+            raise ValueError(f"mask must be one of {', '.join(names)}, got {mask!r}")
+        return getattr(self.special, names[mask])
+
     def _request(self, context: str, continuations: Sequence[list[int]], unidirectional: bool, mask: str) -> _Request:
         ids = self.tokenizer.encode(context) if context else []
-        mask_id = self.tokenizer.token_to_id(mask)
+        mask_id = self._mask_id(mask)
         longest = max(map(len, continuations))
         if min(map(len, continuations)) == 0:
             raise ValueError("a continuation must encode to at least one token")
@@ -170,6 +182,30 @@ class ModelScorer:
         return self._scores(self._hidden(request.shared, request.rows, batching == "shared"), request.targets)
 
     @torch.inference_mode()
+    def infill_loglikelihood(self, left: str, span: str, right: str) -> ContinuationScore:
+        """A GLM's log-likelihood of `span` between `left` and `right`, both sides in Part A:
+        `left [MASK] right <sop> span`, the span's tokens taking the blank's position (whitespace
+        at the end of `left` moved onto the span, as `loglikelihoods` does). Too long a row
+        loses tokens from the end of `right`, then from the start of `left`."""
+        if self.causal:
+            raise ValueError("a causal model has no bidirectional context to fill a span from")
+        left, (span,) = move_trailing_space(left, [span])
+        left_ids, right_ids = self.tokenizer.encode(left) if left else [], self.tokenizer.encode(right)
+        target = self.tokenizer.encode(span)
+        if not target:
+            raise ValueError("a span must encode to at least one token")
+        excess = len(left_ids) + len(right_ids) + len(target) + 1 - self.config.max_seq_len
+        if excess > 0:
+            self.truncated += 1
+            cut = min(excess, len(right_ids))
+            right_ids, excess = right_ids[: len(right_ids) - cut], excess - cut
+            if excess > len(left_ids):
+                raise ValueError(f"a span of {len(target)} tokens does not fit the model's {self.config.max_seq_len}")
+            left_ids = left_ids[excess:]
+        shared = [*left_ids, self.special.mask, *right_ids]
+        return self._scores(self._hidden(shared, [[self.special.sop, *target[:-1]]], False), [target])[0]
+
+    @torch.inference_mode()
     def greedy_continuations(
         self,
         contexts: Sequence[str],
@@ -188,9 +224,7 @@ class ModelScorer:
         banned = sorted(never_generated_ids(self.config, self.tokenizer.vocab_size, stops))
         texts = []
         for index, (context, limit) in enumerate(zip(contexts, max_new_tokens, strict=True)):
-            request = self._request(context, [[0] * limit], unidirectional, mask)
-            batch = Batch(self.model, [self._prefill_layout([*request.shared, request.rows[0][0]], unidirectional)], limit)
-            logits = batch.step(batch.first)
+            batch, logits = self._start(context, limit, unidirectional, mask)
             tokens: list[int] = []
             while True:
                 logits[:, banned] = float("-inf")
@@ -203,6 +237,29 @@ class ModelScorer:
                 logits = batch.step(torch.tensor([[token]]))
             texts.append(self.tokenizer.decode(tokens))
         return texts
+
+    @torch.inference_mode()
+    def beam_continuations(
+        self, contexts: Sequence[str], config: GenerationConfig, unidirectional: bool = False, mask: str = "[gMASK]"
+    ) -> list[list[str]]:
+        """Every finished hypothesis of beam search (`config.num_beams` beams, the library's
+        `beam`) after each context, best first, in the row layouts of `loglikelihoods`."""
+        rules = Rules(self.config, config, self.tokenizer, self.model.device)
+        hypotheses = []
+        for context in contexts:
+            batch, logits = self._start(context, config.max_new_tokens, unidirectional, mask)
+            job = Job([], Text(rules, incremental=False), None)
+            for _ in beam(batch, [job], logits, config, rules):
+                pass
+            hypotheses.append([self.tokenizer.decode(tokens) for tokens in job.hypotheses])
+        return hypotheses
+
+    def _start(self, context: str, limit: int, unidirectional: bool, mask: str) -> tuple[Batch, torch.Tensor]:
+        """A one-row decoding batch over `context` with room for `limit` tokens, and the logits
+        of the first one."""
+        request = self._request(context, [[0] * limit], unidirectional, mask)
+        batch = Batch(self.model, [self._prefill_layout([*request.shared, request.rows[0][0]], unidirectional)], limit)
+        return batch, batch.step(batch.first)
 
     def _prefill_layout(self, prefix: list[int], unidirectional: bool) -> Prefill:
         """The generation engine's first forward for a `_prefix` row: where Part A ends and which

@@ -4,13 +4,19 @@ A task is a YAML file (a bundled one by name, or a path) or directly a data file
 format is recognised:
 
 - `.txt`, or `.jsonl` of `{"text"}`: `lm` (documents as `openglm.data.documents.iter_documents` reads them),
-  except that a `.jsonl` named `lambada*` is `cloze` (logged);
+  except that a `.jsonl` named `lambada*` is `cloze` (logged); the Pile's
+  `{"text", "meta": {"pile_set_name"}}`: `lm`, a subtask per set;
 - `.jsonl` of `{"text", "target"}` or GLM-130B's `{"inputs_pretokenized", "targets_pretokenized"}`:
-  `cloze` (LAMBADA; the cloze shapes are `load_cloze`'s);
+  `cloze` (LAMBADA; the cloze shapes are `load_cloze`'s); GLM-130B's
+  `{"inputs_pretokenized", "choices_pretokenized", "label"}`: `mul`; `{"text", "span"}`: `infill`;
 - a BIG-bench `task.json`, or a folder holding one (subtasks in subfolders): `mul` where examples
   carry `target_scores`, `gen` where they carry `target`; listed choices in BIG-bench's own order
-  (`choice_order`, `_load_bigbench`);
-- `.csv` (MMLU: question, A, B, C, D, answer; a folder of them is one subtask per file): `mul`.
+  (`choice_order`, `_load_bigbench`); a SQuAD-format `.json` (CMRC 2018, DRCD): `gen`; StereoSet's
+  `.json`: `bias`;
+- `.csv`: MMLU, C-Eval, CMMLU (a folder of them is one subtask per file): `mul`; CrowS-Pairs: `bias`;
+- with `verbalizers` in the task YAML: CLUE / FewCLUE classification JSON Lines, `mul`.
+
+The readers beyond BIG-bench and LAMBADA are `openglm.eval.formats`'.
 
 Every example is turned into a *query* here (the example's text with its prefixes, ending where
 the answer starts) and its answer(s), so the runner never sees a format. A k-shot prompt is
@@ -21,26 +27,34 @@ query followed by its (first gold) answer, drawn without replacement by a genera
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import logging
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from openglm.config import ConfigError
-from openglm.data.documents import CorpusError, iter_documents, json_object
-from openglm.eval.metrics import CJK
+from openglm.data.documents import CorpusError, iter_documents
+from openglm.eval import formats
+from openglm.eval.examples import (
+    ChoiceExample,
+    ClozeExample,
+    Document,
+    GenExample,
+    Subtask,
+    TaskError,
+    join_space,
+    jsonl_records,
+    read_mapping,
+    string_field,
+)
 
 logger = logging.getLogger(__name__)
 
-TASK_TYPES = ("lm", "cloze", "mul", "gen")
+READ_AS_TYPES = ("lm", "cloze", "mul", "gen")  # what `--task-type` may read a data file as
+TASK_TYPES = (*READ_AS_TYPES, "bias", "infill")  # bias and infill files are known by their format
 CHOICE_ORDERS = ("bigbench", "seeded")
 BIGBENCH_SEED = 42  # JsonTask's random_seed (bigbench 1.0.0, bigbench/api/json_task.py)
 CLOZE_MODES = ("bidirectional", "unidirectional")
@@ -53,11 +67,6 @@ BIGBENCH_DEFAULTS = {
     "append_choices_to_input": True,
     "few_shot_example_separator": "\n",
 }
-MMLU_LETTERS = ("A", "B", "C", "D")
-
-
-class TaskError(ConfigError):
-    """A task config or data file is unusable; the message names the file (and example index)."""
 
 
 @dataclass(frozen=True)
@@ -69,12 +78,16 @@ class TaskConfig:
     data: Path
     shots: int = 0
     limit: int | None = None  # examples per subtask (the first ones); None: all
-    modes: tuple[str, ...] = CLOZE_MODES  # cloze: how the context is read
+    modes: tuple[str, ...] = CLOZE_MODES  # cloze: how the context is read; infill: both sides, or the left only
     mask: str = "[gMASK]"  # cloze, bidirectional: the blank after the context in Part A
+    num_beams: int = 0  # cloze: beams of GLM-130B's protocol (acc_beam, 16 in the paper); 0: not run
     chunk: int | None = None  # lm: tokens predicted per window (default: half the model's context)
     context: int | None = None  # lm: earlier tokens each window sees (default: the rest of the context)
     max_new_tokens: int = 32  # gen
     choice_order: str = "bigbench"  # BIG-bench listed choices: "bigbench" (RandomState(42) per example) or "seeded" (by --seed)
+    template: str | None = None  # classification, SQuAD: the query, a str.format of the record's fields
+    verbalizers: dict[str, str] = field(default_factory=dict)  # classification: label -> choice text
+    label_field: str = "label"  # classification: the record's field holding the label
     source: str = ""  # where the config came from
 
     def __post_init__(self) -> None:
@@ -88,106 +101,35 @@ class TaskConfig:
         bad = [m for m in self.modes if m not in CLOZE_MODES]
         if bad or not self.modes:
             raise TaskError(f"{where}: modes must be a non-empty list of {', '.join(CLOZE_MODES)}, got {list(self.modes)!r}")
+        if not isinstance(self.num_beams, int) or isinstance(self.num_beams, bool) or self.num_beams < 0:
+            raise TaskError(f"{where}: num_beams must be a non-negative integer (0: no acc_beam), got {self.num_beams!r}")
         if self.mask not in ("[MASK]", "[gMASK]"):
             raise TaskError(f"{where}: mask must be [MASK] or [gMASK], got {self.mask!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
             raise TaskError(f"{where}: max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if self.choice_order not in CHOICE_ORDERS:
             raise TaskError(f"{where}: choice_order must be one of {', '.join(CHOICE_ORDERS)}, got {self.choice_order!r}")
+        if self.template is not None and (not isinstance(self.template, str) or not self.template):
+            raise TaskError(f"{where}: template must be a non-empty string, got {self.template!r}")
+        if not isinstance(self.verbalizers, dict) or not all(
+            isinstance(k, (str, int)) and isinstance(v, str) and v.strip() for k, v in self.verbalizers.items()
+        ):
+            raise TaskError(f"{where}: verbalizers must map labels to non-empty choice texts, got {self.verbalizers!r}")
+        object.__setattr__(self, "verbalizers", {str(k).lower() if isinstance(k, bool) else str(k): v for k, v in self.verbalizers.items()})
+        if not isinstance(self.label_field, str) or not self.label_field:
+            raise TaskError(f"{where}: label_field must be a non-empty string, got {self.label_field!r}")
 
     def settings(self) -> dict[str, Any]:
         """What the results record about how the task was run."""
         keys = {
             "lm": ("chunk", "context"),
-            "cloze": ("modes", "mask"),
+            "cloze": ("modes", "mask", "num_beams"),
             "mul": ("shots", "choice_order"),
             "gen": ("shots", "max_new_tokens", "choice_order"),
+            "bias": (),
+            "infill": ("modes",),
         }
         return {"type": self.type, "data": str(self.data), "limit": self.limit} | {k: getattr(self, k) for k in keys[self.type]}
-
-
-# -- examples -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Document:
-    text: str
-
-
-@dataclass(frozen=True)
-class ClozeExample:
-    """`context` + `continuation` is the passage; the continuation is the target word with the
-    whitespace before it (so English BPE sees " word", as in running text)."""
-
-    context: str
-    continuation: str
-    target: str
-
-
-@dataclass(frozen=True)
-class ChoiceExample:
-    query: str
-    choices: tuple[str, ...]
-    gold: tuple[int, ...]  # indices of the correct choices (BIG-bench: the highest target score)
-
-    @property
-    def answer(self) -> str:
-        return self.choices[self.gold[0]]
-
-
-@dataclass(frozen=True)
-class GenExample:
-    query: str
-    targets: tuple[str, ...]
-
-    @property
-    def answer(self) -> str:
-        return self.targets[0]
-
-
-Example = Document | ClozeExample | ChoiceExample | GenExample
-
-
-@dataclass(frozen=True)
-class Subtask:
-    """A list of examples of one type with one prompt format (a BIG-bench subtask, an MMLU subject)."""
-
-    name: str  # "" for a task without subtasks
-    path: Path
-    type: str
-    examples: list[Any]
-    prefix: str = ""
-    separator: str = "\n"
-    stop: str | None = None  # gen: the answer ends before this
-    output_regex: str | None = None  # gen: the answer is this regex's first match (BIG-bench)
-    limit: int | None = None  # evaluate the first `limit` examples (all stay demonstration candidates)
-
-    @property
-    def evaluated(self) -> list[Any]:
-        return self.examples[: self.limit]
-
-    def prompt(self, index: int, shots: int, seed: int) -> str:
-        """The k-shot prompt of example `index` (module docstring)."""
-        example = self.examples[index]
-        if shots == 0:
-            return self.prefix + example.query
-        pool = [i for i in range(len(self.examples)) if i != index]
-        if shots > len(pool):
-            raise TaskError(f"{self.path}: {shots} shots asked, but only {len(pool)} other examples to draw them from")
-        rng = np.random.default_rng([seed, index])
-        chosen = rng.choice(pool, size=shots, replace=False)
-        demos = [self.examples[i].query + self.examples[i].answer for i in chosen]
-        return self.prefix + self.separator.join([*demos, example.query])
-
-    def postprocess(self, text: str) -> str:
-        """A generated answer as BIG-bench scores it: cut at the stop string, then the regex's match."""
-        if self.stop:
-            text = text.split(self.stop, 1)[0]
-        if self.output_regex:
-            found = re.findall(self.output_regex, text)
-            text = found[0] if found else ""
-            text = text if isinstance(text, str) else text[0]
-        return text.strip()
 
 
 # -- configs --------------------------------------------------------------------------------------
@@ -201,24 +143,8 @@ def bundled_task_names() -> list[str]:
     return sorted(p.stem for p in bundled_task_dir().glob("*.yaml"))
 
 
-def _read_mapping(path: Path, what: str) -> dict[str, Any]:
-    """The top-level mapping of a .json (a BIG-bench task) or YAML (a task config) file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError) as err:
-        raise TaskError(f"{path}: cannot be read ({err})") from None
-    except json.JSONDecodeError as err:
-        raise TaskError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
-    except yaml.YAMLError as err:
-        raise TaskError(f"{path}: not valid YAML ({err})") from None
-    if not isinstance(data, dict):
-        raise TaskError(f"{path}: expected {what}")
-    return data
-
-
 def _config_from_yaml(path: Path) -> TaskConfig:
-    data = _read_mapping(path, "a mapping of task settings")
+    data = read_mapping(path, "a mapping of task settings")
     known = {f.name for f in dataclasses.fields(TaskConfig)} - {"source"}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -229,7 +155,7 @@ def _config_from_yaml(path: Path) -> TaskConfig:
     values["data"] = (path.parent / str(data["data"])).resolve()
     values.setdefault("name", path.stem)
     if "type" not in values:
-        values["type"] = detect_type(values["data"])
+        values["type"] = "mul" if values.get("verbalizers") else detect_type(values["data"])
     if "modes" in values:
         values["modes"] = tuple(values["modes"]) if isinstance(values["modes"], list) else (values["modes"],)
     return TaskConfig(**values, source=str(path))
@@ -249,9 +175,13 @@ def detect_type(path: Path) -> str:
     if suffix == ".txt":
         return "lm"
     if suffix == ".csv":
-        return "mul"
+        return "bias" if _is_crows_pairs(path) else "mul"
     if suffix == ".jsonl":
-        first = _jsonl_records(path)[0][1]
+        first = jsonl_records(path)[0][1]
+        if "choices_pretokenized" in first:
+            return "mul"
+        if "span" in first:
+            return "infill"
         if "target" in first or "inputs_pretokenized" in first:
             return "cloze"
         if path.name.lower().startswith("lambada"):
@@ -259,13 +189,30 @@ def detect_type(path: Path) -> str:
             return "cloze"
         return "lm"
     if suffix == ".json":
-        return _bigbench_type(path)
+        return {"squad": "gen", "stereoset": "bias"}.get(_json_kind(path)) or _bigbench_type(path)
     raise TaskError(f"{path}: unrecognised task format (expected .yaml, .txt, .jsonl, .csv, a BIG-bench task.json or folder)")
+
+
+def _is_crows_pairs(path: Path) -> bool:
+    try:
+        with path.open(encoding="utf-8-sig") as handle:
+            first = handle.readline()
+    except (OSError, UnicodeDecodeError) as err:
+        raise TaskError(f"{path}: cannot be read ({err})") from None
+    return "sent_more" in first and "sent_less" in first
+
+
+def _json_kind(path: Path) -> str:
+    """"squad" (a `data` list of articles), "stereoset" (`data.intrasentence`) or "bigbench"."""
+    data = read_mapping(path, "a JSON object").get("data")
+    if isinstance(data, list):
+        return "squad"
+    return "stereoset" if isinstance(data, dict) and "intrasentence" in data else "bigbench"
 
 
 def _bigbench_type(path: Path) -> str:
     files_ = _bigbench_files(path)
-    examples = [e for f in files_ for e in _read_mapping(f, "a BIG-bench task object").get("examples", [])]
+    examples = [e for f in files_ for e in read_mapping(f, "a BIG-bench task object").get("examples", [])]
     return "mul" if examples and all(isinstance(e, dict) and "target_scores" in e for e in examples) else "gen"
 
 
@@ -292,14 +239,26 @@ def load_subtasks(config: TaskConfig, seed: int) -> list[Subtask]:
     """The task's subtasks with every example checked and formatted; `seed` orders BIG-bench's
     listed choices."""
     path = config.data
+    suffix = path.suffix.lower()
+    csvs = sorted(path.glob("*.csv")) if path.is_dir() else [path] if suffix == ".csv" else []
     if config.type == "lm":
-        subtasks = [_load_documents(path)]
+        subtasks = formats.load_pile(path) if suffix == ".jsonl" and formats.is_pile(jsonl_records(path)[0][1]) else [_load_documents(path)]
     elif config.type == "cloze":
         subtasks = [load_cloze(path)]
-    elif path.suffix.lower() == ".csv" or (path.is_dir() and any(path.glob("*.csv"))):
+    elif config.type == "bias":
+        subtasks = formats.load_crows_pairs(path) if suffix == ".csv" else formats.load_stereoset(path)
+    elif config.type == "infill":
+        subtasks = [formats.load_infill(path)]
+    elif config.verbalizers:
+        subtasks = [formats.load_classification(path, config.template, config.verbalizers, config.label_field)]
+    elif csvs:
         if config.type != "mul":
-            raise TaskError(f"{path}: MMLU .csv files are multiple choice (type mul), not {config.type}")
-        subtasks = [_load_mmlu(f) for f in (sorted(path.glob("*.csv")) if path.is_dir() else [path])]
+            raise TaskError(f"{path}: MMLU / C-Eval / CMMLU .csv files are multiple choice (type mul), not {config.type}")
+        subtasks = [formats.load_choice_csv(f) for f in csvs]
+    elif suffix == ".jsonl" and config.type == "mul":
+        subtasks = [formats.load_glm_choices(path)]
+    elif suffix == ".json" and _json_kind(path) == "squad":
+        subtasks = [formats.load_squad(path, config.template)]
     else:
         subtasks = [_load_bigbench(f, config.type, seed, config.choice_order) for f in _bigbench_files(path)]
         subtasks = [s for s in subtasks if s.examples]  # a parent task.json holds no examples
@@ -316,32 +275,6 @@ def _load_documents(path: Path) -> Subtask:
     return Subtask("", path, "lm", documents)
 
 
-def _jsonl_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(example index, record) of a .jsonl file; the index counts non-blank lines from 0."""
-    records = []
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise TaskError(f"{path}: cannot be read ({err})") from None
-    for line in lines:
-        if not line.strip():
-            continue
-        index = len(records)
-        records.append((index, json_object(line, f"{path}: example {index}", TaskError)))
-    if not records:
-        raise TaskError(f"{path}: holds no examples")
-    return records
-
-
-def _string_field(path: Path, index: int, record: dict[str, Any], name: str) -> str:
-    if name not in record:
-        raise TaskError(f"{path}: example {index}: missing field {name!r}")
-    value = record[name]
-    if not isinstance(value, str) or not value.strip():
-        raise TaskError(f"{path}: example {index}: field {name!r} must be a non-empty string")
-    return value
-
-
 def load_cloze(path: Path) -> Subtask:
     """A LAMBADA-style .jsonl in any of its shapes, told apart by the first record's fields:
 
@@ -356,20 +289,20 @@ def load_cloze(path: Path) -> Subtask:
     (so English BPE sees " word", as in running text). A target joined to a context that did not
     hold it gets a space before it, except next to Chinese or Japanese characters.
     """
-    records = _jsonl_records(path)
+    records = jsonl_records(path)
     first = records[0][1]
     if "inputs_pretokenized" in first:
-        pairs = [(i, _string_field(path, i, r, "inputs_pretokenized"), _glm_target(path, i, r)) for i, r in records]
+        pairs = [(i, string_field(path, i, r, "inputs_pretokenized"), _glm_target(path, i, r)) for i, r in records]
         return Subtask("", path, "cloze", [_cloze_example(path, i, c, t, joined=False) for i, c, t in pairs])
     if "target" not in first:
         examples = []
         for index, record in records:
-            context, space, target = _string_field(path, index, record, "text").rstrip().rpartition(" ")
+            context, space, target = string_field(path, index, record, "text").rstrip().rpartition(" ")
             if not space or not context.strip():
                 raise TaskError(f"{path}: example {index}: no space before a last word to predict")
             examples.append(_cloze_example(path, index, context + space, target, joined=True))
         return Subtask("", path, "cloze", examples)
-    pairs = [(i, _string_field(path, i, r, "text"), _string_field(path, i, r, "target")) for i, r in records]
+    pairs = [(i, string_field(path, i, r, "text"), string_field(path, i, r, "target")) for i, r in records]
     whole = all(text.endswith(target) for _, text, target in pairs)
     if not whole:
         logger.info("%s: a text does not end with its target: every text is read as the context before it", path)
@@ -397,8 +330,8 @@ def _cloze_example(path: Path, index: int, context: str, target: str, joined: bo
     if not stripped:
         raise TaskError(f"{path}: example {index}: no context before the target")
     space = context[len(stripped) :] + target[: len(target) - len(target.lstrip())]
-    if not space and not joined and not (CJK.match(stripped[-1]) or CJK.match(word[0])):
-        space = " "
+    if not space and not joined:
+        space = join_space(stripped[-1], word[0])
     return ClozeExample(stripped, space + word, word)
 
 
@@ -416,7 +349,7 @@ def _bigbench_example(path: Path, index: int, raw: Any, task_type: str) -> tuple
     """(input, target_scores or None, targets) of one example, checked."""
     if not isinstance(raw, dict):
         raise TaskError(f"{path}: example {index}: expected a JSON object")
-    text = _string_field(path, index, raw, "input")
+    text = string_field(path, index, raw, "input")
     scores = raw.get("target_scores")
     if task_type == "mul":
         if scores is None:
@@ -444,7 +377,7 @@ def _load_bigbench(path: Path, task_type: str, seed: int, choice_order: str) -> 
     order, a generator seeded with (`seed`, example index). BIG-bench's removal of duplicate
     examples is not applied (of the bundled tasks only `operators` has one).
     """
-    data = _read_mapping(path, "a BIG-bench task object")
+    data = read_mapping(path, "a BIG-bench task object")
     settings = {k: data.get(k, v) for k, v in BIGBENCH_DEFAULTS.items()}
     raw_examples = data.get("examples", [])
     if not isinstance(raw_examples, list):
@@ -481,33 +414,3 @@ def _load_bigbench(path: Path, task_type: str, seed: int, choice_order: str) -> 
 
 def _is_subtask(path: Path) -> bool:
     return (path.parent.parent / "task.json").is_file()
-
-
-def _load_mmlu(path: Path) -> Subtask:
-    """MMLU's prompt (Hendrycks et al., as lm-evaluation-harness): a header naming the subject,
-    "question\\nA. ...\\nD. ...\\nAnswer:", choices " A" ... " D"."""
-    try:
-        rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise TaskError(f"{path}: cannot be read as CSV ({err})") from None
-    if rows and [c.strip().lower() for c in rows[0][-1:]] == ["answer"]:
-        rows = rows[1:]  # a header row
-    examples = []
-    for index, row in enumerate(r for r in rows if any(c.strip() for c in r)):
-        if len(row) != 6:
-            raise TaskError(f"{path}: example {index}: expected 6 columns (question, A, B, C, D, answer), got {len(row)}")
-        question, *options, answer = (c.strip() for c in row)
-        answer = answer.upper()
-        if answer not in MMLU_LETTERS:
-            raise TaskError(f"{path}: example {index}: answer must be one of A, B, C, D, got {answer!r}")
-        if not question:
-            raise TaskError(f"{path}: example {index}: the question is empty")
-        listed = "".join(f"\n{letter}. {option}" for letter, option in zip(MMLU_LETTERS, options, strict=True))
-        examples.append(
-            ChoiceExample(f"{question}{listed}\nAnswer:", tuple(f" {c}" for c in MMLU_LETTERS), (MMLU_LETTERS.index(answer),))
-        )
-    if not examples:
-        raise TaskError(f"{path}: holds no examples")
-    subject = re.sub(r"_(test|dev|val)$", "", path.stem)
-    header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-    return Subtask(subject, path, "mul", examples, prefix=header, separator="\n\n")

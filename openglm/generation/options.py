@@ -29,7 +29,9 @@ class GenerationConfig:
     length counting the tokens that were scored (a final stop token included); > 0 favours longer
     texts. `no_repeat_ngram_size` n forbids any n-gram of the text being generated (not of the
     prompt) to occur twice; it applies to every strategy, as does `min_new_tokens`: no stop token
-    before that many tokens, and stop strings only in the text after them.
+    before that many tokens, and stop strings only in the text after them. `banned_ids` are never
+    generated, `banned_first_ids` never as a Part B's first token (GLM-130B's LAMBADA protocol
+    bans punctuation starts so).
 
     Stop: `stop_token_ids=None` means the model's <eop> and <eos> (their ids depend on the model's
     vocabulary, so they are resolved at generation time); an empty tuple means "never stop early".
@@ -51,10 +53,15 @@ class GenerationConfig:
     no_repeat_ngram_size: int = 0
     stop_strings: tuple[str, ...] = ()
     batch_size: int = 16
+    banned_ids: tuple[int, ...] = ()
+    banned_first_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, int):
             self.stop_token_ids = tuple(self.stop_token_ids)
+        for name in ("banned_ids", "banned_first_ids"):
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, tuple(getattr(self, name)))
         if isinstance(self.stop_strings, str):
             self.stop_strings = (self.stop_strings,)
         elif isinstance(self.stop_strings, list):
@@ -114,6 +121,10 @@ class GenerationConfig:
             isinstance(self.stop_token_ids, tuple) and all(_is_int(i) and i >= 0 for i in self.stop_token_ids)
         ):
             raise ConfigError(f"GenerationConfig.stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        for name in ("banned_ids", "banned_first_ids"):
+            value = getattr(self, name)
+            if not (isinstance(value, tuple) and all(_is_int(i) and i >= 0 for i in value)):
+                raise ConfigError(f"GenerationConfig.{name} must be a tuple of non-negative integers, got {value!r}")
         if not _is_real(self.length_penalty) or not math.isfinite(self.length_penalty):
             raise ConfigError(f"GenerationConfig.length_penalty must be a finite number, got {self.length_penalty!r}")
         if not isinstance(self.stop_strings, tuple) or not all(isinstance(s, str) and s for s in self.stop_strings):

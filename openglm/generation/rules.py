@@ -136,13 +136,17 @@ class Rules:
         self.stop_strings = config.stop_strings
         if self.stop_strings and tokenizer is None:
             raise ValueError("stop_strings are matched on text; use generate/infill/stream, which have a tokenizer")
-        self.never_ids = never_generated_ids(model_config, None if tokenizer is None else tokenizer.vocab_size, self.stop_ids)
+        never = never_generated_ids(model_config, None if tokenizer is None else tokenizer.vocab_size, self.stop_ids)
+        self.never_ids = never | frozenset(config.banned_ids)
+        self._first = torch.tensor(sorted(config.banned_first_ids), dtype=torch.long, device=device)
         self._never = torch.tensor(sorted(self.never_ids), device=device)
         self._stops = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=device)
 
     def only_never_ids(self, histories: Sequence[Sequence[int]]) -> bool:
         """Whether `never_ids` is the only constraint on rows that generated `histories` so far."""
         n, minimum = self.config.no_repeat_ngram_size, self.config.min_new_tokens
+        if self.config.banned_first_ids:
+            minimum = max(minimum, 1)
         return not n and all(len(history) >= minimum for history in histories)
 
     def constrain(self, logits: torch.Tensor, histories: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -155,6 +159,8 @@ class Rules:
         for row, history in enumerate(histories):
             if len(history) < minimum:
                 banned[row, self._stops] = True
+            if not history:
+                banned[row, self._first] = True
             if n:
                 banned[row, banned_by_ngrams(history, n)] = True
         return scores.masked_fill(banned, float("-inf"))

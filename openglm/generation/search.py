@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,12 +20,14 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Job:
     """One Part B to decode: its Part A, where its tokens go, its random generator, and the index
-    in Part A of the blank it fills (None: `find_blank`'s)."""
+    in Part A of the blank it fills (None: `find_blank`'s). Beam search leaves every finished
+    hypothesis's tokens in `hypotheses`, best first (the text holds the first)."""
 
     context: list[int]
     text: Text
     generator: torch.Generator | None
     blank: int | None = None
+    hypotheses: list[list[int]] = field(default_factory=list)
 
 
 def run(model: GLM, jobs: Sequence[Job], config: GenerationConfig, rules: Rules) -> Iterator[None]:
@@ -134,6 +136,7 @@ def beam(batch: Batch, jobs: Sequence[Job], logits: torch.Tensor, config: Genera
                 next_sums.append([total for total, _, _ in live])
                 searching.append(g)
                 continue
+            jobs[g].hypotheses = [tokens for _, tokens in finished[g]]
             text = jobs[g].text
             for token in finished[g][0][1] if finished[g] else []:
                 text.push(token)
