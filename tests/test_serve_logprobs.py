@@ -12,16 +12,19 @@ import copy
 import json
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 import torch
+from test_chatglm_tokenizer import build_ice_text, write_release
 
 import openglm
 from openglm.config import model_preset
 from openglm.eval.scorer import ModelScorer
+from openglm.generation import GenerationConfig, infill
 from openglm.model import GLM
 from openglm.serve import create_app, serve_in_thread
 from openglm.serve.chat import ChatMessage, TemplateError, chat_prompt
@@ -248,6 +251,24 @@ def test_chat_completions_through_the_openai_client(url: str, client: openai.Ope
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason in ("stop", "length")
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert prompt + "".join(c.choices[0].delta.content or "" for c in chunks) == expected[0]
+
+
+def test_a_chatglm_checkpoint_chats_in_chatglm_6bs_template(tmp_path: Path) -> None:
+    folder = tmp_path / "chatglm-6b"
+    write_release(folder, build_ice_text(tmp_path), slim=True)
+    model, tokenizer = openglm.load(folder, torch.float32)
+    conversation = [
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "你好！"},
+        {"role": "user", "content": "天下大势"},
+    ]
+    prompt = "[Round 0]\n问：你好\n答：你好！\n[Round 1]\n问：天下大势\n答："
+    _, (reply,) = infill(model, tokenizer, prompt, GenerationConfig(max_new_tokens=5, temperature=0))
+    with serve_in_thread(create_app(model, tokenizer, model_name=NAME)) as base:
+        body = post(base, "/v1/chat/completions", {"messages": conversation, "max_tokens": 5, "temperature": 0}).json()
+        completion = post(base, "/v1/completions", {"prompt": prompt, "max_tokens": 5, "temperature": 0}).json()
+    assert body["choices"][0]["message"]["content"] == reply == completion["choices"][0]["text"]
+    assert body["usage"] == completion["usage"]  # the very prompt ChatGLM-6B's chat() builds
 
 
 @pytest.mark.parametrize(
