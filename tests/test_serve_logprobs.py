@@ -28,6 +28,7 @@ from openglm.generation import GenerationConfig, infill
 from openglm.model import GLM
 from openglm.serve import create_app, serve_in_thread
 from openglm.serve.chat import ChatMessage, TemplateError, chat_prompt
+from openglm.serve.engine import Engine
 from openglm.tokenizer import GLMTokenizer
 
 NAME = "micro"
@@ -85,7 +86,7 @@ def test_echo_with_max_tokens_0_scores_the_prompt(url: str, tokenizer: GLMTokeni
     for prompt in (text, ids):
         body = post(url, "/v1/completions", {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 3}).json()
         (choice,) = body["choices"]
-        assert choice["text"] == text and choice["finish_reason"] == "stop"
+        assert choice["text"] == text and choice["finish_reason"] == "length"
         logprobs = choice["logprobs"]
         assert logprobs["tokens"] == [tokenizer.decode([i]) for i in ids] and "".join(logprobs["tokens"]) == text
         assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None  # as OpenAI
@@ -141,19 +142,10 @@ def test_generated_logprobs_are_the_models_and_the_stream_carries_them(
     check_scores(logprobs, reference, sequence, 1, 2)
 
     # Streaming: every chunk's logprobs are those of its own tokens; together the whole object.
-    with httpx.stream("POST", url + "/v1/completions", json={**request, "stream": True}, timeout=60) as response:
-        frames = [f.removeprefix("data: ") for f in response.read().decode().split("\n\n") if f]
-    assert frames[-1] == "[DONE]"
-    joined: dict[str, list[Any]] = {key: [] for key in logprobs}
-    text = ""
-    for frame in frames[:-1]:
-        (piece,) = json.loads(frame)["choices"]
-        text += piece["text"]
-        for key in joined:
-            joined[key] += piece["logprobs"][key]
-        assert "".join(piece["logprobs"]["tokens"]) == piece["text"] or piece["finish_reason"] is not None
+    text, joined, pieces = stream_logprobs(url, request)
     assert text == whole and joined == logprobs
-    assert len(frames) > 5  # token by token
+    assert len(pieces) > 5  # token by token
+    assert all("".join(p["logprobs"]["tokens"]) == p["text"] for p in pieces if p["finish_reason"] is None)
 
     streamed = client.completions.create(model=NAME, prompt=prompt, max_tokens=4, temperature=0, logprobs=1, stream=True)
     tokens = [t for chunk in streamed for t in (chunk.choices[0].logprobs.tokens if chunk.choices[0].logprobs else [])]
@@ -174,6 +166,55 @@ def test_a_stop_string_cuts_the_logprobs_with_the_text(url: str, model: GLM, tok
         for t, p, top in zip(tokens, choice["logprobs"]["token_logprobs"], choice["logprobs"]["top_logprobs"], strict=True)
     )
     assert all(math.isfinite(p) and p <= 0 for p in choice["logprobs"]["token_logprobs"])
+
+
+def stream_logprobs(url: str, body: dict[str, Any]) -> tuple[str, dict[str, list[Any]], list[dict[str, Any]]]:
+    """A streamed choice's text, its chunks' logprobs joined, and the chunks' choices."""
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as response:
+        frames = [f.removeprefix("data: ") for f in response.read().decode().split("\n\n") if f]
+    assert frames[-1] == "[DONE]"
+    pieces = [json.loads(frame)["choices"][0] for frame in frames[:-1]]
+    joined = {
+        key: [x for p in pieces for x in p["logprobs"][key]]
+        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+    }
+    return "".join(p["text"] for p in pieces), joined, pieces
+
+
+def test_streamed_logprobs_after_a_stop_string_cut_equal_the_whole(url: str, model: GLM, tokenizer: GLMTokenizer) -> None:
+    whole = openglm.generate(model, tokenizer, "Emma", max_new_tokens=8, min_new_tokens=8, temperature=0)[len("Emma") :]
+    body = {"prompt": "Emma", "max_tokens": 8, "temperature": 0, "stop": whole[5:7], "logprobs": 3}
+    (choice,) = post(url, "/v1/completions", body).json()["choices"]
+    assert stream_logprobs(url, body)[:2] == (choice["text"], choice["logprobs"])
+
+
+def test_engine_rows_with_and_without_logprobs_share_a_batch(model: GLM, tokenizer: GLMTokenizer) -> None:
+    """Scores of a submission decoded beside others (joining at different steps) equal its scores alone."""
+
+    def run(extra: bool) -> list[Any]:
+        engine = Engine(model, tokenizer)
+        scored = engine.prepare(["Emma", "Mr. Darcy"], GenerationConfig(max_new_tokens=6, temperature=0), logprobs=2)
+        others = [
+            engine.prepare(
+                ["It is", "a truth"], GenerationConfig(max_new_tokens=9, temperature=0.9, seed=3), logprobs=None if i else 5
+            )
+            for i in range(2)
+        ]
+        arrivals = {0: [others[0], scored], 2: [others[1]]} if extra else {0: [scored]}
+        steps = 0
+        while steps in arrivals or engine.busy:
+            for submission in arrivals.get(steps, []):
+                engine.add(submission)
+            engine.step()
+            steps += 1
+        return [scored.scored(i) for i in range(2)]
+
+    alone, together = run(False), run(True)
+    for a, b in zip(alone, together, strict=True):
+        assert [s.token for s in a] == [s.token for s in b] and len(a) >= 1
+        assert all(
+            abs(x.logprob - y.logprob) < TOL and [t for t, _ in x.top] == [t for t, _ in y.top] for x, y in zip(a, b, strict=True)
+        )
 
 
 BAD = [

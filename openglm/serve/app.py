@@ -478,8 +478,6 @@ def create_app(
             prompt = chat_prompt(body.messages, chatglm=getattr(tokenizer, "prompt_layout", None) is not None)
         except TemplateError as err:
             raise ApiError(400, str(err), param=err.param) from None
-        if body.n > MAX_PROMPTS:
-            raise ApiError(400, f"at most {MAX_PROMPTS} completions per request, got {body.n}", param="n")
         submission = prepare([prompt] * body.n, body.generation_config(), body.stream, "messages")
         call = start(submission, request)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}

@@ -76,8 +76,10 @@ class Submission:
         return self.scores[index][: fill.kept()] if fill.stopped_by_string else self.scores[index]
 
     def finish_reason(self, index: int) -> str:
-        """ "length" if a filling of prompt `index` ran into max_new_tokens, else "stop" (a stop
-        token or string)."""
+        """ "length" if a filling of prompt `index` ran into max_new_tokens (or nothing was to be
+        generated), else "stop" (a stop token or string)."""
+        if not self.generate:
+            return "length"
         limit = self.config.max_new_tokens
         return (
             "length"
