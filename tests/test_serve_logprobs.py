@@ -217,6 +217,26 @@ def test_engine_rows_with_and_without_logprobs_share_a_batch(model: GLM, tokeniz
         )
 
 
+def test_a_stop_token_that_ends_a_choice_is_listed(tokenizer: GLMTokenizer) -> None:
+    """As OpenAI lists <|endoftext|>: a model made to prefer <eos> after two forced tokens (a final
+    norm bias along one axis that only <eos>'s head row reads) ends with it, and its logprob is there."""
+    torch.manual_seed(0)
+    model = GLM(model_preset("micro", vocab_size=tokenizer.vocab_size, objective="causal", tie_word_embeddings=False)).eval()
+    eos = tokenizer.special_tokens.eos
+    with torch.no_grad():
+        model.final_layernorm.bias[0] = 10.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[eos, 0] = 10.0
+    with serve_in_thread(create_app(model, tokenizer, model_name=NAME)) as base:
+        (choice,) = post(
+            base, "/v1/completions", {"prompt": "Emma", "max_tokens": 5, "min_tokens": 2, "temperature": 0, "logprobs": 1}
+        ).json()["choices"]
+    logprobs = choice["logprobs"]
+    assert choice["finish_reason"] == "stop" and len(logprobs["tokens"]) == 3
+    assert logprobs["tokens"][-1] == tokenizer.decode([eos]) and "".join(logprobs["tokens"][:-1]) == choice["text"]
+    assert logprobs["text_offset"][-1] == len(choice["text"]) and logprobs["token_logprobs"][-1] > -1e-3
+
+
 BAD = [
     ({"prompt": "x", "max_tokens": 0}, "max_tokens 0 (no completion) needs echo", "max_tokens"),
     ({"prompt": "x", "logprobs": 21}, "less than or equal to 20", "logprobs"),
