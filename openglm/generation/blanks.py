@@ -114,22 +114,26 @@ def prompt_layout(tokenizer: Tokenizer, ids: list[int], tokens: SpecialTokens) -
     return ids, [i for i, t in enumerate(ids) if t in tokens.mask_ids]
 
 
-def check_prompt(model: GLM, tokenizer: Tokenizer, text: str) -> list[int]:
+def check_prompt(model: GLM, tokenizer: Tokenizer, text: str | list[int]) -> list[int]:
     """The prompt's token ids, or ValueError saying why it cannot be completed: empty, unknown
-    token ids, masks for a causal model, or longer than the model's context (max_seq_len)."""
-    if not isinstance(text, str):
-        raise TypeError(f"expected a str prompt, got {type(text).__name__}")
+    token ids, masks for a causal model, or longer than the model's context (max_seq_len). A
+    list of ints is a prompt already tokenized (as OpenAI's API takes one)."""
+    tokenized = isinstance(text, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in text)
+    if not (isinstance(text, str) or tokenized):
+        raise TypeError(f"expected a str prompt or a list of token ids, got {type(text).__name__}")
     if not text:
         raise ValueError("text is empty; give a prompt (a GLM model continues it, or fills its [MASK] blanks)")
     model_config = model.config
     tokens = model_config.special_tokens
     if tokenizer.special_tokens != tokens:
         raise ValueError(f"tokenizer special tokens {tokenizer.special_tokens} differ from the model's {tokens}")
-    ids = tokenizer.encode(text)
+    ids = list(text) if isinstance(text, list) else tokenizer.encode(text)
     if not ids:
         raise ValueError(f"text {text!r} encodes to no tokens")
-    if max(ids) >= model_config.vocab_size:
-        raise ValueError(f"token id {max(ids)} from the tokenizer is outside the model's vocab_size {model_config.vocab_size}")
+    if max(ids) >= model_config.vocab_size or min(ids) < 0:
+        bad = max(ids) if max(ids) >= model_config.vocab_size else min(ids)
+        source = "in the prompt" if tokenized else "from the tokenizer"
+        raise ValueError(f"token id {bad} {source} is outside the model's vocab_size {model_config.vocab_size}")
     if model_config.objective == "causal":
         if any(i in tokens.mask_ids for i in ids):
             raise ValueError("a causal model cannot fill [MASK]/[sMASK]/[gMASK] blanks; remove them from the text")
@@ -148,7 +152,7 @@ def check_prompt(model: GLM, tokenizer: Tokenizer, text: str) -> list[int]:
     return ids
 
 
-def _check_prompts(model: GLM, tokenizer: Tokenizer, texts: Sequence[str], config: GenerationConfig, named: bool) -> list[Prompt]:
+def _check_prompts(model: GLM, tokenizer: Tokenizer, texts: Sequence[str | list[int]], config: GenerationConfig, named: bool) -> list[Prompt]:
     """Every prompt checked before any is generated (errors name the prompt's index in a list)."""
     device = model.device
     prompts = []
@@ -186,7 +190,7 @@ def _chunks(prompts: list[Prompt], size: int) -> Iterator[list[Prompt]]:
 
 
 def prepare(
-    model: GLM, tokenizer: Tokenizer, texts: Sequence[str], config: GenerationConfig | None, named: bool
+    model: GLM, tokenizer: Tokenizer, texts: Sequence[str | list[int]], config: GenerationConfig | None, named: bool
 ) -> tuple[GenerationConfig, Rules, list[Prompt]]:
     config = config or GenerationConfig()
     config.validate()

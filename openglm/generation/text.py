@@ -81,14 +81,20 @@ class Text:
             return self._stable[: self._cut]
         return self._stable[: len(self._stable) - _held_back(self._stable, self.rules.stop_strings)]
 
-    def ids(self) -> list[int]:
-        """Token ids of `text`: the generated ones, or when a stop string cut the text, the longest
-        run of them whose text precedes the cut plus the encoded rest (a part of one token)."""
+    def kept(self) -> int:
+        """How many of the generated tokens `text` holds whole: all of them, or when a stop string
+        cut the text, the longest run whose text precedes the cut."""
         tokenizer = self.rules.tokenizer
         if self._cut is None or tokenizer is None:
-            return list(self.tokens)
-        for k in range(len(self.tokens), -1, -1):
-            head = tokenizer.decode(self.tokens[:k])
-            if self._final.startswith(head):
-                return self.tokens[:k] + (tokenizer.encode(self._final[len(head) :]) if len(head) < len(self._final) else [])
-        raise AssertionError("unreachable: the empty prefix always matches")
+            return len(self.tokens)
+        return next(k for k in range(len(self.tokens), -1, -1) if self._final.startswith(tokenizer.decode(self.tokens[:k])))
+
+    def ids(self) -> list[int]:
+        """Token ids of `text`: the generated ones, or when a stop string cut the text, the `kept`
+        ones plus the encoded rest (a part of one token)."""
+        tokenizer = self.rules.tokenizer
+        kept = self.kept()
+        if self._cut is None or tokenizer is None:
+            return self.tokens[:kept]
+        rest = self._final[len(tokenizer.decode(self.tokens[:kept])) :]
+        return self.tokens[:kept] + (tokenizer.encode(rest) if rest else [])

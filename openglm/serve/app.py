@@ -1,5 +1,5 @@
-"""The HTTP API: OpenAI-compatible completions, GLM blank infilling, the playground, health and
-metrics.
+"""The HTTP API: OpenAI-compatible completions (with logprobs and echo) and chat completions,
+GLM blank infilling, the playground, health and metrics.
 
 Handlers never call the model: they check the request, hand it to the `Batcher` (whose worker
 thread batches concurrent requests into shared forward passes) and relay its text pieces, as
@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -32,10 +33,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from openglm.config import ConfigError
 from openglm.decoding import warm
-from openglm.generation import GenerationConfig, Tokenizer
+from openglm.generation import GenerationConfig, TextPiece, Tokenizer
 from openglm.model import GLM
 from openglm.serve.batcher import Batcher, Event, Overloaded, Ticket
+from openglm.serve.chat import ChatMessage, TemplateError, chat_prompt
 from openglm.serve.engine import Submission
+from openglm.serve.logprobs import MAX_LOGPROBS, covered, openai_logprobs
 from openglm.serve.metrics import CONTENT_TYPE, Metrics
 
 logger = logging.getLogger(__name__)
@@ -115,13 +118,26 @@ class StreamOptions(BaseModel):
 
 
 class CompletionRequest(_Options):
-    """OpenAI's /v1/completions body (logprobs, best_of and penalties are not supported).
-    `temperature` defaults to 1, OpenAI's documented default, so completions sample unless a
-    request sets 0 (the Python API, the CLI and /v1/infill are greedy by default)."""
+    """OpenAI's /v1/completions body (best_of and penalties are not supported). `temperature`
+    defaults to 1, OpenAI's documented default, so completions sample unless a request sets 0
+    (the Python API, the CLI and /v1/infill are greedy by default). A prompt is text or token ids
+    (one list, or a list of them). `logprobs` scores every token with that many top tokens (see
+    `openglm.serve.logprobs`); with `echo` the prompt's tokens too, and `max_tokens` 0 then
+    scores the prompt alone (what lm-evaluation-harness's loglikelihood requests need)."""
 
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = Field(16, ge=0)
     n: int = Field(1, ge=1, le=16)
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    stream_options: StreamOptions | None = None
+
+
+class ChatRequest(_Options):
+    """OpenAI's /v1/chat/completions body; the conversation becomes one prompt (`openglm.serve.chat`)."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    n: int = Field(1, ge=1, le=16)
     stream_options: StreamOptions | None = None
 
 
@@ -252,6 +268,7 @@ def create_app(
     more than `max_body_bytes` is refused with 413."""
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+    model.eval()  # prompt scoring reads the model directly
     batcher = Batcher(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
     metrics = Metrics(batcher)
     max_seq_len = model.config.max_seq_len
@@ -281,8 +298,10 @@ def create_app(
         loc = [str(part) for part in first["loc"] if part != "body"]
         if not loc:
             return _error(400, "the body must be a JSON object", "invalid_request_error")
-        param = loc[0] if loc[1:2] in (["str"], ["list[str]"]) else ".".join(loc)
-        if param != ".".join(loc):  # a str | list[str] field (prompt, stop)
+        param = loc[0] if loc[1:2] in (["str"], ["list[str]"], ["list[int]"], ["list[list[int]]"]) else ".".join(loc)
+        if param == "prompt" and param != ".".join(loc):
+            message = "prompt must be a string, a list of strings, a list of token ids or a list of such lists"
+        elif param != ".".join(loc):  # a str | list[str] field (stop)
             message = f"{param} must be a string or a list of strings"
         elif first["type"] == "missing":
             message = f"{param} is required"
@@ -303,13 +322,13 @@ def create_app(
         if name is not None and name != model_name:
             raise ApiError(404, f"unknown model {name!r}; this server serves {model_name!r}", param="model")
 
-    def prepare(texts: list[str], config: GenerationConfig, stream: bool, param: str) -> Submission:
+    def prepare(texts: list[str] | list[str | list[int]], config: GenerationConfig, stream: bool, param: str, **scoring: Any) -> Submission:
         if config.max_new_tokens > max_seq_len:
             raise ApiError(400, f"max_tokens must be at most the model's context of {max_seq_len} tokens, got {config.max_new_tokens}", param="max_tokens")
         if any(len(text) > 64 * max_seq_len for text in texts):
             raise ApiError(400, f"{param} is far longer than the model's context of {max_seq_len} tokens", param=param)
         try:
-            return batcher.prepare(texts, config, stream)
+            return batcher.prepare(texts, config, stream, **scoring)
         except (ValueError, TypeError) as err:
             raise ApiError(400, f"{param}: {err}", param=param) from None
 
@@ -370,14 +389,21 @@ def create_app(
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> dict[str, Any] | StreamingResponse:
         check_model(body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        single = isinstance(body.prompt, str) or (bool(body.prompt) and isinstance(body.prompt[0], int))
+        prompts: list[Any] = [body.prompt] if single else list(body.prompt)
         if not prompts:
             raise ApiError(400, "prompt must be a string or a non-empty list of strings", param="prompt")
         if len(prompts) * body.n > MAX_PROMPTS:
             raise ApiError(400, f"at most {MAX_PROMPTS} completions per request (prompts x n), got {len(prompts) * body.n}", param="n")
-        config = body.generation_config()
+        if body.max_tokens == 0 and not body.echo:
+            raise ApiError(400, "max_tokens 0 (no completion) needs echo (the prompt's own text and logprobs)", param="max_tokens")
+        echo_logprobs = body.echo and body.logprobs is not None
+        if echo_logprobs and model.config.objective != "causal":
+            raise ApiError(400, "echo with logprobs scores the prompt left to right, which needs a causal model; a GLM reads its prompt bidirectionally", param="echo")
+        config = body.generation_config() if body.max_tokens else body.model_copy(update={"max_tokens": 1}).generation_config()
         # Choice i = prompt i // n: each uses seed + i, as generate() does for this list of prompts.
-        submission = prepare([p for p in prompts for _ in range(body.n)], config, body.stream, "prompt")
+        scoring = {"logprobs": body.logprobs, "echo_logprobs": echo_logprobs, "generate": body.max_tokens > 0}
+        submission = prepare([p for p in prompts for _ in range(body.n)], config, body.stream, "prompt", **scoring)
         call = start(submission, request)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": model_name}
 
@@ -385,13 +411,51 @@ def create_app(
             completed, blanks = submission.result(index)
             return completed if body.echo else "".join(text for _, text in blanks)
 
+        def logprobs_of(index: int, first: int = 0, upto: int | None = None, final: bool = True) -> dict[str, Any]:
+            """Choice `index`'s logprobs of its generated tokens first..upto (a streamed chunk's;
+            `final`: the filling is finished, a stop string's cut applied)."""
+            scores = (submission.scored(index) if final else list(submission.scores[index]))[:upto]
+            prompt_text = submission.prompts[index].piece_texts[0] if body.echo else ""
+            length = len(text_of(index)) if final else sys.maxsize
+            return openai_logprobs(tokenizer, scores, [s.token for s in scores], len(prompt_text), length, first)
+
+        def prompt_logprobs(index: int) -> dict[str, Any]:
+            ids = submission.prompts[index].pieces[0]
+            return openai_logprobs(tokenizer, submission.prompt_scores[index], ids, 0, len(submission.prompts[index].piece_texts[0]))
+
+        def choice_logprobs(index: int) -> dict[str, Any] | None:
+            if body.logprobs is None:
+                return None
+            generated = logprobs_of(index)
+            return {k: prompt_logprobs(index)[k] + v for k, v in generated.items()} if echo_logprobs else generated
+
         if not body.stream:
             async for _ in call.events():
                 pass
             choices = [
-                {"text": text_of(i), "index": i, "logprobs": None, "finish_reason": submission.finish_reason(i)} for i in range(len(submission.prompts))
+                {"text": text_of(i), "index": i, "logprobs": choice_logprobs(i), "finish_reason": submission.finish_reason(i)}
+                for i in range(len(submission.prompts))
             ]
             return {**head, "choices": choices, "usage": account(call, "/v1/completions", submission, body.n)}
+
+        shown = [0] * len(submission.prompts)  # generated characters sent, per choice
+        sent = [0] * len(submission.prompts)  # generated tokens whose logprobs were sent
+
+        def chunk_logprobs(piece: TextPiece) -> dict[str, Any] | None:
+            """The logprobs of the tokens this piece shows: the prompt's with its echo, then the
+            generated tokens whose text has come out, the rest with the last piece."""
+            if body.logprobs is None:
+                return None
+            i = piece.index
+            if not piece.generated and not piece.done:
+                return prompt_logprobs(i) if echo_logprobs else None
+            if piece.done:
+                first, sent[i] = sent[i], len(submission.scored(i))
+                return logprobs_of(i, first)
+            shown[i] += len(piece.text)
+            ids = [s.token for s in list(submission.scores[i])]
+            first, sent[i] = sent[i], covered(tokenizer, ids, sent[i], shown[i])
+            return logprobs_of(i, first, sent[i], final=False)
 
         async def chunks() -> AsyncIterator[str]:
             async for event in call.events():
@@ -403,7 +467,46 @@ def create_app(
                 elif piece is not None and (piece.done or (piece.text and (piece.generated or body.echo))):
                     text = piece.text if piece.generated or body.echo else ""
                     reason = submission.finish_reason(piece.index) if piece.done else None
-                    yield _sse({**head, "choices": [{"text": text, "index": piece.index, "logprobs": None, "finish_reason": reason}]})
+                    yield _sse({**head, "choices": [{"text": text, "index": piece.index, "logprobs": chunk_logprobs(piece), "finish_reason": reason}]})
+
+        return stream_response(chunks())
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatRequest, request: Request) -> dict[str, Any] | StreamingResponse:
+        check_model(body.model)
+        try:
+            prompt = chat_prompt(body.messages, chatglm=getattr(tokenizer, "prompt_layout", None) is not None)
+        except TemplateError as err:
+            raise ApiError(400, str(err), param=err.param) from None
+        submission = prepare([prompt] * body.n, body.generation_config(), body.stream, "messages")
+        call = start(submission, request)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+
+        if not body.stream:
+            async for _ in call.events():
+                pass
+            choices = [
+                {"index": i, "message": {"role": "assistant", "content": "".join(t for _, t in submission.result(i)[1])}, "finish_reason": submission.finish_reason(i)}
+                for i in range(body.n)
+            ]
+            return {**head, "object": "chat.completion", "choices": choices, "usage": account(call, "/v1/chat/completions", submission, body.n)}
+
+        def chunk(index: int, delta: dict[str, str], reason: str | None = None) -> str:
+            return _sse({**head, "object": "chat.completion.chunk", "choices": [{"index": index, "delta": delta, "finish_reason": reason}]})
+
+        async def chunks() -> AsyncIterator[str]:
+            for i in range(body.n):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            async for event in call.events():
+                piece = event.piece
+                if event.kind == "done":
+                    usage = account(call, "/v1/chat/completions", submission, body.n)
+                    if body.stream_options is not None and body.stream_options.include_usage:
+                        yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+                elif piece is not None and piece.generated and piece.text:
+                    yield chunk(piece.index, {"content": piece.text})
+                elif piece is not None and piece.done:
+                    yield chunk(piece.index, {}, submission.finish_reason(piece.index))
 
         return stream_response(chunks())
 

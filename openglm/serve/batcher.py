@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from openglm.generation import GenerationConfig, TextPiece, Tokenizer
 from openglm.model import GLM
@@ -79,9 +80,10 @@ class Batcher:
         self._thread = threading.Thread(target=self._work, name="openglm-batcher", daemon=True)
         self._thread.start()
 
-    def prepare(self, texts: Sequence[str], config: GenerationConfig, stream: bool) -> Submission:
-        """Check the input (ValueError/TypeError saying what is wrong); nothing is queued yet."""
-        return self.engine.prepare(texts, config, stream)
+    def prepare(self, texts: Sequence[str | list[int]], config: GenerationConfig, stream: bool, **scoring: Any) -> Submission:
+        """Check the input (ValueError/TypeError saying what is wrong); nothing is queued yet.
+        `scoring`: `Engine.prepare`'s logprobs, echo_logprobs, generate."""
+        return self.engine.prepare(texts, config, stream, **scoring)
 
     def submit(self, submission: Submission, sink: Callable[[Event], None]) -> Ticket:
         """Queue a prepared submission, or raise Overloaded when the queue is full."""
