@@ -19,7 +19,9 @@ from openglm.config import SpecialTokens, TrainConfig, model_preset
 from openglm.data.blank_infill import BlankInfillBuilder, build_infill_sample, collate
 from openglm.data.mip import MIPDataset, MIPExample
 from openglm.model import GLM
-from openglm.train.trainer import Trainer, compute_loss
+from openglm.train.objective import compute_loss
+from openglm.train.samples import collate_range
+from openglm.train.trainer import Trainer
 
 S = SpecialTokens()  # pad 0, eos 1, [MASK] 2, [sMASK] 3, [gMASK] 4, <sop> 5, <eop> 6
 SEQ = 16
@@ -140,7 +142,7 @@ def test_train_step_reports_the_reference_loss_and_gradient_norm(objective: str,
         **mip,
     )
     trainer = Trainer(model_preset("micro", max_seq_len=32, objective=objective), config)
-    batch = trainer._batch(trainer.train_data, 0, 4)
+    batch = collate_range(trainer.train_data, 0, 4)
     padded = (batch["labels"] == -100).sum(1) > batch["prefix_len"]
     if objective == "glm":
         assert padded.any(), "the step should hold a padded MIP sample"

@@ -17,7 +17,6 @@ from openglm.config import ConfigError, GLMConfig, TrainConfig, model_preset
 from openglm.parallel.checkpoint import export_checkpoint, gather_full_state, resolve_distributed
 from openglm.parallel.launch import spawn
 from openglm.parallel.plan import Layout, pipeline_bubble, plan, stage_layers, validate_layout
-from openglm.parallel.trainer import ParallelTrainer
 from openglm.train.trainer import Trainer
 
 STEPS = 5
@@ -52,7 +51,7 @@ def _run_cases(names: list[str], tmp: Path, resume_from: str | None) -> None:
     `resume_from`, also resume that case's checkpoint under this layout for one step."""
     for name in names:
         tp, pp, dp, options = CASES[name]
-        trainer = ParallelTrainer(model_config(), train_config(tmp / name), Layout(tp, pp, dp), **options)
+        trainer = Trainer(model_config(), dataclasses.replace(train_config(tmp / name), tp=tp, pp=pp, dp=dp, **options))
         losses, norms = [], []
         for _ in range(STEPS):
             metrics = trainer.train_step()
@@ -65,8 +64,8 @@ def _run_cases(names: list[str], tmp: Path, resume_from: str | None) -> None:
         dist.all_gather_object(parts, state)
         result = {"losses": losses, "norms": norms, "params": {k: v for part in parts for k, v in part.items()}}
         if resume_from is not None and name == names[0]:
-            config = dataclasses.replace(train_config(tmp / resume_from), max_steps=STEPS)
-            resumed = ParallelTrainer(model_config(), config, Layout(tp, pp, dp), resume=True, **options)
+            config = dataclasses.replace(train_config(tmp / resume_from), max_steps=STEPS, tp=tp, pp=pp, dp=dp, **options)
+            resumed = Trainer(model_config(), config, resume=True)
             result["resumed"] = (resumed.step, resumed.train_step()["loss"])
         if dist.get_rank() == 0:
             torch.save(result, tmp / f"{name}.pt")
@@ -174,9 +173,9 @@ def test_cli_rejects_bad_layout_without_traceback(tmp_path: Path) -> None:
 
 def test_batch_must_split_over_data_parallel_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; the check comes before joining a group
-    config = dataclasses.replace(train_config(tmp_path), batch_size=3, micro_batch_size=3)
+    config = dataclasses.replace(train_config(tmp_path), batch_size=3, micro_batch_size=3, dp=2)
     with pytest.raises(ConfigError, match="--batch-size 3 is not divisible by --dp 2"):
-        ParallelTrainer(model_config(), config, Layout(dp=2))
+        Trainer(model_config(), config)
 
 
 # -------------------------------------------------------------------------------- planner

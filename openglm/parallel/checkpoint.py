@@ -53,7 +53,7 @@ from openglm.parallel.parallelize import geglu_row_order, is_geglu_input
 from openglm.tokenizer import GLMTokenizer
 from openglm.train import rundir
 from openglm.train.optim import build_optimizer
-from openglm.train.trainer import TRAINER_STATE_KEYS
+from openglm.train.rundir import TRAINER_STATE_KEYS
 
 log = logging.getLogger(__name__)
 

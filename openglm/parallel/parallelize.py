@@ -15,18 +15,19 @@ RoPE act on replicated activations, so they need nothing.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.utils.checkpoint import checkpoint
 
 from openglm.config import GLMConfig
 from openglm.model import GLM
-from openglm.train.trainer import head_loss, linear_cross_entropy
+from openglm.parallel.plan import stage_layers
+from openglm.parallel.ranks import Ranks
+from openglm.train.objective import head_loss, linear_cross_entropy, vocab_parallel_cross_entropy
 
 
 class GLMStage(nn.Module):
@@ -88,17 +89,6 @@ def is_geglu_input(name: str) -> bool:
     return ".mlp.dense_h_to_4h." in name
 
 
-def vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, normalizer: int) -> torch.Tensor:
-    """`linear_cross_entropy` with the weight sharded over the vocabulary: the logits stay
-    Shard(-1) and the softmax reduces across ranks (`loss_parallel` must be active in forward and
-    backward). The replicated hidden states get their gradient summed over the tensor-parallel
-    ranks in backward."""
-    mesh = weight.device_mesh
-    logits = F.linear(DTensor.from_local(hidden, mesh, [Replicate()]), weight).float()
-    loss = F.cross_entropy(logits, DTensor.from_local(targets, mesh, [Replicate()]), reduction="sum")
-    return loss.to_local() / normalizer
-
-
 def apply_tensor_parallel(stage: GLMStage, mesh: DeviceMesh) -> None:
     """Shard `stage` in place over the 1-D tensor-parallel `mesh` (see the module docstring)."""
     tp = mesh.size()
@@ -143,3 +133,20 @@ def apply_data_parallel(stage: GLMStage, mesh: DeviceMesh, mode: str = "fsdp") -
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+
+
+def parallelize(model: GLM, ranks: Ranks, dp_mode: str = "fsdp", activation_checkpointing: bool = False) -> nn.Module:
+    """This rank's part of `model` under `ranks`' layout: the model itself outside a process group
+    (single-process training, the 1x1x1 layout), else its pipeline stage as a `GLMStage`, moved to
+    the rank's device, tensor-parallel over "tp" and data-parallel over "dp"."""
+    if not ranks.distributed:
+        return model
+    layout = ranks.layout
+    stage = GLMStage(model, stage_layers(model.config.num_layers, layout.pp)[ranks.pp_rank], first=ranks.first, last=ranks.last)
+    stage.to(ranks.device)
+    stage.checkpoint_layers = activation_checkpointing
+    if layout.tp > 1:
+        apply_tensor_parallel(stage, ranks.mesh["tp"])
+    if layout.dp > 1:
+        apply_data_parallel(stage, ranks.mesh["dp"], dp_mode)
+    return stage

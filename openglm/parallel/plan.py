@@ -12,8 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from openglm.config import ConfigError, GLMConfig
+from openglm.config import ConfigError, GLMConfig, TrainConfig
 from openglm.model import flops_per_token
+from openglm.train.optim import batch_size_at
+
+# Pipeline schedules that need at least as many micro-batches as stages (torch's 1F1B refuses fewer).
+FILLED_SCHEDULES = ("1f1b",)
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,11 @@ class Layout:
     def __str__(self) -> str:
         return f"tp{self.tp} x pp{self.pp} x dp{self.dp}"
 
+    @classmethod
+    def of(cls, config: TrainConfig) -> Layout:
+        """The layout a run's configuration names."""
+        return cls(config.tp, config.pp, config.dp)
+
 
 def validate_layout(layout: Layout, config: GLMConfig, world_size: int | None = None) -> None:
     """Raise ConfigError saying what to change when the layout cannot split this model."""
@@ -68,6 +77,76 @@ def validate_layout(layout: Layout, config: GLMConfig, world_size: int | None = 
             raise ConfigError(f"--tp {layout.tp} does not divide the {what} ({size}); choose a --tp that divides it")
     if layout.pp > config.num_layers:
         raise ConfigError(f"--pp {layout.pp} is larger than the {config.num_layers} layers; use --pp {config.num_layers} or less")
+
+
+DEFAULT_MICRO_BATCH = 16  # sequences per forward/backward when the run does not say
+
+
+def filling_micro_batch(sequences: int, cap: int, stages: int) -> int | None:
+    """The largest micro-batch size up to `cap` that splits `sequences` evenly into at least
+    `stages` micro-batches; None when there are fewer sequences than stages."""
+    return next((size for size in range(min(cap, sequences), 0, -1) if sequences % size == 0 and sequences // size >= stages), None)
+
+
+def micro_batch_size(config: TrainConfig) -> int:
+    """The run's micro-batch size: `config.micro_batch_size`, or without one the largest up to
+    DEFAULT_MICRO_BATCH (and each data-parallel rank's share of a step) that, with pipelining,
+    splits that share evenly into at least as many micro-batches as stages; a ConfigError saying
+    what to change when the share is smaller than the stages."""
+    layout = Layout.of(config)
+    if config.micro_batch_size is not None:
+        return config.micro_batch_size
+    per_rank = max(config.batch_size // layout.dp, 1)
+    if layout.pp == 1:
+        return min(DEFAULT_MICRO_BATCH, per_rank)
+    size = filling_micro_batch(per_rank, DEFAULT_MICRO_BATCH, layout.pp)
+    if size is None:
+        raise ConfigError(
+            f"--batch-size {config.batch_size} gives each of the {layout.dp} data-parallel ranks {per_rank} sequences per step, "
+            f"fewer than the {layout.pp} pipeline stages: raise --batch-size to at least {layout.pp * layout.dp} or lower --pp"
+        )
+    return size
+
+
+def check_training(model_config: GLMConfig, config: TrainConfig, world_size: int | None = None) -> int:
+    """Everything about a run's layout that can be known before any process starts (the layout
+    against the model and the number of processes, every step's batch against the layout, the
+    pipeline's micro-batches against its stages); returns the micro-batch size. A ConfigError
+    says what to change."""
+    layout = Layout.of(config)
+    validate_layout(layout, model_config, world_size)
+    micro = micro_batch_size(config)
+    sizes = {batch_size_at(step, config) for step in range(min(config.max_steps, config.batch_rampup_steps + 1))}
+    for size in sorted(sizes):
+        if size % layout.dp:
+            raise ConfigError(f"--batch-size {size} is not divisible by --dp {layout.dp}; choose a multiple of {layout.dp}")
+        if layout.pp == 1:
+            continue
+        per_rank = size // layout.dp
+        if per_rank % min(micro, per_rank):
+            raise ConfigError(
+                f"with pipelining each data-parallel rank's {per_rank} sequences must split into equal micro-batches; "
+                f"choose --micro-batch-size dividing {per_rank}"
+            )
+        if config.schedule in FILLED_SCHEDULES and -(-per_rank // micro) < layout.pp:
+            raise ConfigError(
+                f"--micro-batch-size {micro} gives {-(-per_rank // micro)} micro-batches of a step of {size} sequences per data-parallel "
+                f"rank, fewer than the {layout.pp} pipeline stages the {config.schedule} schedule needs: choose --micro-batch-size "
+                f"at most {max(per_rank // layout.pp, 1)}, raise --batch-size, or leave --micro-batch-size out to have one chosen"
+            )
+    evaluated = evaluation_sequences(config, micro) // layout.dp
+    if layout.pp > 1 and config.val_fraction > 0 and evaluated < layout.pp:
+        raise ConfigError(
+            f"held-out evaluation gives each data-parallel rank {evaluated} sequences, fewer than the {layout.pp} pipeline "
+            f"stages: set train.eval_batches to at least {-(-layout.pp * layout.dp // micro)} (--set train.eval_batches=N)"
+        )
+    return micro
+
+
+def evaluation_sequences(config: TrainConfig, micro_batch_size: int) -> int:
+    """Held-out sequences per evaluation: single-process's set, rounded up to split over data parallelism."""
+    count = config.eval_batches * micro_batch_size
+    return count + -count % config.dp
 
 
 def stage_layers(num_layers: int, pp: int) -> list[range]:
