@@ -51,7 +51,7 @@ TRAIN_OPTIONS = {
     name: (f"{'model' if name == 'objective' else 'train'}.{name}", "--" + name.replace("_", "-"))
     for name in ("objective", "precision", "seed", "max_steps", "batch_size", "micro_batch_size", "lr", "mip_data", "mip_share",
                  "egs_alpha", "eval_every", "val_fraction", "save_every", "data", "max_bad_steps", "compile", "tp", "pp", "dp", "dp_mode",
-                 "activation_checkpointing", "schedule")
+                 "activation_checkpointing", "schedule", "virtual_stages")
 } | {"seq_len": ("model.max_seq_len", "--seq-len"), "threads": ("train.num_threads", "--threads"), "out": ("train.out_dir", "--out")}
 
 
@@ -104,7 +104,8 @@ def train(
     activation_checkpointing: Annotated[
         bool | None, typer.Option("--activation-checkpointing/--no-activation-checkpointing", help="with --tp/--pp/--dp: recompute block activations in backward")
     ] = None,
-    schedule: Annotated[str | None, typer.Option(help="pipeline schedule: 1f1b | gpipe")] = None,
+    schedule: Annotated[str | None, typer.Option(help="pipeline schedule: 1f1b | gpipe | interleaved-1f1b")] = None,
+    virtual_stages: Annotated[int | None, typer.Option(help="with --schedule interleaved-1f1b: pipeline stages per rank")] = None,
     nproc: Annotated[int | None, typer.Option(help="start tp*pp*dp local processes (else: run under torchrun)")] = None,
 ) -> None:
     """Pre-train a GLM on the bundled bilingual corpus (or your own text) with blank infilling.
@@ -560,6 +561,7 @@ def plan(
     micro_batches: Annotated[int, typer.Option(help="micro-batches per step and pipeline")] = 176,
     micro_batch_size: Annotated[int, typer.Option(help="sequences per micro-batch")] = 1,
     mfu: Annotated[float, typer.Option(help="model FLOPs utilisation assumed for the step time")] = 0.325,
+    virtual_stages: Annotated[int, typer.Option(help="pipeline stages per GPU (interleaved 1F1B)")] = 1,
 ) -> None:
     """Memory per GPU, pipeline bubble, communication and step time of a tp x pp x dp layout
     (defaults: GLM-130B's 768 A100s, tp4 x pp8 x dp24, 176 micro-batches)."""
@@ -567,7 +569,7 @@ def plan(
     from openglm.parallel.plan import plan as make_plan
 
     try:
-        report = make_plan(model_preset(preset), gpus, gpu, tp, pp, micro_batches, micro_batch_size, mfu)
+        report = make_plan(model_preset(preset), gpus, gpu, tp, pp, micro_batches, micro_batch_size, mfu, virtual_stages)
     except ConfigError as err:
         raise _fail(str(err)) from None
     typer.echo(format_report(report))

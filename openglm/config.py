@@ -25,7 +25,7 @@ import yaml
 Objective = Literal["glm", "causal"]
 Precision = Literal["fp32", "bf16", "fp16"]
 DataParallelMode = Literal["fsdp", "replicate"]
-PipelineSchedule = Literal["1f1b", "gpipe"]
+PipelineSchedule = Literal["1f1b", "gpipe", "interleaved-1f1b"]
 
 
 class ConfigError(ValueError):
@@ -290,17 +290,19 @@ class TrainConfig:
     dp: int = 1
     dp_mode: DataParallelMode = "fsdp"  # fsdp: ZeRO-3 sharding; replicate: DDP
     schedule: PipelineSchedule = "1f1b"
+    virtual_stages: int = 1  # pipeline stages per rank (interleaved-1f1b: the layers split into pp * virtual_stages)
     activation_checkpointing: bool = False  # recompute each block's activations in backward (parallel runs)
 
     def __post_init__(self) -> None:
-        positive = ("batch_size", "max_steps", "eval_every", "save_every", "log_every", "eval_batches", "max_bad_steps", "tp", "pp", "dp")
+        positive = ("batch_size", "max_steps", "eval_every", "save_every", "log_every", "eval_batches", "max_bad_steps", "tp", "pp", "dp",
+                    "virtual_stages")
         for name in (*positive, *(("micro_batch_size",) if self.micro_batch_size is not None else ())):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"TrainConfig.precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        for name, allowed in {"dp_mode": ("fsdp", "replicate"), "schedule": ("1f1b", "gpipe")}.items():
+        for name, allowed in {"dp_mode": ("fsdp", "replicate"), "schedule": ("1f1b", "gpipe", "interleaved-1f1b")}.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"TrainConfig.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         # field: (low, high, low itself allowed, high itself allowed)

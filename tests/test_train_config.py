@@ -225,7 +225,7 @@ def test_pipeline_runs_pick_enough_micro_batches(batch: int, pp: int, dp: int, e
             "data-parallel rank, fewer than the 2 pipeline stages the 1f1b schedule needs",
         ),
         (
-            {"batch_size": 4, "micro_batch_size": 1, "schedule": "gpipe", "pp": 2, "eval_batches": 1},
+            {"batch_size": 4, "micro_batch_size": 1, "pp": 2, "eval_batches": 1},
             "held-out evaluation gives each data-parallel rank 1 sequences, fewer than "
             "the 2 pipeline stages: set train.eval_batches to at least 2",
         ),

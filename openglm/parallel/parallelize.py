@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from openglm.config import GLMConfig
 from openglm.model import GLM
-from openglm.parallel.plan import stage_layers
+from openglm.parallel.plan import pipeline_stage_indices, stage_layers
 from openglm.parallel.ranks import Ranks
 from openglm.train.objective import head_loss, linear_cross_entropy, vocab_parallel_cross_entropy
 
@@ -135,18 +135,47 @@ def apply_data_parallel(stage: GLMStage, mesh: DeviceMesh, mode: str = "fsdp") -
             module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
 
 
-def parallelize(model: GLM, ranks: Ranks, dp_mode: str = "fsdp", activation_checkpointing: bool = False) -> nn.Module:
+class StageGroup(nn.Module):
+    """The pipeline stages one rank runs under an interleaved schedule, as one module whose
+    parameter names are the full model's (it shares its submodules with the stages, which are
+    not submodules of it); `stages` is what the schedule runs."""
+
+    def __init__(self, stages: list[GLMStage]) -> None:
+        super().__init__()
+        self.config = stages[0].config
+        for name in ("word_embeddings", "final_layernorm", "lm_head"):
+            setattr(self, name, next((getattr(s, name) for s in stages if getattr(s, name) is not None), None))
+        self.layers = nn.ModuleDict({name: block for stage in stages for name, block in stage.layers.items()})
+        self.stages = stages  # a plain list: not registered, so names stay the full model's
+
+    num_parameters = GLM.num_parameters
+
+    def train(self, mode: bool = True) -> StageGroup:
+        super().train(mode)
+        for stage in self.stages:
+            stage.train(mode)
+        return self
+
+
+def parallelize(
+    model: GLM, ranks: Ranks, dp_mode: str = "fsdp", activation_checkpointing: bool = False, virtual_stages: int = 1
+) -> nn.Module:
     """This rank's part of `model` under `ranks`' layout: the model itself outside a process group
-    (single-process training, the 1x1x1 layout), else its pipeline stage as a `GLMStage`, moved to
-    the rank's device, tensor-parallel over "tp" and data-parallel over "dp"."""
+    (single-process training, the 1x1x1 layout), else its pipeline stage as a `GLMStage` (with
+    `virtual_stages` > 1 its stages as a `StageGroup`), moved to the rank's device, each stage
+    tensor-parallel over "tp" and data-parallel over "dp"."""
     if not ranks.distributed:
         return model
     layout = ranks.layout
-    stage = GLMStage(model, stage_layers(model.config.num_layers, layout.pp)[ranks.pp_rank], first=ranks.first, last=ranks.last)
-    stage.to(ranks.device)
-    stage.checkpoint_layers = activation_checkpointing
-    if layout.tp > 1:
-        apply_tensor_parallel(stage, ranks.mesh["tp"])
-    if layout.dp > 1:
-        apply_data_parallel(stage, ranks.mesh["dp"], dp_mode)
-    return stage
+    ranges = stage_layers(model.config.num_layers, layout.pp * virtual_stages)
+    stages = []
+    for index in pipeline_stage_indices(ranks.pp_rank, layout.pp, virtual_stages):
+        stage = GLMStage(model, ranges[index], first=index == 0, last=index == len(ranges) - 1)
+        stage.to(ranks.device)
+        stage.checkpoint_layers = activation_checkpointing
+        if layout.tp > 1:
+            apply_tensor_parallel(stage, ranks.mesh["tp"])
+        if layout.dp > 1:
+            apply_data_parallel(stage, ranks.mesh["dp"], dp_mode)
+        stages.append(stage)
+    return stages[0] if virtual_stages == 1 else StageGroup(stages)

@@ -1,5 +1,6 @@
 """Pipeline schedules from `torch.distributed.pipelining`: a step's micro-batches stream through the
-stages (GPipe or 1F1B); the last stage's output is each micro-batch's step-normalised loss."""
+stages (GPipe, 1F1B, or interleaved 1F1B with several stages per rank: stage i on rank i mod pp);
+the last stage's output is each micro-batch's step-normalised loss."""
 
 from __future__ import annotations
 
@@ -8,35 +9,45 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
+from openglm.parallel.plan import INTERLEAVED, pipeline_stage_indices
 from openglm.parallel.ranks import Ranks
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B}
 STAGE_INPUTS = ("position_ids", "block_position_ids", "prefix_len", "labels")
 
 
 class Pipeline:
-    """Runs this rank's stage under the schedule `name`, one schedule object per micro-batch count."""
+    """Runs this rank's stages (`model`, or a StageGroup's `stages`) under the schedule `name`, one
+    schedule object per micro-batch count."""
 
-    def __init__(self, stage: nn.Module, ranks: Ranks, name: str, loss_scale: Callable[[], float]) -> None:
+    def __init__(self, model: nn.Module, ranks: Ranks, name: str, virtual_stages: int, loss_scale: Callable[[], float]) -> None:
         assert ranks.mesh is not None
-        self.stage, self.ranks, self.name, self.loss_scale = stage, ranks, name, loss_scale
+        self.stages: list[nn.Module] = list(getattr(model, "stages", [model]))
+        self.ranks, self.name, self.virtual_stages, self.loss_scale = ranks, name, virtual_stages, loss_scale
         self._schedules: dict[int, Any] = {}
 
     def _schedule(self, micro_batches: int) -> Any:
         if micro_batches not in self._schedules:
             ranks = self.ranks
             assert ranks.mesh is not None
-            stage = PipelineStage(self.stage, ranks.pp_rank, ranks.layout.pp, ranks.device, group=ranks.mesh["pp"].get_group())
+            pp = ranks.layout.pp
+            stages = [
+                PipelineStage(module, index, pp * self.virtual_stages, ranks.device, group=ranks.mesh["pp"].get_group())
+                for module, index in zip(self.stages, pipeline_stage_indices(ranks.pp_rank, pp, self.virtual_stages), strict=True)
+            ]
             self._schedules[micro_batches] = SCHEDULES[self.name](
-                stage, micro_batches, loss_fn=lambda loss, _target: loss * self.loss_scale(), scale_grads=False
+                stages if self.name == INTERLEAVED else stages[0], micro_batches,
+                loss_fn=lambda loss, _target: loss * self.loss_scale(), scale_grads=False,
             )
         return self._schedules[micro_batches]
 
-    def run(self, batches: list[dict[str, torch.Tensor]], train: bool) -> float:
-        """Forward (and backward when `train`) over `batches`; the sum of the normalised losses on
-        last-stage ranks, 0 elsewhere."""
+    def run(self, batches: list[dict[str, torch.Tensor]], normalizer: int, train: bool) -> float:
+        """Forward (and backward when `train`) over `batches`, each loss divided by `normalizer`;
+        the sum of the normalised losses on last-stage ranks, 0 elsewhere."""
+        for stage in self.stages:
+            stage.normalizer = normalizer
         batch = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
         schedule = self._schedule(len(batches))
         inputs = (batch["input_ids"],) if self.ranks.first else ()

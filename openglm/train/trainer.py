@@ -132,7 +132,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         full = GLM(model_config)
         full.embedding_grad_scale = config.egs_alpha
-        self.model = parallelize(full, ranks, config.dp_mode, config.activation_checkpointing)
+        self.model = parallelize(full, ranks, config.dp_mode, config.activation_checkpointing, config.virtual_stages)
         scaler = DynamicLossScaler(config.loss_scale_init, config.loss_scale_window, config.loss_scale_min, config.loss_scale_hysteresis)
         self.precision = (
             DistributedPrecision(self.model, config.precision, scaler, ranks)
@@ -154,7 +154,9 @@ class Trainer:
             self._load_training_state(resume_from)
         self.forward_model: torch.nn.Module = torch.compile(self.model) if config.compile else self.model
         self.loss_fn = loss_function(self.layout.tp, config.compile)
-        self.pipeline = Pipeline(self.model, ranks, config.schedule, lambda: self.precision.loss_scale) if self.layout.pp > 1 else None
+        self.pipeline = None
+        if self.layout.pp > 1:
+            self.pipeline = Pipeline(self.model, ranks, config.schedule, config.virtual_stages, lambda: self.precision.loss_scale)
 
     # ----------------------------------------------------------------------------- training
     def train_step(self) -> dict[str, Any]:
@@ -201,8 +203,7 @@ class Trainer:
         """Forward (and backward when `train`) over this rank's micro-batches, each loss divided by
         `normalizer`; returns the step's loss summed over every rank."""
         if self.pipeline is not None:
-            self.model.normalizer = normalizer
-            return self._global(self.pipeline.run(batches, train))
+            return self._global(self.pipeline.run(batches, normalizer, train))
         total = 0.0
         for index, batch in enumerate(batches):
             if train and self.layout.dp > 1:
