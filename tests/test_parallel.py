@@ -45,6 +45,7 @@ CASES = {  # name: (tp, pp, dp, options)
     "tp2xdp2": (2, 1, 2, {}),
     "pp2xtp2": (2, 2, 1, {"schedule": "gpipe", "activation_checkpointing": True}),
 }
+SAVED = ("tp2xdp2", "pp2-interleaved")  # cases that save a checkpoint at SAVE_AT
 # Interleaved 1F1B: two stages per rank of a 4-layer model (stages 0 and 2 on the first rank).
 INTERLEAVED_LAYERS = 4
 INTERLEAVED = {
@@ -55,7 +56,7 @@ INTERLEAVED = {
 
 
 def _run_cases(names: list[str], tmp: Path, resume_from: str | None, layers: int = 2) -> None:
-    """In every rank: train each case for STEPS steps (tp2xdp2 also saves at SAVE_AT); with
+    """In every rank: train each case for STEPS steps (those in SAVED also save at SAVE_AT); with
     `resume_from`, also resume that case's checkpoint under this layout for one step."""
     for name in names:
         tp, pp, dp, options = (CASES | INTERLEAVED)[name]
@@ -65,7 +66,7 @@ def _run_cases(names: list[str], tmp: Path, resume_from: str | None, layers: int
             metrics = trainer.train_step()
             losses.append(metrics["loss"])
             norms.append(metrics["grad_norm"])
-            if name == "tp2xdp2" and trainer.step == SAVE_AT:
+            if name in SAVED and trainer.step == SAVE_AT:
                 trainer.save()
         state = gather_full_state(trainer.model, trainer.optimizer, trainer.model_config, tp)
         parts: list[dict[str, torch.Tensor]] = [{} for _ in range(dist.get_world_size())]
@@ -129,7 +130,7 @@ def interleaved_runs(tmp_path_factory: pytest.TempPathFactory, shard_cache: str)
     try:
         results = {"single": _single_reference(tmp / "single", INTERLEAVED_LAYERS)}
         spawn(_run_cases, 2, ["pp2-interleaved"], tmp, None, INTERLEAVED_LAYERS)
-        spawn(_run_cases, 4, ["pp2xtp2-interleaved", "pp2xdp2-interleaved"], tmp, None, INTERLEAVED_LAYERS)
+        spawn(_run_cases, 4, ["pp2xtp2-interleaved", "pp2xdp2-interleaved"], tmp, "pp2-interleaved", INTERLEAVED_LAYERS)
     finally:
         patch.undo()
     return results | {name: torch.load(tmp / f"{name}.pt") for name in INTERLEAVED}
@@ -156,6 +157,12 @@ def test_layout_matches_single_process(runs: dict[str, dict], name: str) -> None
 @pytest.mark.parametrize("name", list(INTERLEAVED))
 def test_interleaved_1f1b_matches_single_process(interleaved_runs: dict[str, dict], name: str) -> None:
     _assert_matches(interleaved_runs["single"], interleaved_runs[name], model_config(INTERLEAVED_LAYERS))
+
+
+def test_checkpoint_from_interleaved_resumes_under_another_layout(interleaved_runs: dict[str, dict]) -> None:
+    """Saved under interleaved pp2 (stages 0, 2 | 1, 3) at step 3, resumed under interleaved pp2 x tp2."""
+    step, loss = interleaved_runs["pp2xtp2-interleaved"]["resumed"]
+    assert step == SAVE_AT and loss == pytest.approx(interleaved_runs["single"]["losses"][SAVE_AT], rel=1e-5)
 
 
 def _assert_matches(single: dict, parallel: dict, config: GLMConfig) -> None:

@@ -38,8 +38,10 @@ class Pipeline:
                 for module, index in zip(self.stages, pipeline_stage_indices(ranks.pp_rank, pp, self.virtual_stages), strict=True)
             ]
             self._schedules[micro_batches] = SCHEDULES[self.name](
-                stages if self.name == INTERLEAVED else stages[0], micro_batches,
-                loss_fn=lambda loss, _target: loss * self.loss_scale(), scale_grads=False,
+                stages if self.name == INTERLEAVED else stages[0],
+                micro_batches,
+                loss_fn=lambda loss, _target: loss * self.loss_scale(),
+                scale_grads=False,
             )
         return self._schedules[micro_batches]
 

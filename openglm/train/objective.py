@@ -29,7 +29,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum") / normalizer
 
 
-def vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, normalizer: int) -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, normalizer: int
+) -> torch.Tensor:
     """`linear_cross_entropy` with the weight sharded over the vocabulary: the logits stay
     Shard(-1) and the softmax reduces across ranks (`loss_parallel` must be active in forward and
     backward). The replicated hidden states get their gradient summed over the tensor-parallel
