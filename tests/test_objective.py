@@ -19,7 +19,7 @@ from openglm.config import SpecialTokens, TrainConfig, model_preset
 from openglm.data.blank_infill import BlankInfillBuilder, build_infill_sample, collate
 from openglm.data.mip import MIPDataset, MIPExample
 from openglm.model import GLM
-from openglm.train.objective import compute_loss
+from openglm.train.objective import compute_loss, count_targets
 from openglm.train.samples import collate_range
 from openglm.train.trainer import Trainer
 
@@ -102,6 +102,16 @@ def test_loss_and_gradient_equal_a_float64_cross_entropy_at_hand_written_positio
     for name, param in model.named_parameters():
         reference = grads[name].grad
         torch.testing.assert_close(param.grad.double(), reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("objective", ["glm", "causal"])
+def test_count_targets_counts_the_hand_written_positions(objective: str) -> None:
+    """The step normaliser every layout divides by: the Part B targets written out above, over
+    batches split any way."""
+    samples, targets = glm_samples() if objective == "glm" else causal_samples()
+    expected = sum(map(len, targets))
+    assert count_targets([collate(samples)]) == expected
+    assert count_targets([collate([sample]) for sample in samples]) == expected and count_targets([]) == 0
 
 
 def test_the_reference_tells_a_shifted_target_row_apart() -> None:
