@@ -22,7 +22,7 @@ from openglm.parallel.checkpoint import gather_full_state
 from openglm.parallel.launch import spawn
 from openglm.parallel.parallelize import build_stage, geglu_row_order
 from openglm.parallel.plan import Layout
-from openglm.parallel.trainer import build_mesh, init_distributed
+from openglm.parallel.ranks import build_mesh, init_distributed
 from openglm.positions import derive_positions
 
 SEED = 1234

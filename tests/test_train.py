@@ -17,9 +17,11 @@ from openglm.io.api import load
 from openglm.io.checkpoint import CheckpointError
 from openglm.model import GLM
 from openglm.train.metrics import SpikeDetector, read_metrics
+from openglm.train.objective import compute_loss
 from openglm.train.optim import batch_size_at, learning_rate
 from openglm.train.precision import DynamicLossScaler, MixedPrecision
-from openglm.train.trainer import Trainer, compute_loss
+from openglm.train.samples import collate_range
+from openglm.train.trainer import Trainer
 
 
 def micro_train_config(out: Path, **overrides) -> TrainConfig:
@@ -140,7 +142,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, cache_env):
     grads = []
     for micro in (4, 1):
         trainer = Trainer(micro_config(), micro_train_config(tmp_path / str(micro), micro_batch_size=micro))
-        batch = trainer._batch(trainer.train_data, 0, 4)
+        batch = collate_range(trainer.train_data, 0, 4)
         targets = int((batch["labels"] != -100).sum())
         for start in range(0, 4, micro):
             part = {k: v[start : start + micro] for k, v in batch.items()}
