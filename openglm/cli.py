@@ -103,7 +103,7 @@ def train(
     dp: Annotated[int | None, typer.Option(help="data-parallel size")] = None,
     dp_mode: Annotated[str | None, typer.Option(help="fsdp (ZeRO-3 sharding) | replicate (DDP)")] = None,
     activation_checkpointing: Annotated[
-        bool | None, typer.Option("--activation-checkpointing/--no-activation-checkpointing", help="with --tp/--pp/--dp: recompute block activations in backward")
+        bool | None, typer.Option("--activation-checkpointing/--no-activation-checkpointing", help="recompute block activations in backward (less memory, one more forward)")
     ] = None,
     schedule: Annotated[str | None, typer.Option(help="pipeline schedule: 1f1b | gpipe | interleaved-1f1b")] = None,
     virtual_stages: Annotated[int | None, typer.Option(help="with --schedule interleaved-1f1b: pipeline stages per rank")] = None,

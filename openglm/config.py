@@ -293,7 +293,7 @@ class TrainConfig:
     dp_mode: DataParallelMode = "fsdp"  # fsdp: ZeRO-3 sharding; replicate: DDP
     schedule: PipelineSchedule = "1f1b"
     virtual_stages: int = 1  # pipeline stages per rank (interleaved-1f1b: the layers split into pp * virtual_stages)
-    activation_checkpointing: bool = False  # recompute each block's activations in backward (parallel runs)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (every layout)
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "max_steps", "eval_every", "save_every", "log_every", "eval_batches", "max_bad_steps", "tp", "pp", "dp",
