@@ -1,6 +1,6 @@
 """Step time, tokens/s and communication volume of each parallel layout on this machine.
 
-Each layout runs `ParallelTrainer.train_step()` in its own group of local gloo processes (CPU;
+Each layout runs `Trainer.train_step()` in its own group of local gloo processes (CPU;
 on 2 cores this measures overhead and correctness, not speed-up). The last step runs under the
 profiler, whose `gloo:*` events give every collective's tensor: the bytes those put on the wire
 (ring model, the group size known from the kind of collective) are summed over ranks and set
@@ -13,6 +13,7 @@ against `openglm.parallel.plan.communication_bytes` for the same layout.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -29,7 +30,6 @@ from torch.profiler import ProfilerActivity, profile
 from openglm.config import GLMConfig, TrainConfig, model_preset
 from openglm.parallel.launch import spawn
 from openglm.parallel.plan import Layout, communication_bytes
-from openglm.parallel.trainer import ParallelTrainer
 from openglm.train.trainer import Trainer
 
 LAYOUTS = {  # name: (tp, pp, dp)
@@ -84,7 +84,7 @@ def collective_events(events: Any) -> list[tuple[str, int]]:
 
 
 def _worker(layout: Layout, model_config: GLMConfig, config: TrainConfig, steps: int, out: Path) -> None:
-    trainer = ParallelTrainer(model_config, config, layout)
+    trainer = Trainer(model_config, dataclasses.replace(config, tp=layout.tp, pp=layout.pp, dp=layout.dp))
     times = []
     for _ in range(steps - 1):
         start = time.perf_counter()

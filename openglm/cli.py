@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from openglm.config import MODEL_PRESETS, ConfigError, in_user_terms, model_preset, train_preset
+from openglm.config import MODEL_PRESETS, ConfigError, in_user_terms, model_preset
 
 if TYPE_CHECKING:
     from openglm.generation import GenerationConfig
@@ -46,36 +45,48 @@ def default_precision() -> str:
     return "bf16" if native_bf16() else "fp32"
 
 
-# the TrainConfig and GLMConfig fields that a `train` option sets: field -> option (for messages)
+# The `train` options that set a config field: option parameter -> (key, option as typed). Each
+# defaults to None, "not given", so the preset, --config and the dataclass defaults decide.
 TRAIN_OPTIONS = {
-    name: "--" + name.replace("_", "-")
+    name: (f"{'model' if name == 'objective' else 'train'}.{name}", "--" + name.replace("_", "-"))
     for name in ("objective", "precision", "seed", "max_steps", "batch_size", "micro_batch_size", "lr", "mip_data", "mip_share",
-                 "egs_alpha", "eval_every", "save_every", "data", "tokenizer", "max_bad_steps")
-} | {"max_seq_len": "--seq-len", "num_threads": "--threads", "out_dir": "--out"}
+                 "egs_alpha", "eval_every", "val_fraction", "save_every", "data", "tokenizer", "max_bad_steps", "compile", "tp", "pp",
+                 "dp", "dp_mode", "activation_checkpointing", "schedule", "virtual_stages")
+} | {"seq_len": ("model.max_seq_len", "--seq-len"), "threads": ("train.num_threads", "--threads"), "out": ("train.out_dir", "--out")}
 
 
 @app.command(context_settings={"allow_extra_args": True})
 def train(
     ctx: typer.Context,
     preset: Annotated[str, typer.Option(help=f"model preset: {', '.join(MODEL_PRESETS)}")] = "tiny",
+    config_file: Annotated[
+        Path | None, typer.Option("--config", help="YAML or JSON file with `model:` and `train:` sections of config fields")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="KEY=VALUE for any config field, e.g. model.num_layers=4 or train.lr=3e-4 (repeatable; "
+                     "wins over --config and the options)"),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="run directory (default runs/<preset>)")] = None,
     data: Annotated[list[Path] | None, typer.Option(help=".txt/.jsonl (plain, .gz, .zst), .parquet files or folders (default: the bundled corpus)")] = None,
     tokenizer: Annotated[Path | None, typer.Option(help="a tokenizer.json from `openglm tokenizer train` (default: the bundled one)")] = None,
-    objective: Annotated[str, typer.Option(help="glm (blank infilling) or causal (GPT baseline)")] = "glm",
+    objective: Annotated[str | None, typer.Option(help="glm (blank infilling) or causal (GPT baseline)")] = None,
     precision: Annotated[str | None, typer.Option(help="fp32 | bf16 | fp16 (default: bf16 where the hardware has it)")] = None,
-    seed: int = 1234,
+    seed: int | None = None,
     max_steps: Annotated[int | None, typer.Option(help="optimiser steps")] = None,
     batch_size: Annotated[int | None, typer.Option(help="sequences per optimiser step")] = None,
-    micro_batch_size: Annotated[int | None, typer.Option(help="sequences per forward/backward")] = None,
+    micro_batch_size: Annotated[
+        int | None, typer.Option(help="sequences per forward/backward (default: up to 16; with --pp, enough micro-batches for every stage)")
+    ] = None,
     lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
     seq_len: Annotated[int | None, typer.Option(help="sequence length (default: the preset's)")] = None,
     mip_data: Annotated[Path | None, typer.Option(help='jsonl of {"prompt", "response"} for multi-task instruction pre-training')] = None,
-    mip_share: float = 0.05,
-    egs_alpha: Annotated[float, typer.Option(help="Embedding Gradient Shrink factor (1 = off)")] = 0.1,
+    mip_share: float | None = None,
+    egs_alpha: Annotated[float | None, typer.Option(help="Embedding Gradient Shrink factor (1 = off)")] = None,
     eval_every: int | None = None,
     val_fraction: Annotated[float | None, typer.Option(help="share of documents held out for evaluation (0: no held-out evaluation)")] = None,
     save_every: int | None = None,
-    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model")] = True,
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model (default: the preset's)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads")] = None,
     resume: Annotated[
         bool,
@@ -86,70 +97,57 @@ def train(
         ),
     ] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="start over in an --out that holds a run, removing its checkpoints and metrics")] = False,
-    max_bad_steps: Annotated[int, typer.Option(help="stop as diverged after this many consecutive skipped or non-finite steps")] = 20,
-    tp: Annotated[int, typer.Option(help="tensor-parallel size (divides the heads)")] = 1,
-    pp: Annotated[int, typer.Option(help="pipeline stages (at most the layers)")] = 1,
-    dp: Annotated[int, typer.Option(help="data-parallel size")] = 1,
-    dp_mode: Annotated[str, typer.Option(help="fsdp (ZeRO-3 sharding) | replicate (DDP)")] = "fsdp",
-    activation_checkpointing: Annotated[bool, typer.Option(help="with --tp/--pp/--dp: recompute block activations in backward")] = False,
-    schedule: Annotated[str, typer.Option(help="pipeline schedule: 1f1b | gpipe")] = "1f1b",
+    max_bad_steps: Annotated[int | None, typer.Option(help="stop as diverged after this many consecutive skipped or non-finite steps")] = None,
+    tp: Annotated[int | None, typer.Option(help="tensor-parallel size (divides the heads)")] = None,
+    pp: Annotated[int | None, typer.Option(help="pipeline stages (at most the layers)")] = None,
+    dp: Annotated[int | None, typer.Option(help="data-parallel size")] = None,
+    dp_mode: Annotated[str | None, typer.Option(help="fsdp (ZeRO-3 sharding) | replicate (DDP)")] = None,
+    activation_checkpointing: Annotated[
+        bool | None, typer.Option("--activation-checkpointing/--no-activation-checkpointing", help="recompute block activations in backward (less memory, one more forward)")
+    ] = None,
+    schedule: Annotated[str | None, typer.Option(help="pipeline schedule: 1f1b | gpipe | interleaved-1f1b")] = None,
+    virtual_stages: Annotated[int | None, typer.Option(help="with --schedule interleaved-1f1b: pipeline stages per rank")] = None,
     nproc: Annotated[int | None, typer.Option(help="start tp*pp*dp local processes (else: run under torchrun)")] = None,
 ) -> None:
     """Pre-train a GLM on the bundled bilingual corpus (or your own text) with blank infilling.
 
+    Settings apply in order: the preset, then --config, then the options, then --set.
+
     SIGTERM, SIGUSR1 and Ctrl-C save a checkpoint at the end of the current step and exit with 128 + the signal number.
     """
+    from openglm.config import Setting, parse_set, read_config_file, resolve_configs
     from openglm.io.checkpoint import CheckpointError
+    from openglm.train.launch import train as run_training
     from openglm.train.rundir import TrainingStopped, process_rank
-    from openglm.train.trainer import Trainer
 
     if ctx.args and not (resume and ctx.args == ["auto"]):
         raise _fail(f"unexpected argument {ctx.args[0]!r} (`--resume auto` is the only option that takes a word)")
     resume_mode: bool | str = "auto" if ctx.args else resume
-    if process_rank() != 0:
+    rank = process_rank()
+    if rank != 0:
         log.setLevel(logging.WARNING)  # under torchrun only rank 0 reports progress
+    given = {name: value for name, value in locals().items() if name in TRAIN_OPTIONS and value is not None}
     try:
-        overrides = {"objective": objective} | ({"max_seq_len": seq_len} if seq_len else {})
-        model_config = model_preset(preset, **overrides)
-        chosen = {
-            "out_dir": str(out) if out else None,
-            "data": [str(p) for p in data] if data else None,
-            "tokenizer": str(tokenizer) if tokenizer else None,
-            "precision": precision or default_precision(),
-            "seed": seed,
-            "max_steps": max_steps,
-            "batch_size": batch_size,
-            "micro_batch_size": micro_batch_size or (batch_size and min(batch_size, train_preset(preset).micro_batch_size)),
-            "lr": lr,
-            "mip_data": str(mip_data) if mip_data else None,
-            "mip_share": mip_share,
-            "egs_alpha": egs_alpha,
-            "eval_every": eval_every,
-            "val_fraction": val_fraction,
-            "save_every": save_every,
-            "compile": compile,
-            "num_threads": threads,
-            "max_bad_steps": max_bad_steps,
-        }
-        config = train_preset(preset, **{k: v for k, v in chosen.items() if v is not None})
-        if tp * pp * dp > 1 or nproc is not None or "WORLD_SIZE" in os.environ:
-            from openglm.parallel.plan import Layout
-            from openglm.parallel.trainer import run_parallel
-
-            options = {"schedule": schedule, "dp_mode": dp_mode, "activation_checkpointing": activation_checkpointing}
-            summary = run_parallel(model_config, config, Layout(tp, pp, dp), resume_mode, overwrite, options, nproc)
-            if summary is None:  # another torchrun rank, or --nproc: the spawned ranks logged their progress
-                if nproc is not None:
-                    typer.echo(f"done: run in {config.out_dir}")
-                return
-        else:
-            summary = Trainer(model_config, config, resume=resume_mode, overwrite=overwrite).fit()
+        settings = [Setting("train.precision", default_precision(), "--precision")]
+        settings += read_config_file(config_file) if config_file is not None else []
+        for name, value in given.items():
+            key, option = TRAIN_OPTIONS[name]
+            settings.append(Setting(key, [str(p) for p in value] if name == "data" else value, option))
+        settings += [parse_set(text) for text in set_ or ()]
+        model_config, config = resolve_configs(preset, settings)
+        summary = run_training(model_config, config, resume_mode, overwrite, nproc)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
-        raise _fail(in_user_terms(str(err), TRAIN_OPTIONS)) from None
+        if rank != 0:  # under torchrun rank 0 says it once
+            raise typer.Exit(code=2) from None
+        raise _fail(in_user_terms(str(err), {key.split(".")[1]: option for key, option in TRAIN_OPTIONS.values()})) from None
     except TrainingStopped as err:
-        if process_rank() == 0:
+        if rank == 0:
             typer.secho(str(err), fg=typer.colors.RED, err=True)
         raise typer.Exit(code=err.exit_code) from None
+    if summary is None:  # another torchrun rank, or --nproc: the spawned ranks logged their progress
+        if nproc is not None:
+            typer.echo(f"done: run in {config.out_dir}")
+        return
     if summary.get("complete"):
         typer.echo(f"the run in {config.out_dir} is complete at step {summary['step']}; nothing to do (raise --max-steps to train further)")
         return
@@ -563,6 +561,7 @@ def plan(
     micro_batches: Annotated[int, typer.Option(help="micro-batches per step and pipeline")] = 176,
     micro_batch_size: Annotated[int, typer.Option(help="sequences per micro-batch")] = 1,
     mfu: Annotated[float, typer.Option(help="model FLOPs utilisation assumed for the step time")] = 0.325,
+    virtual_stages: Annotated[int, typer.Option(help="pipeline stages per GPU (interleaved 1F1B)")] = 1,
 ) -> None:
     """Memory per GPU, pipeline bubble, communication and step time of a tp x pp x dp layout
     (defaults: GLM-130B's 768 A100s, tp4 x pp8 x dp24, 176 micro-batches)."""
@@ -570,7 +569,7 @@ def plan(
     from openglm.parallel.plan import plan as make_plan
 
     try:
-        report = make_plan(model_preset(preset), gpus, gpu, tp, pp, micro_batches, micro_batch_size, mfu)
+        report = make_plan(model_preset(preset), gpus, gpu, tp, pp, micro_batches, micro_batch_size, mfu, virtual_stages)
     except ConfigError as err:
         raise _fail(str(err)) from None
     typer.echo(format_report(report))

@@ -8,17 +8,24 @@ the weights); a train config is everything needed to rebuild a run. Presets are 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
 import re
+import types
+import typing
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
+
+import yaml
 
 Objective = Literal["glm", "causal"]
 Precision = Literal["fp32", "bf16", "fp16"]
+DataParallelMode = Literal["fsdp", "replicate"]
+PipelineSchedule = Literal["1f1b", "gpipe", "interleaved-1f1b"]
 
 
 class ConfigError(ValueError):
@@ -70,6 +77,11 @@ SPECIAL_TOKEN_TEXT = {
 }
 
 
+def default_ffn_hidden_size(hidden_size: int) -> int:
+    """GLM-130B's FFN width: 8/3 of the hidden size, rounded up to a multiple of 64."""
+    return 64 * math.ceil(8 * hidden_size / 3 / 64)
+
+
 @dataclass
 class GLMConfig:
     """The GLM architecture. Defaults follow GLM-130B; see the presets for concrete sizes."""
@@ -98,7 +110,7 @@ class GLMConfig:
         if isinstance(self.special_tokens, dict):
             self.special_tokens = SpecialTokens(**self.special_tokens)
         if self.ffn_hidden_size is None:
-            self.ffn_hidden_size = 64 * math.ceil(8 * self.hidden_size / 3 / 64)
+            self.ffn_hidden_size = default_ffn_hidden_size(self.hidden_size)
         self.validate()
 
     @property
@@ -240,7 +252,8 @@ class TrainConfig:
     seed: int = 1234
     precision: Precision = "bf16"
     batch_size: int = 16  # sequences per optimiser step, after ramp-up
-    micro_batch_size: int = 16
+    # sequences per forward/backward; None: as many as fit the layout (`openglm.parallel.plan.micro_batch_size`)
+    micro_batch_size: int | None = None
     batch_rampup_start: int | None = None  # sequences per step at the start; None: no ramp-up
     batch_rampup_steps: int = 0
     max_steps: int = 600
@@ -273,14 +286,27 @@ class TrainConfig:
     log_every: int = 10
     compile: bool = False
     num_threads: int | None = None
+    # the layout (tensor x pipeline x data parallel ranks; 1 x 1 x 1: one process) and how it runs
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    dp_mode: DataParallelMode = "fsdp"  # fsdp: ZeRO-3 sharding; replicate: DDP
+    schedule: PipelineSchedule = "1f1b"
+    virtual_stages: int = 1  # pipeline stages per rank (interleaved-1f1b: the layers split into pp * virtual_stages)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (every layout)
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "micro_batch_size", "max_steps", "eval_every", "save_every", "log_every", "eval_batches", "max_bad_steps"):
+        positive = ("batch_size", "max_steps", "eval_every", "save_every", "log_every", "eval_batches", "max_bad_steps", "tp", "pp", "dp",
+                    "virtual_stages")
+        for name in (*positive, *(("micro_batch_size",) if self.micro_batch_size is not None else ())):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"TrainConfig.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        for name, allowed in {"dp_mode": ("fsdp", "replicate"), "schedule": ("1f1b", "gpipe", "interleaved-1f1b")}.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"TrainConfig.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         # field: (low, high, low itself allowed, high itself allowed)
         bounds = {
             "lr": (0.0, math.inf, False, False),
@@ -319,11 +345,13 @@ def train_preset(name: str, **overrides: Any) -> TrainConfig:
     """Run settings that suit a model preset: `tiny` trains on the bundled corpus within ~15
     minutes on 2 CPU cores; `micro` finishes in seconds for tests."""
     presets = {
-        "micro": TrainConfig(out_dir="runs/micro", max_steps=20, batch_size=4, micro_batch_size=4, warmup_steps=2,
+        "micro": TrainConfig(out_dir="runs/micro", max_steps=20, batch_size=4, warmup_steps=2,
                              eval_every=10, save_every=10, eval_batches=2, final_eval_tokens=2000),
         # Post-LN needs a long warm-up at this learning rate: with 50 steps the loss spiked and stalled
         # near the unigram entropy; with 200 it tracked a pre-LN GPT-2 (measured, issue 2 notes).
-        "tiny": TrainConfig(out_dir="runs/tiny", max_steps=600, lr=1.5e-3, warmup_steps=200, eval_every=100, save_every=300),
+        # Compiled: on 2 cores torch.compile's minute of compiling pays for itself within the run (README).
+        "tiny": TrainConfig(out_dir="runs/tiny", max_steps=600, lr=1.5e-3, warmup_steps=200, eval_every=100, save_every=300,
+                            compile=True),
     }
     base = presets.get(name, TrainConfig(out_dir=f"runs/{name}"))
     return dataclasses.replace(base, **overrides)
@@ -333,3 +361,180 @@ def cache_dir() -> Path:
     """Where openglm keeps files it can rebuild (token shards, the compiled decode kernel):
     `$OPENGLM_CACHE`, else `~/.cache/openglm`."""
     return Path(os.environ.get("OPENGLM_CACHE", Path.home() / ".cache" / "openglm"))
+
+
+# ------------------------------------------------------------------ config files and --set overrides
+SECTIONS: dict[str, type] = {"model": GLMConfig, "train": TrainConfig}
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One value for one field from one source: `key` is "model.FIELD" or "train.FIELD" (a nested
+    dataclass field one level deeper: "model.special_tokens.pad"); `source` is how the user gave
+    it ("--lr", "--set train.lr", "run.yaml: train.lr"), for messages."""
+
+    key: str
+    value: Any
+    source: str
+
+
+class _BadValue(ValueError):
+    """A value that does not parse as its field's type; the message says what was expected."""
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin in (Union, types.UnionType):
+        return " or ".join("none" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        return f"a list of {_type_name(args[0])} (comma-separated)"
+    if origin is tuple:
+        return f"{len(args)} comma-separated {_type_name(args[0])} values"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """`value` (from a config file, typed by YAML/JSON, or text from --set) as type `hint`;
+    _BadValue if it is not one. Literal choices are left to the dataclass's own validation."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):  # the fields' unions are all `X | None`
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)))
+    if origin is Literal or hint is str:
+        if isinstance(value, Path):
+            return str(value)
+        if not isinstance(value, str):
+            raise _BadValue(_type_name(hint))
+        return value
+    if origin in (list, tuple):
+        items = value
+        if isinstance(value, str):
+            text = value.strip()
+            items = yaml.safe_load(text) if text.startswith("[") else [part.strip() for part in text.split(",") if part.strip()]
+        if not isinstance(items, list | tuple) or (origin is tuple and len(items) != len(args)):
+            raise _BadValue(_type_name(hint))
+        parsed = [_coerce(item, args[0]) for item in items]
+        return tuple(parsed) if origin is tuple else parsed
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in (*_TRUE, *_FALSE):
+            return value.strip().lower() in _TRUE
+        raise _BadValue(_type_name(hint))
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise _BadValue(_type_name(hint))
+        if isinstance(value, str):
+            try:
+                value = hint(value.strip())
+            except ValueError:
+                raise _BadValue(_type_name(hint)) from None
+        if hint is int and not isinstance(value, int):
+            raise _BadValue(_type_name(hint))
+        if not isinstance(value, int | float):
+            raise _BadValue(_type_name(hint))
+        return hint(value)
+    raise _BadValue(_type_name(hint))
+
+
+def _apply(target: dict[str, Any], cls: type, path: list[str], value: Any, setting: Setting) -> None:
+    """Set `path` (a field, or a field of a nested dataclass field) of `target` (a `cls` as a dict)."""
+    hints = typing.get_type_hints(cls)
+    name = path[0]
+    if name not in hints:
+        section = setting.key.split(".")[0]
+        close = difflib.get_close_matches(name, list(hints), n=1)
+        hint = f"; did you mean {section}.{close[0]}?" if close else f"; {cls.__name__} has {', '.join(hints)}"
+        raise ConfigError(f"{setting.source}: unknown key{hint}")
+    hint = hints[name]
+    if dataclasses.is_dataclass(hint):
+        nested = dict(target[name]) if isinstance(target[name], dict) else dataclasses.asdict(target[name])
+        items = [(path[1:], value)] if len(path) > 1 else None
+        if items is None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{setting.source} must be a mapping of {', '.join(typing.get_type_hints(hint))}")
+            items = [([key], item) for key, item in value.items()]
+        for sub_path, item in items:
+            _apply(nested, hint, sub_path, item, setting)
+        target[name] = nested
+        return
+    if len(path) > 1:
+        raise ConfigError(f"{setting.source}: unknown key ({'.'.join(setting.key.split('.')[:2])} has no fields)")
+    try:
+        target[name] = _coerce(value, hint)
+    except _BadValue as err:
+        raise ConfigError(f"{setting.source} must be {err}, got {value!r}") from None
+
+
+def parse_set(text: str) -> Setting:
+    """A `--set KEY=VALUE` override (the value is parsed later, by its field's type)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. --set model.num_layers=4 or --set train.lr=3e-4")
+    return Setting(key.strip(), value, f"--set {key.strip()}")
+
+
+def read_config_file(path: Path) -> list[Setting]:
+    """The settings of a YAML or JSON config file: a mapping with sections `model` (GLMConfig
+    fields) and/or `train` (TrainConfig fields); a ConfigError naming the file when it cannot be
+    read or has another shape."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot be read ({err})") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise ConfigError(f"{path}: not valid {kind} ({' '.join(str(err).split())})") from None
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections {' and '.join(SECTIONS)}")
+    settings = []
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{path}: unknown section {section!r}; a config file has sections {' and '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping of field names to values")
+        settings += [Setting(f"{section}.{name}", value, f"{path}: {section}.{name}") for name, value in values.items()]
+    return settings
+
+
+def _preset_fields(config: GLMConfig) -> dict[str, Any]:
+    """A preset's fields, with the derived ones (a default FFN width) left to be derived again, so
+    that a changed hidden size changes them too."""
+    data = config.to_dict()
+    if config.ffn_hidden_size == default_ffn_hidden_size(config.hidden_size):
+        data["ffn_hidden_size"] = None
+    return data
+
+
+def resolve_configs(preset: str, settings: list[Setting]) -> tuple[GLMConfig, TrainConfig]:
+    """The model and run configuration of `preset` with `settings` applied in order (later ones
+    win: pass them as preset defaults < config file < command-line options < --set); every error
+    is one ConfigError naming the key as its source gave it."""
+    data = {"model": _preset_fields(model_preset(preset)), "train": train_preset(preset).to_dict()}
+    names: dict[str, dict[str, str]] = {"model": {}, "train": {}}
+    for setting in settings:
+        section, _, rest = setting.key.partition(".")
+        if section not in SECTIONS or not rest:
+            raise ConfigError(f"{setting.source}: unknown key; keys are model.FIELD or train.FIELD")
+        path = rest.split(".")
+        _apply(data[section], SECTIONS[section], path, setting.value, setting)
+        names[section][path[0]] = setting.source
+    try:
+        model = GLMConfig.from_dict(data["model"])
+    except ConfigError as err:
+        raise ConfigError(in_user_terms(str(err), names["model"])) from None
+    try:
+        train = TrainConfig.from_dict(data["train"])
+    except ConfigError as err:
+        raise ConfigError(in_user_terms(str(err), names["train"])) from None
+    return model, train

@@ -302,17 +302,16 @@ def dist_train_config(out: Path) -> TrainConfig:
 def _save_then_resume(tmp: Path) -> None:
     """One rank under a real process group: save a distributed checkpoint at step 1; resume each
     run directory under tmp/runs, writing the step reached or the error to tmp/<name>.json."""
-    from openglm.parallel.plan import Layout
-    from openglm.parallel.trainer import ParallelTrainer
+    from openglm.train.trainer import Trainer
 
     if not (tmp / "runs").exists():
-        trainer = ParallelTrainer(dist_model_config(), dist_train_config(tmp / "run"), Layout(1, 1, 1))
+        trainer = Trainer(dist_model_config(), dist_train_config(tmp / "run"))
         trainer.train_step()
         trainer.save()
         return
     for run in sorted((tmp / "runs").iterdir()):
         try:
-            resumed = ParallelTrainer(dist_model_config(), dist_train_config(run), Layout(1, 1, 1), resume=True)
+            resumed = Trainer(dist_model_config(), dist_train_config(run), resume=True)
             outcome = {"step": resumed.step}
         except CheckpointError as err:
             outcome = {"error": str(err)}

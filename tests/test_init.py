@@ -1,7 +1,8 @@
 """Initial weights: counter-based normal numbers (`openglm.counter_random`) checked against
 PyTorch's own log, cos and normal distribution; DeepNorm's per-tensor std against torch.nn.init's
 Xavier; and the weights each rank materialises (meta device, its shards only) bit-equal in fp32 to
-single-process initialisation under tp2, pp2, dp2 (FSDP), tp2 x pp2 and tp2 x dp2 (gloo)."""
+single-process initialisation under tp2, pp2, pp2 interleaved (two stages per rank), dp2 (FSDP),
+tp2 x pp2 and tp2 x dp2 (gloo)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from openglm.decoding import DecodeStep
 from openglm.model import GLM, fill_initial
 from openglm.parallel.checkpoint import gather_full_state
 from openglm.parallel.launch import spawn
-from openglm.parallel.parallelize import build_stage, geglu_row_order
+from openglm.parallel.parallelize import build_model, geglu_row_order, stages_of
 from openglm.parallel.plan import Layout
-from openglm.parallel.trainer import build_mesh, init_distributed
+from openglm.parallel.ranks import Ranks
 from openglm.positions import derive_positions
 
 SEED = 1234
@@ -158,29 +159,33 @@ def test_deepnorm_std_per_tensor_matches_torch_init(ffn_type: str) -> None:
 
 
 # ----------------------------------------------------------------------- every layout, bit-equal
-CONFIGS = {
-    "micro": model_preset("micro", max_seq_len=64),
+CONFIGS = {  # four layers: one per stage of pp2 interleaved over two virtual stages
+    "micro": model_preset("micro", max_seq_len=64, num_layers=4),
     # Untied output layer, plain GeLU, a vocabulary that two ranks split unevenly, QKV biases.
-    "untied": model_preset("micro", max_seq_len=64, vocab_size=1001, tie_word_embeddings=False, ffn_type="gelu", qkv_bias=True),
+    "untied": model_preset(
+        "micro", max_seq_len=64, num_layers=4, vocab_size=1001, tie_word_embeddings=False, ffn_type="gelu", qkv_bias=True
+    ),
 }
 LAYOUTS = {
     "tp2": Layout(tp=2),
     "pp2": Layout(pp=2),
+    "pp2-interleaved": Layout(pp=2),
     "dp2": Layout(dp=2),
     "tp2xpp2": Layout(tp=2, pp=2),
     "tp2xdp2": Layout(tp=2, dp=2),
 }
+VIRTUAL_STAGES = {"pp2-interleaved": 2}  # pipeline stages per rank (1 where not named)
 
 
 def _materialise(names: list[str], out: Path) -> None:
     """In every rank: build each layout's stage on the meta device, materialise it, and gather
     the full single-process tensors (rank 0 saves them, with each rank's local element count)."""
-    device = init_distributed()
     for name in names:
         layout = LAYOUTS[name]
-        mesh = build_mesh(layout, device)
+        ranks = Ranks(layout)
         for key, config in CONFIGS.items():
-            stage = build_stage(config, layout, mesh, device, SEED)
+            stage = build_model(config, ranks, SEED, virtual_stages=VIRTUAL_STAGES.get(name, 1))
+            assert len(stages_of(stage)) == VIRTUAL_STAGES.get(name, 1)
             local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in stage.parameters())
             state = gather_full_state(stage, torch.optim.SGD(stage.parameters(), lr=0.1), config, layout.tp)
             parts: list[dict[str, torch.Tensor]] = [{} for _ in range(dist.get_world_size())]
@@ -196,7 +201,7 @@ def _materialise(names: list[str], out: Path) -> None:
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("init")
-    spawn(_materialise, 2, ["tp2", "pp2", "dp2"], out)
+    spawn(_materialise, 2, ["tp2", "pp2", "pp2-interleaved", "dp2"], out)
     spawn(_materialise, 4, ["tp2xpp2", "tp2xdp2"], out)
     return {f"{n}-{k}": torch.load(out / f"{n}-{k}.pt") for n in LAYOUTS for k in CONFIGS}
 

@@ -16,8 +16,9 @@ from openglm.config import SpecialTokens, TrainConfig, model_preset
 from openglm.data.blank_infill import build_infill_sample, collate
 from openglm.model import GLM
 from openglm.train.metrics import read_metrics
+from openglm.train.objective import compute_loss
 from openglm.train.precision import DynamicLossScaler, MixedPrecision
-from openglm.train.trainer import Trainer, compute_loss
+from openglm.train.trainer import Trainer
 
 S = SpecialTokens()
 

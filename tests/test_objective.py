@@ -19,7 +19,9 @@ from openglm.config import SpecialTokens, TrainConfig, model_preset
 from openglm.data.blank_infill import BlankInfillBuilder, build_infill_sample, collate
 from openglm.data.mip import MIPDataset, MIPExample
 from openglm.model import GLM
-from openglm.train.trainer import Trainer, compute_loss
+from openglm.train.objective import compute_loss, count_targets
+from openglm.train.samples import collate_range
+from openglm.train.trainer import Trainer
 
 S = SpecialTokens()  # pad 0, eos 1, [MASK] 2, [sMASK] 3, [gMASK] 4, <sop> 5, <eop> 6
 SEQ = 16
@@ -102,6 +104,16 @@ def test_loss_and_gradient_equal_a_float64_cross_entropy_at_hand_written_positio
         torch.testing.assert_close(param.grad.double(), reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item(), msg=name)
 
 
+@pytest.mark.parametrize("objective", ["glm", "causal"])
+def test_count_targets_counts_the_hand_written_positions(objective: str) -> None:
+    """The step normaliser every layout divides by: the Part B targets written out above, over
+    batches split any way."""
+    samples, targets = glm_samples() if objective == "glm" else causal_samples()
+    expected = sum(map(len, targets))
+    assert count_targets([collate(samples)]) == expected
+    assert count_targets([collate([sample]) for sample in samples]) == expected and count_targets([]) == 0
+
+
 def test_the_reference_tells_a_shifted_target_row_apart() -> None:
     """The check above is sensitive: predicting each target from the row before it (an
     off-by-one a loss function can make) gives a clearly different loss."""
@@ -140,7 +152,7 @@ def test_train_step_reports_the_reference_loss_and_gradient_norm(objective: str,
         **mip,
     )
     trainer = Trainer(model_preset("micro", max_seq_len=32, objective=objective), config)
-    batch = trainer._batch(trainer.train_data, 0, 4)
+    batch = collate_range(trainer.train_data, 0, 4)
     padded = (batch["labels"] == -100).sum(1) > batch["prefix_len"]
     if objective == "glm":
         assert padded.any(), "the step should hold a padded MIP sample"

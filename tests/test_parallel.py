@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,16 +17,15 @@ from openglm.cli import app
 from openglm.config import ConfigError, GLMConfig, TrainConfig, model_preset
 from openglm.parallel.checkpoint import export_checkpoint, gather_full_state, resolve_distributed
 from openglm.parallel.launch import spawn
-from openglm.parallel.plan import Layout, pipeline_bubble, plan, stage_layers, validate_layout
-from openglm.parallel.trainer import ParallelTrainer
+from openglm.parallel.plan import Layout, check_training, pipeline_bubble, plan, stage_layers, validate_layout
 from openglm.train.trainer import Trainer
 
 STEPS = 5
 SAVE_AT = 3
 
 
-def model_config() -> GLMConfig:
-    return model_preset("micro", max_seq_len=64)
+def model_config(layers: int = 2) -> GLMConfig:
+    return model_preset("micro", max_seq_len=64, num_layers=layers)
 
 
 def train_config(out: Path) -> TrainConfig:
@@ -45,31 +45,63 @@ CASES = {  # name: (tp, pp, dp, options)
     "tp2xdp2": (2, 1, 2, {}),
     "pp2xtp2": (2, 2, 1, {"schedule": "gpipe", "activation_checkpointing": True}),
 }
+SAVED = ("tp2xdp2", "pp2-interleaved")  # cases that save a checkpoint at SAVE_AT
+# Interleaved 1F1B: two stages per rank of a 4-layer model (stages 0 and 2 on the first rank).
+INTERLEAVED_LAYERS = 4
+INTERLEAVED = {
+    "pp2-interleaved": (1, 2, 1, {"schedule": "interleaved-1f1b", "virtual_stages": 2}),
+    "pp2xtp2-interleaved": (2, 2, 1, {"schedule": "interleaved-1f1b", "virtual_stages": 2}),
+    "pp2xdp2-interleaved": (1, 2, 2, {"schedule": "interleaved-1f1b", "virtual_stages": 2, "micro_batch_size": 1}),
+}
 
 
-def _run_cases(names: list[str], tmp: Path, resume_from: str | None) -> None:
-    """In every rank: train each case for STEPS steps (tp2xdp2 also saves at SAVE_AT); with
+def _run_cases(names: list[str], tmp: Path, resume_from: str | None, layers: int = 2) -> None:
+    """In every rank: train each case for STEPS steps (those in SAVED also save at SAVE_AT); with
     `resume_from`, also resume that case's checkpoint under this layout for one step."""
     for name in names:
-        tp, pp, dp, options = CASES[name]
-        trainer = ParallelTrainer(model_config(), train_config(tmp / name), Layout(tp, pp, dp), **options)
+        tp, pp, dp, options = (CASES | INTERLEAVED)[name]
+        trainer = Trainer(model_config(layers), dataclasses.replace(train_config(tmp / name), tp=tp, pp=pp, dp=dp, **options))
         losses, norms = [], []
         for _ in range(STEPS):
             metrics = trainer.train_step()
             losses.append(metrics["loss"])
             norms.append(metrics["grad_norm"])
-            if name == "tp2xdp2" and trainer.step == SAVE_AT:
+            if name in SAVED and trainer.step == SAVE_AT:
                 trainer.save()
         state = gather_full_state(trainer.model, trainer.optimizer, trainer.model_config, tp)
         parts: list[dict[str, torch.Tensor]] = [{} for _ in range(dist.get_world_size())]
         dist.all_gather_object(parts, state)
         result = {"losses": losses, "norms": norms, "params": {k: v for part in parts for k, v in part.items()}}
         if resume_from is not None and name == names[0]:
-            config = dataclasses.replace(train_config(tmp / resume_from), max_steps=STEPS)
-            resumed = ParallelTrainer(model_config(), config, Layout(tp, pp, dp), resume=True, **options)
+            config = dataclasses.replace(train_config(tmp / resume_from), max_steps=STEPS, tp=tp, pp=pp, dp=dp, **options)
+            resumed = Trainer(model_config(layers), config, resume=True)
             result["resumed"] = (resumed.step, resumed.train_step()["loss"])
         if dist.get_rank() == 0:
             torch.save(result, tmp / f"{name}.pt")
+
+
+def _single_reference(out: Path, layers: int) -> dict[str, list]:
+    """STEPS single-process steps (the reference every layout is held to)."""
+    reference = Trainer(model_config(layers), train_config(out))
+    result: dict[str, Any] = {"losses": [], "norms": [], "fp32_norms": []}
+    fp32_norms = reference.precision._grad_norms
+
+    def exact_norms(grads: list[torch.Tensor]) -> tuple[float, float]:
+        """Clip by the float64 norm, as the parallel trainer does: single-process training's fp32
+        norm is up to 1e-4 off (the sparse embedding gradient), which would move the clipped
+        steps by more than the parallelism under test."""
+        total, embedding = fp32_norms(grads)
+        exact = torch.stack([g.double().square().sum() for g in grads]).sum().sqrt().item()
+        result["fp32_norms"].append(total)
+        return exact, embedding
+
+    reference.precision._grad_norms = exact_norms  # type: ignore[method-assign]
+    for _ in range(STEPS):
+        metrics = reference.train_step()
+        result["losses"].append(metrics["loss"])
+        result["norms"].append(metrics["grad_norm"])
+    result["params"] = {k: v.detach().clone() for k, v in reference.model.named_parameters()}
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -79,25 +111,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, shard_cache: str) -> dict[str
     patch = pytest.MonkeyPatch()
     patch.setenv("OPENGLM_CACHE", shard_cache)
     try:
-        reference = Trainer(model_config(), train_config(tmp / "single"))
-        results: dict[str, dict] = {"single": {"losses": [], "norms": [], "fp32_norms": []}}
-        fp32_norms = reference.precision._grad_norms
-
-        def exact_norms(grads: list[torch.Tensor]) -> tuple[float, float]:
-            """Clip by the float64 norm, as the parallel trainer does: single-process training's fp32
-            norm is up to 1e-4 off (the sparse embedding gradient), which would move the clipped
-            steps by more than the parallelism under test."""
-            total, embedding = fp32_norms(grads)
-            exact = torch.stack([g.double().square().sum() for g in grads]).sum().sqrt().item()
-            results["single"]["fp32_norms"].append(total)
-            return exact, embedding
-
-        reference.precision._grad_norms = exact_norms  # type: ignore[method-assign]
-        for _ in range(STEPS):
-            metrics = reference.train_step()
-            results["single"]["losses"].append(metrics["loss"])
-            results["single"]["norms"].append(metrics["grad_norm"])
-        results["single"]["params"] = {k: v.detach().clone() for k, v in reference.model.named_parameters()}
+        results: dict[str, dict] = {"single": _single_reference(tmp / "single", 2)}
         spawn(_run_cases, 4, ["tp2xdp2", "pp2xtp2"], tmp, None)
         spawn(_run_cases, 2, ["pp2", "tp2", "dp2", "dp2-replicate"], tmp, "tp2xdp2")
     finally:
@@ -105,6 +119,21 @@ def runs(tmp_path_factory: pytest.TempPathFactory, shard_cache: str) -> dict[str
     results |= {name: torch.load(tmp / f"{name}.pt") for name in CASES}
     results["tmp"] = {"path": tmp}
     return results
+
+
+@pytest.fixture(scope="module")
+def interleaved_runs(tmp_path_factory: pytest.TempPathFactory, shard_cache: str) -> dict[str, dict]:
+    """The 4-layer reference, then the interleaved layouts."""
+    tmp = tmp_path_factory.mktemp("interleaved")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("OPENGLM_CACHE", shard_cache)
+    try:
+        results = {"single": _single_reference(tmp / "single", INTERLEAVED_LAYERS)}
+        spawn(_run_cases, 2, ["pp2-interleaved"], tmp, None, INTERLEAVED_LAYERS)
+        spawn(_run_cases, 4, ["pp2xtp2-interleaved", "pp2xdp2-interleaved"], tmp, "pp2-interleaved", INTERLEAVED_LAYERS)
+    finally:
+        patch.undo()
+    return results | {name: torch.load(tmp / f"{name}.pt") for name in INTERLEAVED}
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -122,12 +151,25 @@ def _key_bias_free(name: str, tensor: torch.Tensor, config: GLMConfig) -> torch.
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_layout_matches_single_process(runs: dict[str, dict], name: str) -> None:
-    single, parallel = runs["single"], runs[name]
+    _assert_matches(runs["single"], runs[name], model_config())
+
+
+@pytest.mark.parametrize("name", list(INTERLEAVED))
+def test_interleaved_1f1b_matches_single_process(interleaved_runs: dict[str, dict], name: str) -> None:
+    _assert_matches(interleaved_runs["single"], interleaved_runs[name], model_config(INTERLEAVED_LAYERS))
+
+
+def test_checkpoint_from_interleaved_resumes_under_another_layout(interleaved_runs: dict[str, dict]) -> None:
+    """Saved under interleaved pp2 (stages 0, 2 | 1, 3) at step 3, resumed under interleaved pp2 x tp2."""
+    step, loss = interleaved_runs["pp2xtp2-interleaved"]["resumed"]
+    assert step == SAVE_AT and loss == pytest.approx(interleaved_runs["single"]["losses"][SAVE_AT], rel=1e-5)
+
+
+def _assert_matches(single: dict, parallel: dict, config: GLMConfig) -> None:
     assert parallel["losses"] == pytest.approx(single["losses"], rel=1e-5)
     assert parallel["norms"] == pytest.approx(single["norms"], rel=1e-5)  # the global norm across every shard
     assert single["fp32_norms"] == pytest.approx(single["norms"], rel=2e-4)
     assert set(parallel["params"]) == set(single["params"])
-    config = model_config()
     for key, expected in single["params"].items():
         got = parallel["params"][key]
         assert got.shape == expected.shape, key
@@ -174,9 +216,9 @@ def test_cli_rejects_bad_layout_without_traceback(tmp_path: Path) -> None:
 
 def test_batch_must_split_over_data_parallel_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; the check comes before joining a group
-    config = dataclasses.replace(train_config(tmp_path), batch_size=3, micro_batch_size=3)
+    config = dataclasses.replace(train_config(tmp_path), batch_size=3, micro_batch_size=3, dp=2)
     with pytest.raises(ConfigError, match="--batch-size 3 is not divisible by --dp 2"):
-        ParallelTrainer(model_config(), config, Layout(dp=2))
+        Trainer(model_config(), config)
 
 
 # -------------------------------------------------------------------------------- planner
@@ -200,3 +242,28 @@ def test_plan_cli_says_when_a_layout_does_not_fit() -> None:
     assert result.exit_code == 0 and "pipeline bubble   3.8%" in result.output and "128.7B" in result.output
     result = CliRunner().invoke(app, ["plan", "--tp", "5"])
     assert result.exit_code == 2 and "--tp 5 does not divide the 96 attention heads" in result.output
+
+
+def test_plan_interleaved_bubble() -> None:
+    """Narayanan et al. (2021): v stages per GPU cut the bubble's time from (p-1) to (p-1)/v
+    micro-batch slots, next to the m slots of work: written out for GLM-130B's p=8, m=176."""
+    for v in (1, 2, 4):
+        report = plan(model_preset("glm-130b"), gpus=768, tp=4, pp=8, micro_batches=176, virtual_stages=v)
+        assert report.bubble == pytest.approx((7 / v) / (176 + 7 / v), rel=1e-12)
+    assert pipeline_bubble(8, 176, 2) < pipeline_bubble(8, 176) and pipeline_bubble(1, 4, 3) == 0
+    result = CliRunner().invoke(app, ["plan", "--preset", "glm-130b", "--micro-batches", "176", "--virtual-stages", "2"])
+    assert result.exit_code == 0 and "pipeline bubble   1.9%  (interleaved: (p-1)/(v*m+p-1), p=8, v=2, m=176)" in result.output
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"pp": 2, "virtual_stages": 2}, "--virtual-stages 2 needs --schedule interleaved-1f1b"),
+        ({"schedule": "interleaved-1f1b"}, "--schedule interleaved-1f1b needs --pp 2 or more"),
+        ({"pp": 2, "virtual_stages": 2, "schedule": "interleaved-1f1b"}, "--pp 2 x --virtual-stages 2 = 4 stages, more than the 2 layers"),
+    ],
+)
+def test_interleaved_layouts_are_checked(tmp_path: Path, overrides: dict, message: str) -> None:
+    config = dataclasses.replace(train_config(tmp_path), **overrides)
+    with pytest.raises(ConfigError, match=message):
+        check_training(model_config(), config, config.pp)

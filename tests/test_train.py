@@ -17,9 +17,11 @@ from openglm.io.api import load
 from openglm.io.checkpoint import CheckpointError
 from openglm.model import GLM
 from openglm.train.metrics import SpikeDetector, read_metrics
+from openglm.train.objective import compute_loss
 from openglm.train.optim import batch_size_at, learning_rate
 from openglm.train.precision import DynamicLossScaler, MixedPrecision
-from openglm.train.trainer import Trainer, compute_loss
+from openglm.train.samples import collate_range
+from openglm.train.trainer import Trainer
 
 
 def micro_train_config(out: Path, **overrides) -> TrainConfig:
@@ -136,11 +138,36 @@ def test_egs_alpha_reaches_the_model(tmp_path, cache_env):
     assert trainer.model.embedding_grad_scale == 0.1
 
 
+def test_activation_checkpointing_recomputes_each_block_to_the_same_gradients(tmp_path, cache_env, monkeypatch):
+    """Single-process training is the 1x1x1 layout: --activation-checkpointing applies there too,
+    running each block under torch.utils.checkpoint, with the gradients of plain backward."""
+    import openglm.model
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return torch.utils.checkpoint.checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(openglm.model, "checkpoint", counted)
+    grads = []
+    for recompute in (False, True):
+        trainer = Trainer(micro_config(), micro_train_config(tmp_path / str(recompute), activation_checkpointing=recompute))
+        assert trainer.model.checkpoint_layers is recompute
+        trainer.model.train()
+        loss, _ = compute_loss(trainer.model, collate_range(trainer.train_data, 0, 4), 100)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
+    assert len(calls) == micro_config().num_layers
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-6, atol=1e-9, msg=name)
+
+
 def test_gradient_accumulation_equals_one_big_batch(tmp_path, cache_env):
     grads = []
     for micro in (4, 1):
         trainer = Trainer(micro_config(), micro_train_config(tmp_path / str(micro), micro_batch_size=micro))
-        batch = trainer._batch(trainer.train_data, 0, 4)
+        batch = collate_range(trainer.train_data, 0, 4)
         targets = int((batch["labels"] != -100).sum())
         for start in range(0, 4, micro):
             part = {k: v[start : start + micro] for k, v in batch.items()}

@@ -63,6 +63,20 @@ def test_train_uses_the_given_tokenizer(tmp_path: Path, cache_env: str, corpus: 
     assert len(lines) == 1 and lines[0].startswith(f"error: {other}: not the tokenizer the run was trained with"), resumed.stderr
 
 
+def test_the_tokenizer_is_a_config_field_for_config_files_and_set(tmp_path: Path, cache_env: str, corpus: Path, small: Path) -> None:
+    """`train.tokenizer` in a --config file, and --set train.tokenizer=FILE winning over --tokenizer."""
+    config = tmp_path / "run.yaml"
+    config.write_text(f"train:\n  tokenizer: {json.dumps(str(tmp_path / 'missing.json'))}\n", encoding="utf-8")
+    out = tmp_path / "run"
+    args = ["--data", str(corpus), "--config", str(config), "--tokenizer", str(tmp_path / "also-missing.json")]
+    result = train(*args, "--set", f"train.tokenizer={small}", "--max-steps", "1", "--val-fraction", "0", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert openglm.load(out)[1].fingerprint == GLMTokenizer.from_file(small).fingerprint
+    # from the config file alone: its (missing) file is the one named
+    refused = train("--data", str(corpus), "--config", str(config), "--max-steps", "1", "--out", str(tmp_path / "other"))
+    assert refused.exit_code == 2 and "missing.json" in refused.stderr and "also-missing" not in refused.stderr, refused.stderr
+
+
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path: Path, cache_env: str, corpus: Path, small: Path) -> None:
     config = TrainConfig(out_dir=str(tmp_path / "run"), data=[str(corpus)], tokenizer=str(small), precision="fp32")
     with pytest.raises(ConfigError, match=rf"^{small}: {VOCAB} tokens do not fit the model's GLMConfig.vocab_size of 300 "):

@@ -20,6 +20,7 @@ which admits only the checkpoint metadata classes, and `_SafeLoadPlanner`, which
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
@@ -54,7 +55,7 @@ from openglm.parallel.parallelize import geglu_row_order, is_geglu_input
 from openglm.tokenizer import GLMTokenizer
 from openglm.train import rundir
 from openglm.train.optim import build_optimizer
-from openglm.train.trainer import TRAINER_STATE_KEYS
+from openglm.train.rundir import TRAINER_STATE_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,12 @@ def load_distributed(path: Path, model: nn.Module, optimizer: torch.optim.Optimi
     the trainer state."""
     state = read_distributed_state(path)
     model_state, optim_state = _state(model, optimizer, config, tp)
+    # DCP stores one rank's `param_groups` (a plain value, saved once), which under pipelining
+    # names only that rank's parameters: they are read (and checked) but this rank's own groups,
+    # the run's hyper-parameters (the learning rate is set every step), are what the optimizer keeps.
+    own_groups = copy.deepcopy(optim_state["param_groups"])
     _load({"model": model_state, "optim": optim_state}, path)
+    optim_state["param_groups"] = own_groups
     if tp > 1 and config.ffn_type == "geglu":
         assert config.ffn_hidden_size is not None
         order = geglu_row_order(config.ffn_hidden_size, tp)

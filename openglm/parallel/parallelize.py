@@ -6,7 +6,9 @@ full model) on the meta device, shards it there (DTensor tensor parallelism on t
 dimension, FSDP2 on "dp") and only then allocates and initialises what it holds (`materialize`):
 no rank ever allocates a parameter it does not own. Initial values depend only on the run's seed,
 the parameter's name and the element's index (`model.fill_initial`), so every layout starts from
-exactly the weights single-process training starts from.
+exactly the weights single-process training starts from. Under the interleaved schedule a rank
+builds several stages (every pp-th of pp x virtual_stages) and holds them as one `StageGroup`;
+outside a process group (the 1x1x1 layout) `build_model` is the whole GLM.
 
 Tensor parallelism (Megatron's layout): QKV column-parallel, split per head (the fused weight is laid
 out per head as [q|k|v], so Shard(0) keeps heads whole); GeGLU's input projection column-parallel
@@ -19,7 +21,7 @@ LayerNorms and RoPE act on replicated activations, so they need nothing.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -28,7 +30,8 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from openglm.config import GLMConfig
 from openglm.model import GLM, fill_initial
-from openglm.parallel.plan import Layout, stage_layers
+from openglm.parallel.plan import Layout, pipeline_stage_indices, stage_layers
+from openglm.parallel.ranks import Ranks
 
 
 def geglu_row_order(ffn: int, tp: int) -> torch.Tensor:
@@ -40,17 +43,6 @@ def geglu_row_order(ffn: int, tp: int) -> torch.Tensor:
 
 def is_geglu_input(name: str) -> bool:
     return ".mlp.dense_h_to_4h." in name
-
-
-def vocab_parallel_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, normalizer: int) -> torch.Tensor:
-    """`linear_cross_entropy` with the weight sharded over the vocabulary: the logits stay
-    Shard(-1) and the softmax reduces across ranks (`loss_parallel` must be active in forward and
-    backward). The replicated hidden states get their gradient summed over the tensor-parallel
-    ranks in backward."""
-    mesh = weight.device_mesh
-    logits = F.linear(DTensor.from_local(hidden, mesh, [Replicate()]), weight).float()
-    loss = F.cross_entropy(logits, DTensor.from_local(targets, mesh, [Replicate()]), reduction="sum")
-    return loss.to_local() / normalizer
 
 
 def apply_tensor_parallel(stage: GLM, mesh: DeviceMesh) -> None:
@@ -127,16 +119,66 @@ def materialize(stage: GLM, device: torch.device, seed: int, tp: int) -> None:
 
 
 def build_stage(
-    config: GLMConfig, layout: Layout, mesh: DeviceMesh, device: torch.device, seed: int, dp_mode: str = "fsdp"
+    config: GLMConfig,
+    layout: Layout,
+    mesh: DeviceMesh,
+    device: torch.device,
+    seed: int,
+    dp_mode: str = "fsdp",
+    index: int | None = None,
+    virtual_stages: int = 1,
 ) -> GLM:
-    """This rank's part of the model: its pipeline stage, sharded over "tp" and "dp", allocated and
-    initialised only where it owns elements (see the module docstring)."""
-    pp_rank = mesh.get_local_rank("pp")
+    """Pipeline stage `index` of the layout's pp x `virtual_stages` stages (default: this rank's
+    one stage), sharded over "tp" and "dp", allocated and initialised only where this rank owns
+    elements (see the module docstring)."""
+    stages = layout.pp * virtual_stages
+    index = mesh.get_local_rank("pp") if index is None else index
     with torch.device("meta"):
-        stage = GLM(config, stage_layers(config.num_layers, layout.pp)[pp_rank], embed=pp_rank == 0, head=pp_rank == layout.pp - 1)
+        stage = GLM(config, stage_layers(config.num_layers, stages)[index], embed=index == 0, head=index == stages - 1)
     if layout.tp > 1:
         apply_tensor_parallel(stage, mesh["tp"])
     if layout.dp > 1:
         apply_data_parallel(stage, mesh["dp"], dp_mode)
     materialize(stage, device, seed, layout.tp)
     return stage
+
+
+class StageGroup(nn.Module):
+    """The pipeline stages one rank runs under an interleaved schedule, as one module whose
+    parameter names are the full model's (it shares its submodules with the stages, which are
+    not submodules of it); `stages` is what the schedule runs."""
+
+    def __init__(self, stages: list[GLM]) -> None:
+        super().__init__()
+        self.config = stages[0].config
+        for name in ("word_embeddings", "final_layernorm", "lm_head"):
+            setattr(self, name, next((getattr(s, name) for s in stages if getattr(s, name) is not None), None))
+        self.layers = nn.ModuleDict({name: block for stage in stages for name, block in stage.layers.named_children()})
+        self.stages = stages  # a plain list: not registered, so names stay the full model's
+
+    num_parameters = GLM.num_parameters
+
+    def train(self, mode: bool = True) -> StageGroup:
+        super().train(mode)
+        for stage in self.stages:
+            stage.train(mode)
+        return self
+
+
+def stages_of(model: nn.Module) -> list[GLM]:
+    """The GLMs `build_model` returned as one module: a StageGroup's stages, else the model itself."""
+    return list(model.stages) if isinstance(model, StageGroup) else [model]  # type: ignore[list-item]
+
+
+def build_model(config: GLMConfig, ranks: Ranks, seed: int, dp_mode: str = "fsdp", virtual_stages: int = 1) -> nn.Module:
+    """This rank's part of the model under `ranks`' layout, initialised from `seed`: the whole GLM
+    outside a process group (single-process training, the 1x1x1 layout), else its pipeline stage
+    (`build_stage`; with `virtual_stages` > 1 its stages as a `StageGroup`)."""
+    if not ranks.distributed:
+        return GLM(config, seed=seed)
+    assert ranks.mesh is not None
+    stages = [
+        build_stage(config, ranks.layout, ranks.mesh, ranks.device, seed, dp_mode, index, virtual_stages)
+        for index in pipeline_stage_indices(ranks.pp_rank, ranks.layout.pp, virtual_stages)
+    ]
+    return stages[0] if virtual_stages == 1 else StageGroup(stages)

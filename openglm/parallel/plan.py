@@ -12,8 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from openglm.config import ConfigError, GLMConfig
+from openglm.config import ConfigError, GLMConfig, TrainConfig
 from openglm.model import flops_per_token
+from openglm.train.optim import batch_size_at
+
+# Pipeline schedules that need at least as many micro-batches as stages (torch's 1F1B refuses fewer).
+FILLED_SCHEDULES = ("1f1b",)
+INTERLEAVED = "interleaved-1f1b"  # the schedule that runs more than one stage per rank
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,11 @@ class Layout:
     def __str__(self) -> str:
         return f"tp{self.tp} x pp{self.pp} x dp{self.dp}"
 
+    @classmethod
+    def of(cls, config: TrainConfig) -> Layout:
+        """The layout a run's configuration names."""
+        return cls(config.tp, config.pp, config.dp)
+
 
 def validate_layout(layout: Layout, config: GLMConfig, world_size: int | None = None) -> None:
     """Raise ConfigError saying what to change when the layout cannot split this model."""
@@ -70,6 +80,106 @@ def validate_layout(layout: Layout, config: GLMConfig, world_size: int | None = 
         raise ConfigError(f"--pp {layout.pp} is larger than the {config.num_layers} layers; use --pp {config.num_layers} or less")
 
 
+DEFAULT_MICRO_BATCH = 16  # sequences per forward/backward when the run does not say
+
+
+def filling_micro_batch(sequences: int, cap: int, stages: int) -> int | None:
+    """The largest micro-batch size up to `cap` that splits `sequences` evenly into at least
+    `stages` micro-batches; None when there are fewer sequences than stages."""
+    return next((size for size in range(min(cap, sequences), 0, -1) if sequences % size == 0 and sequences // size >= stages), None)
+
+
+def micro_batch_size(config: TrainConfig) -> int:
+    """The run's micro-batch size: `config.micro_batch_size`, or without one the largest up to
+    DEFAULT_MICRO_BATCH (and each data-parallel rank's share of a step) that, with pipelining,
+    splits that share evenly into at least as many micro-batches as stages; a ConfigError saying
+    what to change when the share is smaller than the stages."""
+    layout = Layout.of(config)
+    if config.micro_batch_size is not None:
+        return config.micro_batch_size
+    per_rank = max(config.batch_size // layout.dp, 1)
+    if layout.pp == 1:
+        return min(DEFAULT_MICRO_BATCH, per_rank)
+    size = filling_micro_batch(per_rank, DEFAULT_MICRO_BATCH, layout.pp)
+    if size is None:
+        raise ConfigError(
+            f"--batch-size {config.batch_size} gives each of the {layout.dp} data-parallel ranks {per_rank} sequences per step, "
+            f"fewer than the {layout.pp} pipeline stages: raise --batch-size to at least {layout.pp * layout.dp} or lower --pp"
+        )
+    return size
+
+
+def check_training(model_config: GLMConfig, config: TrainConfig, world_size: int | None = None) -> int:
+    """Everything about a run's layout that can be known before any process starts (the layout
+    against the model and the number of processes, every step's batch against the layout, the
+    pipeline's micro-batches against its stages); returns the micro-batch size. A ConfigError
+    says what to change."""
+    layout = Layout.of(config)
+    validate_layout(layout, model_config, world_size)
+    check_virtual_stages(model_config, config)
+    micro = micro_batch_size(config)
+    sizes = {batch_size_at(step, config) for step in range(min(config.max_steps, config.batch_rampup_steps + 1))}
+    for size in sorted(sizes):
+        if size % layout.dp:
+            raise ConfigError(f"--batch-size {size} is not divisible by --dp {layout.dp}; choose a multiple of {layout.dp}")
+        if layout.pp == 1:
+            continue
+        per_rank = size // layout.dp
+        if per_rank % min(micro, per_rank):
+            raise ConfigError(
+                f"with pipelining each data-parallel rank's {per_rank} sequences must split into equal micro-batches; "
+                f"choose --micro-batch-size dividing {per_rank}"
+            )
+        micro_batches = -(-per_rank // micro)
+        rounds = max(1, micro_batches // layout.pp)
+        if config.schedule == INTERLEAVED and micro_batches % rounds:
+            raise ConfigError(
+                f"--schedule {INTERLEAVED} runs micro-batches in rounds of --pp {layout.pp}: {micro_batches} micro-batches of a step "
+                f"of {size} sequences per data-parallel rank is not a multiple of its {rounds} rounds; choose --micro-batch-size so "
+                f"that the count is a multiple of {layout.pp} (or at most {layout.pp})"
+            )
+        if config.schedule in FILLED_SCHEDULES and micro_batches < layout.pp:
+            raise ConfigError(
+                f"--micro-batch-size {micro} gives {micro_batches} micro-batches of a step of {size} sequences per data-parallel "
+                f"rank, fewer than the {layout.pp} pipeline stages the {config.schedule} schedule needs: choose --micro-batch-size "
+                f"at most {max(per_rank // layout.pp, 1)}, raise --batch-size, or leave --micro-batch-size out to have one chosen"
+            )
+    evaluated = evaluation_sequences(config, micro) // layout.dp
+    if layout.pp > 1 and config.val_fraction > 0 and config.schedule in FILLED_SCHEDULES and evaluated < layout.pp:
+        raise ConfigError(
+            f"held-out evaluation gives each data-parallel rank {evaluated} sequences, fewer than the {layout.pp} pipeline "
+            f"stages: set train.eval_batches to at least {-(-layout.pp * layout.dp // micro)} (--set train.eval_batches=N)"
+        )
+    return micro
+
+
+def check_virtual_stages(model_config: GLMConfig, config: TrainConfig) -> None:
+    """--virtual-stages comes with the interleaved schedule, which needs pipelining and a layer for
+    every stage."""
+    stages = config.pp * config.virtual_stages
+    if config.virtual_stages > 1 and config.schedule != INTERLEAVED:
+        raise ConfigError(f"--virtual-stages {config.virtual_stages} needs --schedule {INTERLEAVED}")
+    if config.schedule == INTERLEAVED and config.pp < 2:
+        raise ConfigError(f"--schedule {INTERLEAVED} needs --pp 2 or more")
+    if stages > model_config.num_layers:
+        raise ConfigError(
+            f"--pp {config.pp} x --virtual-stages {config.virtual_stages} = {stages} stages, more than the {model_config.num_layers} "
+            f"layers; lower --virtual-stages or --pp"
+        )
+
+
+def pipeline_stage_indices(pp_rank: int, pp: int, virtual_stages: int) -> list[int]:
+    """The pipeline stages rank `pp_rank` runs, in order: one, or under the interleaved schedule
+    every pp-th of the pp * virtual_stages stages (the layers of stage i: stage_layers(...)[i])."""
+    return [pp_rank + j * pp for j in range(virtual_stages)]
+
+
+def evaluation_sequences(config: TrainConfig, micro_batch_size: int) -> int:
+    """Held-out sequences per evaluation: single-process's set, rounded up to split over data parallelism."""
+    count = config.eval_batches * micro_batch_size
+    return count + -count % config.dp
+
+
 def stage_layers(num_layers: int, pp: int) -> list[range]:
     """Contiguous layer ranges per pipeline stage; the first stages take one more when uneven."""
     base, extra = divmod(num_layers, pp)
@@ -79,9 +189,11 @@ def stage_layers(num_layers: int, pp: int) -> list[range]:
     return [range(bounds[i], bounds[i + 1]) for i in range(pp)]
 
 
-def pipeline_bubble(pp: int, micro_batches: int) -> float:
-    """Idle fraction of a GPipe / 1F1B (PipeDream-Flush) step: (p-1)/(m+p-1)."""
-    return (pp - 1) / (micro_batches + pp - 1)
+def pipeline_bubble(pp: int, micro_batches: int, virtual_stages: int = 1) -> float:
+    """Idle fraction of a GPipe / 1F1B (PipeDream-Flush) step, (p-1)/(m+p-1); with v interleaved
+    stages per rank the bubble shrinks v-fold (Narayanan et al. 2021: (p-1)/v of the m micro-batch
+    times), (p-1)/(v*m+p-1)."""
+    return (pp - 1) / (virtual_stages * micro_batches + pp - 1)
 
 
 def layer_parameters(config: GLMConfig) -> tuple[int, int]:
@@ -120,6 +232,7 @@ class PlanReport:
     activations_gib: float
     activations_checkpointed_gib: float
     bubble: float
+    virtual_stages: int
     step_seconds: float
     mfu: float
     comm_gib: dict[str, float]  # sent per GPU and step, averaged over GPUs
@@ -144,15 +257,19 @@ def plan(
     micro_batches: int = 1,
     micro_batch_size: int = 1,
     mfu: float = 0.325,
+    virtual_stages: int = 1,
 ) -> PlanReport:
-    """Cost of training `config` on `gpus` GPUs as tp x pp x (gpus / tp / pp) with 1F1B."""
+    """Cost of training `config` on `gpus` GPUs as tp x pp x (gpus / tp / pp) with 1F1B, or with
+    `virtual_stages` > 1 interleaved 1F1B (its bubble; activations and traffic counted as 1F1B's)."""
     if gpu not in GPUS:
         raise ConfigError(f"unknown --gpu {gpu!r}; choose from {', '.join(GPUS)}")
     validate_layout(Layout(tp, pp, 1), config)
     if gpus % (tp * pp):
         raise ConfigError(f"--gpus {gpus} is not a multiple of tp*pp = {tp * pp}; change --gpus, --tp or --pp")
-    if micro_batches < 1 or micro_batch_size < 1 or not 0 < mfu <= 1:
-        raise ConfigError("--micro-batches and --micro-batch-size must be positive and --mfu in (0, 1]")
+    if micro_batches < 1 or micro_batch_size < 1 or virtual_stages < 1 or not 0 < mfu <= 1:
+        raise ConfigError("--micro-batches, --micro-batch-size and --virtual-stages must be positive and --mfu in (0, 1]")
+    if pp * virtual_stages > config.num_layers:
+        raise ConfigError(f"--pp {pp} x --virtual-stages {virtual_stages} is more than the {config.num_layers} layers")
     layout = Layout(tp, pp, gpus // (tp * pp))
     h, seq = config.hidden_size, config.max_seq_len
     sharded, replicated = layer_parameters(config)
@@ -175,7 +292,7 @@ def plan(
         micro_batches=micro_batches, global_batch=global_batch,
         weights_gib=2 * per_rank / GIB, grads_gib=2 * per_rank / GIB, optimizer_gib=12 * per_rank / layout.dp / GIB,
         activations_gib=full / GIB, activations_checkpointed_gib=checkpointed / GIB,
-        bubble=pipeline_bubble(pp, micro_batches), step_seconds=step_seconds, mfu=mfu,
+        bubble=pipeline_bubble(pp, micro_batches, virtual_stages), virtual_stages=virtual_stages, step_seconds=step_seconds, mfu=mfu,
         comm_gib={k: v / gpus / GIB for k, v in communication_bytes(config, layout, micro_batches, micro_batch_size, 2).items()},
     )
 
@@ -242,7 +359,10 @@ def format_report(report: PlanReport) -> str:
         f"activations       {report.activations_gib:6.1f} GiB without checkpointing, {report.activations_checkpointed_gib:.1f} GiB with",
         f"total per GPU     {report.total_gib(False):6.1f} GiB without checkpointing, {report.total_gib(True):.1f} GiB with "
         f"(GPU: {GPUS[report.gpu].memory_gib:.0f} GiB): {fit_verdict(report)}",
-        f"pipeline bubble   {report.bubble:.1%}  ((p-1)/(m+p-1), p={layout.pp}, m={report.micro_batches})",
+        f"pipeline bubble   {report.bubble:.1%}  ((p-1)/(m+p-1), p={layout.pp}, m={report.micro_batches})"
+        if report.virtual_stages == 1
+        else f"pipeline bubble   {report.bubble:.1%}  (interleaved: (p-1)/(v*m+p-1), p={layout.pp}, v={report.virtual_stages}, "
+        f"m={report.micro_batches})",
         f"step time         {report.step_seconds:.1f} s at {report.mfu:.1%} MFU "
         f"({report.mfu * 4 / 3:.1%} HFU with activation recomputation)",
         "sent per GPU and step (fp16, ring collectives, ZeRO-1): "

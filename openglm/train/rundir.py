@@ -37,6 +37,8 @@ STATE_FIELDS: dict[str, type] = {
     "train_config": dict,
     "spikes": dict,
 }
+# The trainer state every checkpoint stores beside "step" (`Trainer._trainer_state`'s keys, in order).
+TRAINER_STATE_KEYS = tuple(key for key in STATE_FIELDS if key != "step")
 
 
 class TrainingStopped(Exception):

@@ -1,6 +1,17 @@
-"""The pre-training loop: blank-infilling batches in, DeepNorm GLM with GLM-130B's stability tools
-(mixed precision with fp32 master weights, dynamic loss scaling, Embedding Gradient Shrink,
-clipping, grad-norm spike events), resumable checkpoints out."""
+"""The pre-training loop, one for every layout: blank-infilling batches in, DeepNorm GLM with
+GLM-130B's stability tools (mixed precision with fp32 master weights, dynamic loss scaling,
+Embedding Gradient Shrink, clipping, grad-norm spike events), resumable checkpoints out.
+
+Single-process training is the 1x1x1 layout. Under a tp x pp x dp layout (`TrainConfig.tp/pp/dp`,
+one process per rank) the parts that change are composed, not inherited: `Ranks` (this rank's
+coordinates and the collectives, the identity in one process), `build_model` (this rank's part of
+the model: the whole GLM, or its pipeline stages built on the meta device and initialised shard by
+shard), the precision (norms across shards), the data slicing (data-parallel ranks take
+consecutive slices of a step's sequences) and the schedule (micro-batches one after another, or a
+pipeline schedule). The loss is normalised by the whole step's target count, so gradients are
+summed across ranks and the result equals single-process training up to floating-point summation
+order. Checkpoints are single files in one process and distributed (`openglm.parallel.checkpoint`,
+resharded on load: a run resumes under another layout) in a process group."""
 
 from __future__ import annotations
 
@@ -12,40 +23,35 @@ import pickle
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-import torch.nn.functional as F
+from torch.distributed.tensor.parallel import loss_parallel
 
-from openglm.config import ConfigError, GLMConfig, TrainConfig, cache_dir
-from openglm.data.blank_infill import BlankInfillingDataset, TooFewTokens, collate
-from openglm.data.documents import CorpusError, bundled_corpus_paths, document_language
-from openglm.data.mip import MIPDataset, MixedDataset
-from openglm.data.shards import prepare_corpus
-from openglm.data.stream import TokenStream
+from openglm.config import ConfigError, GLMConfig, TrainConfig
+from openglm.data.documents import document_language
 from openglm.eval.lm import LMScore, score_tokens
 from openglm.io import checkpoint as ckpt
-from openglm.model import GLM, flops_per_token
+from openglm.model import flops_per_token
+from openglm.parallel.checkpoint import DIST_LATEST, export_checkpoint, load_distributed, resolve_distributed, save_distributed
+from openglm.parallel.parallelize import build_model, stages_of
+from openglm.parallel.pipeline import Pipeline
+from openglm.parallel.plan import Layout, check_training, evaluation_sequences, filling_micro_batch
+from openglm.parallel.precision import DistributedPrecision, local
+from openglm.parallel.ranks import Ranks, job_world_size
 from openglm.tokenizer import GLMTokenizer
 from openglm.train import rundir
 from openglm.train.metrics import MetricsWriter, Progress, SpikeDetector, measure_matmul_flops
+from openglm.train.objective import compute_loss, count_targets, loss_function
 from openglm.train.optim import batch_size_at, build_optimizer, learning_rate, set_learning_rate
-from openglm.train.precision import DynamicLossScaler, MixedPrecision, StepReport
+from openglm.train.precision import DynamicLossScaler, MixedPrecision
 from openglm.train.rundir import ResumeMode, TrainingStopped
+from openglm.train.samples import SampleSource, build_samples, collate_range
 
 log = logging.getLogger(__name__)
 
-
-class SampleSource(Protocol):
-    def sample(self, index: int) -> dict[str, Any]: ...
-
-
-LOGIT_ROW_BUCKET = 256
-
-# The trainer state every checkpoint stores beside "step" (`Trainer._trainer_state`'s keys, in order).
-TRAINER_STATE_KEYS = ("data_position", "tokens_seen", "train_config", "spikes")
 # Signals that stop training at the end of the current step with a checkpoint: `kill`, container
 # stop and SLURM's `--signal` before preemption; Ctrl-C too (a second Ctrl-C quits at once).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -75,48 +81,8 @@ def stop_signals() -> Iterator[list[int]]:
             signal.signal(signum, old)
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, normalizer: int) -> torch.Tensor:
-    """Output layer and summed fp32 cross-entropy (targets of -100 ignored) in one function, so
-    torch.compile can fuse the upcast, log-softmax and their backward."""
-    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum") / normalizer
-
-
-def compute_loss(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], normalizer: int, loss_fn: Callable[..., torch.Tensor] = linear_cross_entropy
-) -> tuple[torch.Tensor, int]:
-    """Cross-entropy summed over Part B targets, divided by `normalizer` (the target count of the
-    whole optimiser step, so gradient accumulation equals one big batch)."""
-    hidden = model(
-        batch["input_ids"],
-        position_ids=batch["position_ids"],
-        block_position_ids=batch["block_position_ids"],
-        prefix_len=batch["prefix_len"],
-        return_hidden=True,
-    )
-    core = model._orig_mod if hasattr(model, "_orig_mod") else model
-    return head_loss(hidden, batch["labels"], core.output_weight, normalizer, loss_fn)
-
-
-def head_loss(
-    hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, normalizer: int, loss_fn: Callable[..., torch.Tensor] = linear_cross_entropy
-) -> tuple[torch.Tensor, int]:
-    """The output layer and loss on the final hidden states. Logits are computed only where there
-    is a target: for GLM that skips the output layer on all of Part A."""
-    targets = labels.flatten()
-    rows = (targets != -100).nonzero().squeeze(1)
-    count = len(rows)
-    # Round the row count up to a bucket: every new matmul shape costs oneDNN a freshly JIT-compiled
-    # kernel that it also caches, so unbounded shapes made training slower and bigger step by step.
-    padding = -count % LOGIT_ROW_BUCKET
-    rows = torch.cat([rows, rows.new_zeros(padding)])
-    padded_targets = torch.cat([targets[rows[:count]], targets.new_full((padding,), -100)])
-    return loss_fn(hidden.flatten(0, 1)[rows], weight, padded_targets, normalizer), count
-
-
 class Trainer:
-    fused_optimizer = True  # one fused AdamW kernel; `openglm.parallel` steps DTensors per parameter
-
-    rank = 0  # logs and progress come from rank 0 only
+    """Trains `model_config` as `config` says, in this process's part of `config`'s layout."""
 
     def __init__(
         self, model_config: GLMConfig, config: TrainConfig, tokenizer: GLMTokenizer | None = None,
@@ -124,9 +90,19 @@ class Trainer:
     ) -> None:
         """`resume`: True continues the run in `config.out_dir` (an error if it has no checkpoint),
         "auto" continues it if there is one and starts otherwise; `overwrite` replaces the run
-        there. With neither, a directory that holds a run is refused (ConfigError)."""
+        there. With neither, a directory that holds a run is refused (ConfigError). The layout is
+        checked against the model and the batch before a process group is joined."""
+        self.layout = Layout.of(config)
+        self.micro_batch_size = check_training(model_config, config, job_world_size())
+        self.ranks = Ranks(self.layout)
+        self.rank = self.ranks.rank  # logs and progress come from rank 0 only
+        if config.compile and self.ranks.distributed:
+            log.warning("torch.compile is not applied under parallelism; running eager")
+            config = dataclasses.replace(config, compile=False)
         self.config = config
-        self.out_dir = Path(config.out_dir)
+        self.run_dir = Path(config.out_dir)
+        # Other ranks keep their (identical) metrics out of the run directory's metrics.jsonl.
+        self.metrics_dir = self.run_dir if self.rank == 0 else self.run_dir / ".ranks" / str(self.rank)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self._resume_state: dict[str, Any] = {}
@@ -141,7 +117,7 @@ class Trainer:
             raise
 
     def _build(self, model_config: GLMConfig, tokenizer: GLMTokenizer | None, resume_from: Path | None) -> None:
-        config = self.config
+        config, ranks = self.config, self.ranks
         if resume_from is not None:
             model_config = ckpt.load_config(resume_from)
             tokenizer = GLMTokenizer.from_file(resume_from / ckpt.TOKENIZER_FILE)
@@ -149,6 +125,7 @@ class Trainer:
                 raise ConfigError(f"{config.tokenizer}: not the tokenizer the run was trained with ({resume_from / ckpt.TOKENIZER_FILE})")
         elif tokenizer is None and config.tokenizer:
             tokenizer = GLMTokenizer.from_file(config.tokenizer)
+            check_training(model_config, config)  # the checkpoint's model under this run's layout
         self.tokenizer = tokenizer or GLMTokenizer.default()
         if self.tokenizer.vocab_size > model_config.vocab_size:
             raise ConfigError(
@@ -159,75 +136,36 @@ class Trainer:
             model_config = dataclasses.replace(model_config, special_tokens=self.tokenizer.special_tokens)
         self.model_config = model_config
         torch.manual_seed(config.seed)
-        self.model = self._build_model(model_config)
+        self.model = build_model(model_config, ranks, config.seed, config.dp_mode, config.virtual_stages)
+        for stage in stages_of(self.model):
+            stage.embedding_grad_scale = config.egs_alpha
+            stage.checkpoint_layers = config.activation_checkpointing
         scaler = DynamicLossScaler(config.loss_scale_init, config.loss_scale_window, config.loss_scale_min, config.loss_scale_hysteresis)
-        self.precision = self._build_precision(scaler)
-        self.optimizer = build_optimizer(self.precision.master_params, config, fused=self.fused_optimizer)
+        self.precision = (
+            DistributedPrecision(self.model, config.precision, scaler, ranks)
+            if ranks.distributed
+            else MixedPrecision(self.model, config.precision, scaler)
+        )
+        # The fused kernel cannot mix DTensor and plain (replicated) parameters.
+        self.optimizer = build_optimizer(self.precision.master_params, config, fused=not ranks.distributed)
         self.spikes = SpikeDetector(config.spike_factor)
         self.step = 0
         self.data_position = 0
         self.tokens_seen = 0
-        self.train_data, self.val_data = self._build_data()
+        if ranks.rank != 0:  # rank 0 tokenizes the corpus into the shared cache first; the others then read it
+            ranks.barrier()
+        self.train_data, self.val_data, self.val_stream = build_samples(config, model_config, self.tokenizer)
+        if ranks.rank == 0:
+            ranks.barrier()
         if resume_from is not None:
             self._load_training_state(resume_from)
         self.forward_model: torch.nn.Module = torch.compile(self.model) if config.compile else self.model
-        # The number of Part B targets (rounded up to LOGIT_ROW_BUCKET) changes from batch to batch.
-        self.loss_fn = torch.compile(linear_cross_entropy, dynamic=True) if config.compile else linear_cross_entropy
-
-    def _build_model(self, model_config: GLMConfig) -> torch.nn.Module:
-        """The model to train (a hook: `openglm.parallel` returns this rank's parallelized part)."""
-        model = GLM(model_config, seed=self.config.seed)
-        model.embedding_grad_scale = self.config.egs_alpha
-        return model
-
-    def _build_precision(self, scaler: DynamicLossScaler) -> MixedPrecision:
-        return MixedPrecision(self.model, self.config.precision, scaler)
-
-    # ----------------------------------------------------------------------------------- data
-    def _build_data(self) -> tuple[SampleSource, SampleSource | None]:
-        """Training samples and held-out samples (None with `val_fraction` 0: no held-out evaluation)."""
-        config, model_config = self.config, self.model_config
-        paths = [Path(p) for p in config.data] or bundled_corpus_paths()
-        shards = prepare_corpus(
-            paths, self.tokenizer, cache_dir() / "shards", val_fraction=config.val_fraction, seed=config.seed, text_field=config.text_field
-        )
-
-        train: SampleSource = self._samples(TokenStream(shards, "train"), config, paths)
-        if config.mip_data:
-            mip = MIPDataset.from_jsonl(
-                config.mip_data, self.tokenizer, model_config.max_seq_len, model_config.special_tokens, model_config.position_encoding
+        self.loss_fn = loss_function(self.layout.tp, config.compile)
+        self.pipeline = None
+        if self.layout.pp > 1:
+            self.pipeline = Pipeline(
+                self.model, ranks, config.schedule, config.virtual_stages, lambda: self.precision.loss_scale, self.loss_fn
             )
-            train = MixedDataset(train, mip, share=config.mip_share, seed=config.seed)
-        self.val_stream = TokenStream(shards, "val")
-        if config.val_fraction == 0:
-            return train, None
-        return train, self._samples(self.val_stream, dataclasses.replace(config, seed=config.seed + 1), paths)
-
-    def _samples(self, stream: TokenStream, config: TrainConfig, paths: list[Path]) -> BlankInfillingDataset:
-        """Blank-infilling samples of one split; a split shorter than one window is an error
-        naming the corpus and what to do."""
-        try:
-            return BlankInfillingDataset.from_config(stream, self.model_config, config)
-        except TooFewTokens as err:
-            names = ", ".join(map(str, paths))
-            if stream.split == "val" and stream.num_documents == 0:
-                raise CorpusError(
-                    f"{names}: no document can be held out for validation (the corpus has only one); "
-                    "add documents or pass --val-fraction 0 to train without held-out evaluation"
-                ) from None
-            split = "validation" if stream.split == "val" else "training"
-            advice = (
-                "add text, raise --val-fraction, or pass --val-fraction 0 to train without held-out evaluation"
-                if stream.split == "val"
-                else "add text or lower --seq-len"
-            )
-            raise CorpusError(
-                f"{names}: the {split} split has {err.tokens} tokens ({stream.num_documents} documents), "
-                f"too few for one sequence of --seq-len {self.model_config.max_seq_len} ({err.needed} tokens); {advice}"
-            ) from None
-
-    def _batch(self, source: SampleSource, start: int, count: int) -> dict[str, torch.Tensor]:
-        return collate([source.sample(i) for i in range(start, start + count)])
 
     # ----------------------------------------------------------------------------- training
     def train_step(self) -> dict[str, Any]:
@@ -237,13 +175,17 @@ class Trainer:
         lr = learning_rate(self.step, config)
         set_learning_rate(self.optimizer, lr)
         self.model.train()
-        total_loss, targets, report = self._forward_backward_step(sequences)
+        batches = self._local_batches(self.train_data, self.data_position, sequences, self.micro_batch_size)
+        targets = self.ranks.data_parallel_sum(count_targets(batches))
+        with self._context():
+            loss = self._run(batches, max(targets, 1), train=True)
+            report = self.precision.step(self.optimizer, config.grad_clip)
         self.data_position += sequences
         self.step += 1
         tokens = sequences * self.model_config.max_seq_len
         self.tokens_seen += tokens
         return {
-            "loss": total_loss,
+            "loss": loss,
             "lr": lr,
             "grad_norm": report.grad_norm,
             "embedding_grad_norm": report.embedding_grad_norm,
@@ -254,35 +196,62 @@ class Trainer:
             "target_fraction": targets / tokens,
         }
 
-    def _forward_backward_step(self, sequences: int) -> tuple[float, int, StepReport]:
-        """Forward and backward over the step's `sequences` in micro-batches, then the optimiser
-        step: (loss, Part B targets, step report). A hook: `openglm.parallel` spreads the work."""
-        config = self.config
-        starts = range(self.data_position, self.data_position + sequences, config.micro_batch_size)
-        batches = [self._batch(self.train_data, s, min(config.micro_batch_size, self.data_position + sequences - s)) for s in starts]
-        targets = sum(int((b["labels"] != -100).sum()) for b in batches)
-        total_loss = 0.0
-        for batch in batches:
-            loss, _ = compute_loss(self.forward_model, batch, max(targets, 1), self.loss_fn)
-            self.precision.backward(loss)
-            total_loss += loss.item()
-        return total_loss, targets, self.precision.step(self.optimizer, config.grad_clip)
+    def _local_batches(self, source: SampleSource, start: int, sequences: int, micro: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches (of `micro` sequences) of the `sequences` from `start`:
+        data-parallel rank r takes the r-th consecutive slice."""
+        per_rank = sequences // self.layout.dp
+        first = start + self.ranks.dp_rank * per_rank
+        micro = min(micro, per_rank)
+        batches = [collate_range(source, s, min(micro, first + per_rank - s)) for s in range(first, first + per_rank, micro)]
+        return [{k: v.to(self.ranks.device) for k, v in batch.items()} for batch in batches]
+
+    def _context(self) -> contextlib.AbstractContextManager[None]:
+        return loss_parallel() if self.layout.tp > 1 else contextlib.nullcontext()
+
+    def _run(self, batches: list[dict[str, torch.Tensor]], normalizer: int, train: bool) -> float:
+        """Forward (and backward when `train`) over this rank's micro-batches, each loss divided by
+        `normalizer`; returns the step's loss summed over every rank."""
+        if self.pipeline is not None:
+            return self._global(self.pipeline.run(batches, normalizer, train))
+        total = 0.0
+        for index, batch in enumerate(batches):
+            if train and self.layout.dp > 1:
+                # Reduce-scatter once per step and keep the weights gathered from one micro-batch's
+                # backward to the next forward, as the pipeline schedules do.
+                last = index == len(batches) - 1
+                self.model.set_requires_gradient_sync(last)
+                self.model.set_reshard_after_backward(last)
+            loss = compute_loss(self.forward_model, batch, normalizer, self.loss_fn)[0]
+            if train:
+                self.precision.backward(loss)
+            total += loss.item()
+        return self._global(total)
+
+    def _global(self, local_loss: float) -> float:
+        """Sum over data-parallel ranks of the last stage's losses (tensor-parallel ranks agree)."""
+        return self.ranks.sum(local_loss) / self.layout.tp
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean Part-B cross-entropy (nats per target token) on a fixed set of held-out samples."""
+        """Mean Part-B cross-entropy (nats per target token) on a fixed set of held-out samples
+        (single-process's set, split over data-parallel ranks; through a pipeline in at least as
+        many micro-batches as stages)."""
+        assert self.val_data is not None
         self.model.eval()
-        count = self.config.eval_batches * self.config.micro_batch_size
-        total, targets = 0.0, 0
-        for start in range(0, count, self.config.micro_batch_size):
-            batch = self._batch(self.val_data, start, self.config.micro_batch_size)
-            loss, n = compute_loss(self.forward_model, batch, 1, self.loss_fn)
-            total += loss.item()
-            targets += n
-        return total / max(targets, 1)
+        count = evaluation_sequences(self.config, self.micro_batch_size)
+        micro = self.micro_batch_size
+        if self.layout.pp > 1:
+            micro = filling_micro_batch(count // self.layout.dp, micro, self.layout.pp) or micro
+        batches = self._local_batches(self.val_data, 0, count, micro)
+        targets = self.ranks.data_parallel_sum(count_targets(batches))
+        with self._context():
+            return self._run(batches, max(targets, 1), train=False)
 
     def heldout_bits_per_byte(self, max_tokens_per_language: int) -> dict[str, float]:
         """Bits per UTF-8 byte of the held-out documents, by language (tokenizer-independent)."""
+        if self.ranks.distributed:
+            log.info("held-out bits per byte need the whole model: the run's exported checkpoint takes `openglm eval --model RUN`")
+            return {}
         scores: dict[str, LMScore] = {}
         for i in range(self.val_stream.num_documents):
             tokens = self.val_stream.document(i)[:-1].tolist()  # without its <eos>
@@ -297,9 +266,9 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         config = self.config
         if self.step >= config.max_steps:
-            log.info("the run in %s is complete: it is at step %d and --max-steps is %d", self.run_path, self.step, config.max_steps)
+            log.info("the run in %s is complete: it is at step %d and --max-steps is %d", self.run_dir, self.step, config.max_steps)
             return {"step": self.step, "tokens_seen": self.tokens_seen, "complete": True}
-        writer = MetricsWriter(self.out_dir, start_step=self.step)
+        writer = MetricsWriter(self.metrics_dir, start_step=self.step)
         peak = measure_matmul_flops(self.precision.dtype)
         log.info(
             "model %.2fM parameters, precision %s, matmul peak %.0f GFLOP/s, %d steps",
@@ -348,20 +317,16 @@ class Trainer:
         if self.val_data is not None:
             summary["bits_per_byte"] = self.heldout_bits_per_byte(config.final_eval_tokens)
         if summary.get("bits_per_byte"):
-            with MetricsWriter(self.out_dir, tensorboard=False) as final:
+            with MetricsWriter(self.metrics_dir, tensorboard=False) as final:
                 final.write("eval", self.step - 1, **{f"bits_per_byte_{k}": v for k, v in summary["bits_per_byte"].items()})
             log.info("held-out bits per byte: %s", ", ".join(f"{k} {v:.4f}" for k, v in summary["bits_per_byte"].items()))
         summary.update(step=self.step, tokens_seen=self.tokens_seen)
         return summary
 
-    @property
-    def run_path(self) -> Path:
-        """The run directory (`out_dir` of rank 0)."""
-        return self.out_dir
-
     def _stop_signal(self, received: list[int]) -> int:
-        """The stop signal this process received, 0 if none (a hook: under torchrun the ranks agree)."""
-        return received[0] if received else 0
+        """The stop signal this process received, 0 if none: the largest any rank received, so
+        every rank stops at the same step."""
+        return self.ranks.max(received[0] if received else 0)
 
     def _stop(self, signum: int) -> None:
         """Save (unless this step is saved) and end training with exit code 128 + signal number."""
@@ -379,22 +344,19 @@ class Trainer:
         return TrainingStopped(f"training diverged: {what}; stopped without saving, {advice}", DIVERGED_EXIT_CODE)
 
     def _last_checkpoint(self) -> Path | None:
-        return rundir.last_checkpoint(self.run_path)
+        return rundir.last_checkpoint(self.run_dir, DIST_LATEST if self.ranks.distributed else ckpt.LATEST_FILE)
 
     def _state_is_finite(self) -> bool:
-        """Whether every master weight and optimizer moment is finite (a hook: shards are checked
-        on every rank)."""
-        return all(bool(torch.isfinite(t).all()) for t in self._state_tensors())
-
-    def _state_tensors(self) -> list[torch.Tensor]:
+        """Whether every master weight and optimizer moment is finite, on every rank."""
         tensors = [p.detach() for p in self.precision.master_params]
         for state in self.optimizer.state.values():
             tensors += [v for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
-        return tensors
+        return self.ranks.all(all(bool(torch.isfinite(local(t)).all()) for t in tensors))
 
     # --------------------------------------------------------------------------- checkpoints
     def _trainer_state(self) -> dict[str, Any]:
-        """The trainer state a checkpoint stores beside its step (keys: TRAINER_STATE_KEYS)."""
+        """The trainer state a checkpoint stores beside its step (keys: rundir.TRAINER_STATE_KEYS);
+        the run's configuration includes its layout."""
         return {
             "data_position": self.data_position,
             "tokens_seen": self.tokens_seen,
@@ -402,8 +364,88 @@ class Trainer:
             "spikes": self.spikes.state_dict(),
         }
 
-    def _restore_state(self, state: dict[str, Any], scaler_state: dict[str, Any] | None, rng_state: torch.Tensor) -> None:
-        """The resume tail shared by every checkpoint format: loss scaler, RNG, step and trainer state."""
+    def save(self) -> Path:
+        """Write a checkpoint of this step (with every rank, in a process group); a TrainingStopped
+        (never a checkpoint) if any weight or optimizer moment is non-finite."""
+        if not self._state_is_finite():
+            raise self._diverged(f"the weights or optimizer state at step {self.step} are not finite")
+        state = self._trainer_state()
+        scaler = self.precision.scaler.state_dict() if self.precision.scaler else None
+        if self.ranks.distributed:
+            state |= {"loss_scaler": scaler, "torch_rng": torch.get_rng_state().tolist()}
+            path = save_distributed(
+                self.run_dir, self.step, self.model, self.optimizer, self.model_config, self.layout.tp, self.tokenizer, state
+            )
+            if self.step == self.config.max_steps and self.rank == 0:
+                log.info("exported %s", export_checkpoint(path, self.run_dir))
+            self.ranks.barrier()
+        else:
+            optimizer_state = {"optimizer": self.optimizer.state_dict(), "loss_scaler": scaler, "torch_rng": torch.get_rng_state()}
+            path = ckpt.save_checkpoint(
+                self.run_dir, self.step, self.model_config, self.precision.master_state_dict(), self.tokenizer, state, optimizer_state
+            )
+        log.info("saved %s", path)
+        self._saved_step = self.step
+        return path
+
+    def _open_run(self, resume: ResumeMode, overwrite: bool) -> Path | None:
+        """Check --resume/--overwrite against what the run directory holds (every rank), lock it,
+        remove what --overwrite replaces and what a killed save left (rank 0, while the others
+        wait); returns the checkpoint to resume from (None: start)."""
+        resuming = rundir.check_start(self.run_dir, resume, overwrite, self._has_checkpoint())
+        locked = True
+        if self.rank == 0:
+            try:
+                self._lock = rundir.RunLock(self.run_dir)
+            except ConfigError:
+                locked = False
+        if not self.ranks.all(locked):
+            raise ConfigError(f"{self.run_dir} is in use by another training process")
+        if self.rank == 0:
+            if overwrite:
+                rundir.remove_run(self.run_dir)
+            rundir.remove_stale_temps(self.run_dir)
+        self.ranks.barrier()
+        return self._resume_checkpoint() if resuming else None
+
+    def _has_checkpoint(self) -> bool:
+        if self.ranks.distributed:
+            return resolve_distributed(self.run_dir) is not None
+        return bool(rundir.checkpoint_dirs(self.run_dir)) or (self.run_dir / ckpt.LATEST_FILE).exists()
+
+    def _resume_checkpoint(self) -> Path:
+        if not self.ranks.distributed:
+            checkpoint, self._resume_state = rundir.resume_checkpoint(self.run_dir)
+            return checkpoint
+        path = resolve_distributed(self.run_dir)
+        if path is None:
+            raise ConfigError(f"--resume: {self.run_dir} holds no complete distributed checkpoint")
+        return path
+
+    def _load_training_state(self, checkpoint: Path) -> None:
+        """Restore weights, optimizer, loss scaler, RNG and trainer state from `checkpoint`, saved
+        under any layout (distributed checkpoints are resharded; the change is logged)."""
+        if self.ranks.distributed:
+            state = load_distributed(checkpoint, self.model, self.optimizer, self.model_config, self.layout.tp)
+            scaler_state, rng_state = state["loss_scaler"], torch.tensor(state["torch_rng"], dtype=torch.uint8)
+        else:
+            state = self._resume_state
+            master = dict(zip(self.precision.names, self.precision.master_params, strict=True))
+            ckpt.load_weights(checkpoint, master)
+            self.precision.load_master_state_dict(master)
+            optimizer_path = checkpoint / ckpt.OPTIMIZER_FILE
+            try:
+                payload = torch.load(optimizer_path, weights_only=True)
+                self.optimizer.load_state_dict(payload["optimizer"])
+                scaler_state, rng_state = payload["loss_scaler"], payload["torch_rng"]
+            except (OSError, RuntimeError, KeyError, ValueError, TypeError, pickle.UnpicklingError) as err:
+                raise ckpt.CheckpointError(f"{optimizer_path}: cannot restore the optimizer ({err})") from None
+        saved = state["train_config"]
+        if saved.get("precision") != self.config.precision:
+            log.warning("resuming a %s run in %s", saved.get("precision"), self.config.precision)
+        saved_layout = Layout(*(int(saved.get(name, 1)) for name in ("tp", "pp", "dp")))
+        if saved_layout != self.layout:
+            log.info("resuming a run saved under %s as %s", saved_layout, self.layout)
         if scaler_state is not None and self.precision.scaler is not None:
             self.precision.scaler.load_state_dict(scaler_state)
         torch.set_rng_state(rng_state)
@@ -411,57 +453,5 @@ class Trainer:
         self.data_position = int(state["data_position"])
         self.tokens_seen = int(state["tokens_seen"])
         self.spikes.load_state_dict(state["spikes"])
-
-    def save(self) -> Path:
-        """Write a checkpoint of this step; a TrainingStopped (never a checkpoint) if any weight or
-        optimizer moment is non-finite."""
-        if not self._state_is_finite():
-            raise self._diverged(f"the weights or optimizer state at step {self.step} are not finite")
-        state = self._trainer_state()
-        optimizer_state = {
-            "optimizer": self.optimizer.state_dict(),
-            "loss_scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
-            "torch_rng": torch.get_rng_state(),
-        }
-        path = ckpt.save_checkpoint(
-            self.out_dir, self.step, self.model_config, self.precision.master_state_dict(), self.tokenizer, state, optimizer_state
-        )
-        log.info("saved %s", path)
-        self._saved_step = self.step
-        return path
-
-    def _open_run(self, resume: ResumeMode, overwrite: bool) -> Path | None:
-        """Lock the run directory, check --resume/--overwrite against what it holds, clear what a
-        killed save left; returns the checkpoint to resume from (None: start)."""
-        resuming = rundir.check_start(self.out_dir, resume, overwrite, self._has_checkpoint())
-        self._lock = rundir.RunLock(self.out_dir)
-        if overwrite:
-            rundir.remove_run(self.out_dir)
-        rundir.remove_stale_temps(self.out_dir)
-        return self._resume_checkpoint() if resuming else None
-
-    def _has_checkpoint(self) -> bool:
-        return bool(rundir.checkpoint_dirs(self.out_dir)) or (self.out_dir / ckpt.LATEST_FILE).exists()
-
-    def _resume_checkpoint(self) -> Path:
-        checkpoint, self._resume_state = rundir.resume_checkpoint(self.out_dir)
-        return checkpoint
-
-    def _load_training_state(self, checkpoint: Path) -> None:
-        state = self._resume_state
-        saved_precision = state["train_config"].get("precision")
-        if saved_precision != self.config.precision:
-            log.warning("resuming a %s run in %s", saved_precision, self.config.precision)
-        master = dict(zip(self.precision.names, self.precision.master_params, strict=True))
-        ckpt.load_weights(checkpoint, master)
-        self.precision.load_master_state_dict(master)
-        optimizer_path = checkpoint / ckpt.OPTIMIZER_FILE
-        try:
-            payload = torch.load(optimizer_path, weights_only=True)
-            self.optimizer.load_state_dict(payload["optimizer"])
-            scaler_state, rng_state = payload["loss_scaler"], payload["torch_rng"]
-        except (OSError, RuntimeError, KeyError, ValueError, TypeError, pickle.UnpicklingError) as err:
-            raise ckpt.CheckpointError(f"{optimizer_path}: cannot restore the optimizer ({err})") from None
-        self._restore_state(state, scaler_state, rng_state)
         self._saved_step = self.step
         log.info("resumed from %s at step %d", checkpoint, self.step)
