@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from openglm.config import MODEL_PRESETS, ConfigError, in_user_terms, model_preset, train_preset
+from openglm.data.cli import data_app
 
 if TYPE_CHECKING:
     from openglm.generation import GenerationConfig
@@ -21,8 +22,8 @@ if TYPE_CHECKING:
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pre-train, run and inspect GLM language models.")
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Train or inspect tokenizers.")
 app.add_typer(tokenizer_app, name="tokenizer")
+app.add_typer(data_app, name="data")
 log = logging.getLogger("openglm")
-
 
 NO_VERIFY_HELP = (
     "do not check each checkpoint file against the sha256 recorded at save time (hashing reads every file once more, "
