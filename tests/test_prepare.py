@@ -114,7 +114,10 @@ def test_data_prepare_builds_the_shards_training_reuses(tmp_path: Path, tok: GLM
 
 
 def test_data_prepare_errors_are_one_line(tmp_path: Path, corpus: list[Path]) -> None:
+    ice_text = tmp_path / "ice_text.model"
+    ice_text.write_bytes(b"\x0a\x0b sentencepiece model proto")
     cases = {
+        "ice_text.model: a sentencepiece model": ("data", "prepare", str(corpus[0]), "--tokenizer", str(ice_text)),
         "nothing.txt": ("data", "prepare", str(tmp_path / "nothing.txt")),
         "--workers must be at least 1": ("data", "prepare", str(corpus[0]), "--workers", "0"),
         "not a valid tokenizer file": ("data", "prepare", str(corpus[0]), "--tokenizer", str(corpus[0])),
