@@ -18,6 +18,7 @@ import re
 import secrets
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -360,8 +361,9 @@ def build_token_shards(
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     writers = {split: _ShardWriter(out_dir / split, dtype, shard_tokens) for split in SPLITS}
     done = tokens = 0
-    with tqdm(total=text_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=None) as bar:
-        for batch in encode_batches(_batches(iter_documents(corpus_files, text_field)), tokenizer, dtype, workers):
+    encoded = encode_batches(_batches(iter_documents(corpus_files, text_field)), tokenizer, dtype, workers)
+    with closing(encoded), tqdm(total=text_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=None) as bar:
+        for batch in encoded:
             if done + len(batch.lengths) > len(languages):
                 raise CorpusError("the corpus changed while its shards were being built")
             for split, (split_tokens, lengths) in _split(batch, is_val[done : done + len(batch.lengths)]).items():
@@ -416,6 +418,7 @@ def prepare_corpus(
     The key hashes the tokenizer, the source files' paths, sizes and mtimes, the text field and
     the split settings, so editing a file or changing the tokenizer makes a new build. A build is made in a
     temporary folder and renamed into place, so a crashed build is never mistaken for a cache hit.
+    `workers` (tokenizer processes) is not part of the key: every number of them writes the same shards.
     """
     cache_dir = Path(cache_dir)
     _remove_dead_builds(cache_dir)
@@ -432,8 +435,7 @@ def prepare_corpus(
     tmp.mkdir(parents=True)
     try:
         build_token_shards(
-            paths, tokenizer, tmp, val_fraction=val_fraction, seed=seed, shard_tokens=shard_tokens, text_field=text_field,
-            workers=workers,
+            paths, tokenizer, tmp, val_fraction, seed, shard_tokens=shard_tokens, text_field=text_field, workers=workers
         )
         os.replace(tmp, target)
         logger.info("token shards ready in %s", target)
