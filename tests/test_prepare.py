@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import pytest
 from openglm.config import TrainConfig
 from openglm.data import shards
 from openglm.data.documents import document_language, iter_documents
-from openglm.data.encode import encode_documents, worker_pool
+from openglm.data.encode import IN_FLIGHT_PER_WORKER, encode_batches, encode_documents, worker_pool
 from openglm.data.shards import INDEX_FILE, ShardIndex, build_token_shards, choose_validation, prepare_corpus
 from openglm.data.stream import TokenStream
 from openglm.tokenizer import GLMTokenizer
@@ -66,6 +67,22 @@ def test_encode_documents_matches_the_tokenizer(tok: GLMTokenizer) -> None:
     assert batch.lengths.tolist() == [len(ids) for ids in expected]
     assert batch.tokens.tolist() == [i for ids in expected for i in ids] and batch.tokens.dtype == np.uint16
     assert batch.text_bytes == sum(len(t.encode()) for t in texts)
+
+
+def test_at_most_a_few_batches_per_worker_are_in_flight(tok: GLMTokenizer) -> None:
+    pulled = 0
+
+    def batches() -> Iterator[list[str]]:
+        nonlocal pulled
+        for i in range(20):
+            pulled += 1
+            yield [f"batch {i}", "床前明月光"]
+
+    workers = 2
+    for i, batch in enumerate(encode_batches(batches(), tok, np.dtype(np.uint16), workers)):
+        assert pulled <= i + 1 + workers * IN_FLIGHT_PER_WORKER  # the reader never runs ahead of the workers
+        assert batch.tokens.tolist()[: len(tok.encode(f"batch {i}"))] == tok.encode(f"batch {i}")
+    assert pulled == 20
 
 
 def _imported() -> tuple[bool, bool]:
