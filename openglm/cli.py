@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from openglm.config import MODEL_PRESETS, ConfigError, in_user_terms, model_preset
+from openglm.console import fail
+from openglm.data.cli import data_app
 
 if TYPE_CHECKING:
     from openglm.generation import GenerationConfig
@@ -20,8 +22,9 @@ if TYPE_CHECKING:
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Pre-train, run and inspect GLM language models.")
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Train or inspect tokenizers.")
 app.add_typer(tokenizer_app, name="tokenizer")
-log = logging.getLogger("openglm")
+app.add_typer(data_app, name="data")
 
+log = logging.getLogger("openglm")
 
 NO_VERIFY_HELP = (
     "do not check each checkpoint file against the sha256 recorded at save time (hashing reads every file once more, "
@@ -31,11 +34,6 @@ EMBEDDING_BITS_HELP = (
     "with {blocks}: also quantize the word embedding and the output layer (tied: the same table; untied: both) "
     "to 8 or 4 bits, one scale per vocabulary row (default: they stay 16/32-bit)"
 )
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=2)
 
 
 def default_precision() -> str:
@@ -121,7 +119,7 @@ def train(
     from openglm.train.rundir import TrainingStopped, process_rank
 
     if ctx.args and not (resume and ctx.args == ["auto"]):
-        raise _fail(f"unexpected argument {ctx.args[0]!r} (`--resume auto` is the only option that takes a word)")
+        raise fail(f"unexpected argument {ctx.args[0]!r} (`--resume auto` is the only option that takes a word)")
     resume_mode: bool | str = "auto" if ctx.args else resume
     rank = process_rank()
     if rank != 0:
@@ -139,7 +137,7 @@ def train(
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as err:
         if rank != 0:  # under torchrun rank 0 says it once
             raise typer.Exit(code=2) from None
-        raise _fail(in_user_terms(str(err), {key.split(".")[1]: option for key, option in TRAIN_OPTIONS.values()})) from None
+        raise fail(in_user_terms(str(err), {key.split(".")[1]: option for key, option in TRAIN_OPTIONS.values()})) from None
     except TrainingStopped as err:
         if rank == 0:
             typer.secho(str(err), fg=typer.colors.RED, err=True)
@@ -225,27 +223,27 @@ def generate(
             batch_size=batch_size,
         )
     except ConfigError as err:
-        raise _fail(_option_error(err)) from None
+        raise fail(_option_error(err)) from None
     if prompt is not None and input_file is not None:
-        raise _fail("give a PROMPT or --input-file, not both")
+        raise fail("give a PROMPT or --input-file, not both")
     if threads is not None:
         if threads < 1:
-            raise _fail("--threads must be at least 1")
+            raise fail("--threads must be at least 1")
         import torch
 
         torch.set_num_threads(threads)
     if output_file is not None and input_file is None:
-        raise _fail("--output-file needs --input-file")
+        raise fail("--output-file needs --input-file")
     if stream and input_file is not None:
-        raise _fail("--stream prints one prompt's text as it is made; --input-file writes whole results")
+        raise fail("--stream prints one prompt's text as it is made; --input-file writes whole results")
     if prompt is not None and not prompt.strip():
-        raise _fail('the prompt is empty; give text to continue or to fill, e.g. "It is a truth [MASK]."')
+        raise fail('the prompt is empty; give text to continue or to fill, e.g. "It is a truth [MASK]."')
     glm, tokenizer = _load_for_generation(model, quantize_bits, group_size, verify=not no_verify, embedding_bits=embedding_bits)
     if prompt is not None:
         try:
             _print_result(glm, tokenizer, prompt, config, stream)
         except ValueError as err:
-            raise _fail(str(err)) from None
+            raise fail(str(err)) from None
     elif input_file is not None:
         _generate_file(glm, tokenizer, input_file, output_file, config)
     else:
@@ -258,9 +256,9 @@ def _check_bits(bits: int, option: str, group_size: int | None) -> None:
     from openglm.quant import SUPPORTED_BITS
 
     if bits not in SUPPORTED_BITS:
-        raise _fail(f"{option} must be {' or '.join(map(str, sorted(SUPPORTED_BITS, reverse=True)))}, got {bits}")
+        raise fail(f"{option} must be {' or '.join(map(str, sorted(SUPPORTED_BITS, reverse=True)))}, got {bits}")
     if group_size is not None and group_size <= 0:
-        raise _fail(f"--group-size must be a positive integer, got {group_size}")
+        raise fail(f"--group-size must be a positive integer, got {group_size}")
 
 
 def _check_embedding_bits(embedding_bits: int | None, bits: int | None, blocks: str) -> None:
@@ -269,7 +267,7 @@ def _check_embedding_bits(embedding_bits: int | None, bits: int | None, blocks: 
         return
     _check_bits(embedding_bits, "--embedding-bits", None)
     if bits is None:
-        raise _fail(f"--embedding-bits needs {blocks}")
+        raise fail(f"--embedding-bits needs {blocks}")
 
 
 def _load_for_generation(
@@ -283,14 +281,14 @@ def _load_for_generation(
     if bits is not None:
         _check_bits(bits, "--quantize", group_size)
     elif group_size is not None:
-        raise _fail("--group-size needs --quantize")
+        raise fail("--group-size needs --quantize")
     _check_embedding_bits(embedding_bits, bits, "--quantize")
     try:
         if bits is not None and (resolve_checkpoint(path) / QUANT_FILE).is_file():
-            raise _fail(f"{path}: already quantized; drop --quantize")
+            raise fail(f"{path}: already quantized; drop --quantize")
         return load(path, "auto", bits, group_size, embedding_bits=embedding_bits, verify=verify)
     except (CheckpointError, ValueError) as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
 
 
 @app.command()
@@ -313,7 +311,7 @@ def serve(
     from openglm.serve import serve as run_server
 
     if max_batch < 1 or max_queue < 1 or max_body_bytes < 1 or timeout <= 0:
-        raise _fail("--max-batch, --max-queue and --max-body-bytes must be >= 1 and --timeout > 0")
+        raise fail("--max-batch, --max-queue and --max-body-bytes must be >= 1 and --timeout > 0")
     glm, tokenizer = _load_for_generation(model, quantize_bits, group_size, verify=not no_verify, embedding_bits=embedding_bits)
     name = model_name or model.resolve().name
     app = create_app(glm, tokenizer, model_name=name, max_batch=max_batch, max_queue=max_queue, timeout=timeout, max_body_bytes=max_body_bytes)
@@ -364,7 +362,7 @@ def _generate_file(model: GLM, tokenizer: GLMTokenizer, input_file: Path, output
     try:
         lines = input_file.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
-        raise _fail(f"{input_file}: cannot be read ({err})") from None
+        raise fail(f"{input_file}: cannot be read ({err})") from None
     records: dict[int, dict[str, Any]] = {}
     valid: list[int] = []  # line indices of the prompts to generate
     for index, text in enumerate(lines):
@@ -378,7 +376,7 @@ def _generate_file(model: GLM, tokenizer: GLMTokenizer, input_file: Path, output
     try:
         out = output_file.open("w", encoding="utf-8") if output_file is not None else sys.stdout
     except OSError as err:
-        raise _fail(f"{output_file}: cannot be written ({err})") from None
+        raise fail(f"{output_file}: cannot be written ({err})") from None
     written = 0
 
     def flush() -> None:
@@ -425,12 +423,12 @@ def quantize(
     _check_bits(bits, "--bits", group_size)
     _check_embedding_bits(embedding_bits, bits, "--bits")
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise _fail(f"{out}: exists and is not an empty directory; refusing to overwrite it (choose a new --out)")
+        raise fail(f"{out}: exists and is not an empty directory; refusing to overwrite it (choose a new --out)")
     try:
         source = resolve_checkpoint(model)
         path = quantize_checkpoint(source, out, bits, group_size, embedding_bits)
     except (CheckpointError, ValueError) as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     before, after = (source / WEIGHTS_FILE).stat().st_size, (path / WEIGHTS_FILE).stat().st_size
     layout = f"groups of {group_size}" if group_size else "per channel"
     layout += f"; embedding and output layer INT{embedding_bits}" if embedding_bits else ""
@@ -463,7 +461,7 @@ def eval_(
     if quantize_bits is not None:
         _check_bits(quantize_bits, "--quantize", group_size)
     elif group_size is not None:
-        raise _fail("--group-size needs --quantize")
+        raise fail("--group-size needs --quantize")
     _check_embedding_bits(embedding_bits, quantize_bits, "--quantize")
     try:
         results = evaluate_checkpoints(
@@ -471,12 +469,12 @@ def eval_(
             group_size=group_size, embedding_bits=embedding_bits, task_type=task_type,
         )
     except (CheckpointError, ValueError) as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     if output is not None:
         try:
             output.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         except OSError as err:
-            raise _fail(f"{output}: cannot be written ({err})") from None
+            raise fail(f"{output}: cannot be written ({err})") from None
     if results["runs"]:
         typer.echo(markdown_table(results["runs"]))
     for path, run in results["runs"].items():
@@ -515,7 +513,7 @@ def convert(
     try:
         path = run_convert(src, out, source_format, target_format, tp, bits, group_size, tokenizer, safetensors, embedding_bits)
     except (CheckpointError, ConfigError, ValueError) as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     typer.echo(f"wrote {path} ({target_format})")
 
 
@@ -543,7 +541,7 @@ def info(
         else:
             config = model_preset(preset or "tiny")
     except (ConfigError, CheckpointError) as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     with torch.device("meta"):
         parameters = GLM(config).num_parameters()
     for key, value in config.to_dict().items():
@@ -571,7 +569,7 @@ def plan(
     try:
         report = make_plan(model_preset(preset), gpus, gpu, tp, pp, micro_batches, micro_batch_size, mfu, virtual_stages)
     except ConfigError as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     typer.echo(format_report(report))
 
 
@@ -589,7 +587,7 @@ def tokenizer_train(
     try:
         tokenizer = train_tokenizer(iter_documents(files, text_field), vocab_size, out)
     except (ValueError, FileNotFoundError) as err:
-        raise _fail(str(err)) from None
+        raise fail(str(err)) from None
     typer.echo(f"wrote {out} ({tokenizer.vocab_size} tokens)")
 
 

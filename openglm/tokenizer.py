@@ -34,6 +34,7 @@ SPECIAL_TOKENS: tuple[str, ...] = tuple(
 )
 BYTE_SYMBOLS: tuple[str, ...] = tuple(sorted(pre_tokenizers.ByteLevel.alphabet()))
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(BYTE_SYMBOLS) + 1
+SENTENCEPIECE_SUFFIX = ".model"  # ChatGLM-6B's ice_text.model; `openglm.io.convert` reads it for inference
 
 
 def _default_resource() -> Path:
@@ -142,6 +143,12 @@ class GLMTokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: tokenizer file not found")
+        if path.suffix == SENTENCEPIECE_SUFFIX:
+            raise ValueError(
+                f"{path}: a sentencepiece model (ChatGLM-6B's ice_text.model) cannot tokenize for openglm training: a run "
+                "saves and resumes its tokenizer as a byte-level BPE tokenizer.json with GLM's special tokens at ids 0-6, "
+                "while ice_text.model's special-token ids come from a ChatGLM-6B config.json; make one with `openglm tokenizer train`"
+            )
         try:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception for a bad file

@@ -106,3 +106,14 @@ def test_bad_tokenizer_files_are_one_line_naming_them(tmp_path: Path, cache_env:
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: {path}: {message}"), result.stderr
         assert not (tmp_path / path.stem / "latest").exists()
+
+
+def test_a_chatglm_sentencepiece_model_is_refused_for_training_saying_why(tmp_path: Path, cache_env: str, corpus: Path) -> None:
+    ice_text = tmp_path / "ice_text.model"
+    ice_text.write_bytes(b"\x0a\x0b sentencepiece model proto")
+    result = train("--data", str(corpus), "--tokenizer", str(ice_text), "--out", str(tmp_path / "run"))
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {ice_text}: a sentencepiece model (ChatGLM-6B's ice_text.model)"), result.stderr
+    assert "tokenizer.json with GLM's special tokens at ids 0-6" in lines[0] and "openglm tokenizer train" in lines[0]
+    assert not (tmp_path / "run" / "latest").exists()

@@ -1,9 +1,11 @@
 """Corpus documents: text files read as a stream of documents, and the language of one.
 
-`iter_documents` reads `.txt` and `.jsonl` files, plain or compressed (`.gz`, `.zst`), and
-Parquet files, recursing into folders, one document at a time so that memory stays flat whatever
-the corpus size. A `.txt` file is cut at blank lines into documents of whole paragraphs; a
-`.jsonl` line or a Parquet row is one document (its text field or column).
+`iter_documents` reads `.txt` and `.jsonl` files, plain or compressed (`.gz`, `.zst`), Parquet
+files and local Hugging Face `datasets` directories (`save_to_disk`: Arrow IPC stream files listed
+in state.json, read with pyarrow, without the `datasets` package), recursing into folders, one
+document at a time so that memory stays flat whatever the corpus size. A `.txt` file is cut at
+blank lines into documents of whole paragraphs; a `.jsonl` line or a Parquet or Arrow row is one
+document (its text field or column).
 
 Compressed files are decompressed a few hundred bytes at a time. One that ends inside a gzip
 member or zstd frame, or whose data the codec rejects (a failed checksum, bytes that are not gzip
@@ -48,6 +50,13 @@ _READ_CHARS = 8192
 _PIECE = 256
 _READ_BUFFER = 1 << 16
 _UNIT = {"gzip": "gzip member", "zstd": "zstd frame"}
+# The records of a Hugging Face `datasets` directory written by `save_to_disk` (a DatasetDict's
+# lists its splits, each a folder of its own).
+HF_DATASET_STATE = "state.json"
+HF_DATASET_DICT = "dataset_dict.json"
+# Its data files: read when named or listed in state.json, never picked up from a folder (where
+# `datasets` also keeps cache files of the same format holding other copies of the rows).
+ARROW_SUFFIX = ".arrow"
 # Parquet rows converted to Python strings at a time.
 _PARQUET_BATCH_ROWS = 1024
 _HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
@@ -68,6 +77,13 @@ def corpus_suffix(path: Path) -> str | None:
 
 
 def _resolve_one(path: Path) -> list[Path]:
+    if path.is_dir() and (path / HF_DATASET_DICT).is_file():
+        raise CorpusError(
+            f"{path}: a Hugging Face DatasetDict (splits: {', '.join(_dataset_dict_splits(path))}); "
+            f"give the folder of the split to read, e.g. {path / 'train'}"
+        )
+    if path.is_dir() and (path / HF_DATASET_STATE).is_file():
+        return _hf_dataset_files(path)
     if path.is_dir():
         found = sorted(
             f
@@ -80,10 +96,48 @@ def _resolve_one(path: Path) -> list[Path]:
             raise CorpusError(f"{path}: folder holds no .txt or .jsonl files (plain, .gz or .zst) or .parquet files")
         return found
     if path.is_file():
-        if corpus_suffix(path) is None:
-            raise CorpusError(f"{path}: unsupported corpus file type (expected {', '.join(CORPUS_SUFFIXES)})")
+        if corpus_suffix(path) is None and path.suffix.lower() != ARROW_SUFFIX:
+            raise CorpusError(
+                f"{path}: unsupported corpus file type (expected {', '.join(CORPUS_SUFFIXES)}, {ARROW_SUFFIX} "
+                f"or a Hugging Face datasets folder)"
+            )
         return [path]
     raise FileNotFoundError(f"{path}: corpus path does not exist")
+
+
+def _dataset_dict_splits(folder: Path) -> list[str]:
+    try:
+        splits = json.loads((folder / HF_DATASET_DICT).read_text(encoding="utf-8"))["splits"]
+        return [str(split) for split in splits]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CorpusError(f"{folder / HF_DATASET_DICT}: not a readable DatasetDict record ({err})") from None
+
+
+def _hf_dataset_files(folder: Path) -> list[Path]:
+    """The Arrow files of a `datasets` directory saved with `save_to_disk`, in the order its
+    state.json lists them (the rows' order)."""
+    state_path = folder / HF_DATASET_STATE
+    try:
+        state = json_object(state_path.read_text(encoding="utf-8"), str(state_path), CorpusError)
+    except UnicodeDecodeError as err:
+        raise CorpusError(f"{state_path}: not valid UTF-8 ({err})") from None
+    if state.get("_indices_data_files"):
+        raise CorpusError(
+            f"{state_path}: the dataset was saved with an indices mapping (an old `datasets` version), so its Arrow "
+            "files hold rows it does not contain; save it again after `dataset.flatten_indices()`"
+        )
+    entries = state.get("_data_files")
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise CorpusError(f'{state_path}: expected a non-empty "_data_files" list of {{"filename": ...}} records')
+    files_ = []
+    for entry in entries:
+        name = entry.get("filename")
+        if not isinstance(name, str) or Path(name).name != name or not name.endswith(".arrow"):
+            raise CorpusError(f"{state_path}: data file {name!r} is not a plain .arrow file name")
+        if not (folder / name).is_file():
+            raise CorpusError(f"{folder / name}: Arrow file listed in {HF_DATASET_STATE} is missing")
+        files_.append(folder / name)
+    return files_
 
 
 def _resolve_groups(paths: Sequence[PathLike]) -> list[tuple[Path, list[Path]]]:
@@ -313,42 +367,71 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
         raise CorpusError(f"{path}: not valid UTF-8 ({err})") from None
 
 
-def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
-    """One document per row: the string column `text_field` (see `_pieces`), read a batch of rows at
-    a time; null and empty texts are skipped."""
+def _pyarrow(path: Path) -> Any:
     try:
         import pyarrow as pa
-        import pyarrow.parquet as pq
     except ImportError:
-        raise CorpusError(f"{path}: reading Parquet files needs the pyarrow package (pip install 'openglm[data]')") from None
+        kind = "Parquet" if path.suffix == ".parquet" else "Hugging Face datasets"
+        raise CorpusError(f"{path}: reading {kind} files needs the pyarrow package (pip install 'openglm[data]')") from None
+    return pa
+
+
+def _column_documents(path: Path, schema: Any, batches: Iterator[Any], text_field: str) -> Iterator[str]:
+    """The documents of the string column `text_field` of Arrow record `batches` (see `_pieces`);
+    null and empty texts are skipped."""
+    pa = _pyarrow(path)
+    if text_field not in schema.names:
+        raise CorpusError(f"{path}: no column {text_field!r} (columns: {', '.join(schema.names)})")
+    kind = schema.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+        raise CorpusError(f"{path}: column {text_field!r} holds {kind}, not strings")
+    column = schema.get_field_index(text_field)
+    row = 0
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as err:
+            raise CorpusError(f"{path}: corrupt {'Parquet' if path.suffix == '.parquet' else 'Arrow'} data after row {row} ({err})") from None
+        if batch is None:
+            return
+        for text in batch.column(column).to_pylist():
+            if text:
+                yield from _pieces(text)
+        row += batch.num_rows
+
+
+def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
+    """One document per row of the column `text_field`, read a batch of rows at a time."""
+    pa = _pyarrow(path)
+    import pyarrow.parquet as pq
+
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
         raise CorpusError(f"{path}: not a readable Parquet file ({err})") from None
     with parquet:
         schema = parquet.schema_arrow
-        if text_field not in schema.names:
-            raise CorpusError(f"{path}: no column {text_field!r} (columns: {', '.join(schema.names)})")
-        kind = schema.field(text_field).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
-            raise CorpusError(f"{path}: column {text_field!r} holds {kind}, not strings")
-        row = 0
-        batches = parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[text_field])
-        while True:
-            try:
-                batch = next(batches, None)
-            except (pa.ArrowException, OSError) as err:
-                raise CorpusError(f"{path}: corrupt Parquet data after row {row} ({err})") from None
-            if batch is None:
-                return
-            for text in batch.column(0).to_pylist():
-                if text:
-                    yield from _pieces(text)
-            row += batch.num_rows
+        if text_field in schema.names:
+            schema = pa.schema([schema.field(text_field)])
+        yield from _column_documents(path, schema, parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[text_field]), text_field)
+
+
+def _read_arrow(path: Path, text_field: str) -> Iterator[str]:
+    """One document per row of the column `text_field` of an Arrow IPC stream file (the format of a
+    `datasets` directory's data files), read a record batch at a time."""
+    pa = _pyarrow(path)
+    with pa.OSFile(str(path)) as f:
+        try:
+            reader = pa.ipc.open_stream(f)
+        except (pa.ArrowException, OSError) as err:
+            raise CorpusError(f"{path}: not an Arrow IPC stream file, as `datasets` writes ({err})") from None
+        yield from _column_documents(path, reader.schema, iter(reader), text_field)
 
 
 def _read(path: Path, text_field: str) -> Iterator[str]:
-    suffix = corpus_suffix(path) or ""
+    suffix = corpus_suffix(path) or path.suffix.lower()
+    if suffix == ARROW_SUFFIX:
+        return _read_arrow(path, text_field)
     if suffix == ".parquet":
         return _read_parquet(path, text_field)
     if suffix.startswith(".jsonl"):
@@ -360,10 +443,11 @@ def iter_documents(paths: Sequence[PathLike], text_field: str = "text") -> Itera
     """Yield the documents of the corpus files of `CORPUS_SUFFIXES`, recursing into folders.
 
     Folders are read in sorted path order (hidden files and folders skipped), so the document order
-    is deterministic. A `.jsonl` line is one document (its `text_field`), as is a Parquet row (its
-    `text_field` column); a `.txt` file is cut at blank lines into documents of whole paragraphs of
-    at least `TXT_DOCUMENT_CHARS` characters, because one document per file is too coarse for a
-    by-document validation split of a few large books. A path that does not exist raises
+    is deterministic. A `.jsonl` line is one document (its `text_field`), as is a Parquet row or a
+    row of a `datasets` directory (its `text_field` column); a `.txt` file is cut at blank lines
+    into documents of whole paragraphs of at least `TXT_DOCUMENT_CHARS` characters, because one
+    document per file is too coarse for a by-document validation split of a few large books. A
+    `datasets` directory (one with state.json) is read in the order state.json lists its files. A path that does not exist raises
     FileNotFoundError; one that yields no documents, or any unreadable file, raises CorpusError.
     """
     for given, group in _resolve_groups(paths):

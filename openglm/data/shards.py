@@ -18,6 +18,7 @@ import re
 import secrets
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -34,6 +35,7 @@ from openglm.data.documents import (
     iter_documents,
     resolve_corpus_files,
 )
+from openglm.data.encode import EncodedBatch, encode_batches, utf8_size
 from openglm.io.atomic import write_text_atomic
 
 if TYPE_CHECKING:
@@ -257,19 +259,20 @@ class _ShardWriter:
         for stale in chain(folder.glob("*.bin"), folder.glob(".*.bin.tmp")):
             stale.unlink()
 
-    def write(self, documents: list[list[int]]) -> None:
-        """Append documents (each already ending in `<eos>`) and record where each starts."""
-        for doc in documents:
-            pos = self._total
-            self.index.documents.append((pos // self.shard_tokens, pos % self.shard_tokens, len(doc)))
-            self._total += len(doc)
-        flat = np.fromiter(chain.from_iterable(documents), dtype=self.dtype, count=sum(map(len, documents)))
+    def write(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents (`tokens` back to back, each ending in `<eos>`, `lengths` long) and
+        record where each starts."""
+        starts = self._total + np.cumsum(lengths) - lengths
+        self.index.documents += zip(
+            (starts // self.shard_tokens).tolist(), (starts % self.shard_tokens).tolist(), lengths.tolist(), strict=True
+        )
+        self._total += len(tokens)
         start = 0
-        while start < len(flat):
+        while start < len(tokens):
             if self._file is None:
                 self._file = self._tmp_path(len(self.index.shards)).open("wb")
-            take = min(len(flat) - start, self.shard_tokens - self._filled)
-            self._file.write(flat[start : start + take].tobytes())
+            take = min(len(tokens) - start, self.shard_tokens - self._filled)
+            self._file.write(tokens[start : start + take].tobytes())
             self._filled += take
             start += take
             if self._filled == self.shard_tokens:
@@ -300,12 +303,21 @@ def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
     size = 0
     for doc in documents:
         batch.append(doc)
-        size += len(doc) if doc.isascii() else len(doc.encode("utf-8", "surrogatepass"))
+        size += utf8_size(doc)
         if len(batch) >= _BATCH_DOCUMENTS or size >= _BATCH_BYTES:
             yield batch
             batch, size = [], 0
     if batch:
         yield batch
+
+
+def _split(batch: EncodedBatch, is_val: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A batch's tokens and document lengths for each split, given which documents are held out."""
+    token_is_val = np.repeat(is_val, batch.lengths)
+    return {
+        "train": (batch.tokens[~token_is_val], batch.lengths[~is_val]),
+        "val": (batch.tokens[token_is_val], batch.lengths[is_val]),
+    }
 
 
 def build_token_shards(
@@ -316,6 +328,7 @@ def build_token_shards(
     seed: int = 1234,
     shard_tokens: int = 2**24,
     text_field: str = "text",
+    workers: int = 1,
 ) -> ShardIndex:
     """Tokenize a corpus once into train/val token shards under `out_dir` and return their index.
 
@@ -323,6 +336,7 @@ def build_token_shards(
     seeded, stratified validation documents; the second tokenizes in batches and streams the ids
     straight to disk. `text_field` is the field of a `.jsonl` line (column of a Parquet file) that
     holds a document's text. Token ids are stored as uint16 when the vocabulary fits, else uint32.
+    `workers` processes tokenize (`openglm.data.encode`); the shards are the same whatever their number.
     `index.json` is removed first and written last, so an interrupted build never leaves an index
     that names incomplete shards.
     """
@@ -336,27 +350,28 @@ def build_token_shards(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / INDEX_FILE).unlink(missing_ok=True)
 
-    languages = [document_language(doc) for doc in iter_documents(corpus_files, text_field)]
+    languages, text_bytes = [], 0
+    for doc in iter_documents(corpus_files, text_field):
+        languages.append(document_language(doc))
+        text_bytes += utf8_size(doc)
     is_val = choose_validation(languages, val_fraction, seed)
     if len(languages) < 2 and val_fraction > 0:
         logger.warning("only %d document(s): the validation split is empty", len(languages))
 
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     writers = {split: _ShardWriter(out_dir / split, dtype, shard_tokens) for split in SPLITS}
-    eos = tokenizer.special_tokens.eos
-    done = 0
-    with tqdm(total=len(languages), unit="doc", desc="tokenizing", disable=None) as bar:
-        for batch in _batches(iter_documents(corpus_files, text_field)):
-            if done + len(batch) > len(languages):
+    done = tokens = 0
+    encoded = encode_batches(_batches(iter_documents(corpus_files, text_field)), tokenizer, dtype, workers)
+    with closing(encoded), tqdm(total=text_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=None) as bar:
+        for batch in encoded:
+            if done + len(batch.lengths) > len(languages):
                 raise CorpusError("the corpus changed while its shards were being built")
-            encoded = tokenizer.encode_batch(batch)
-            for ids in encoded:
-                ids.append(eos)
-            val_mask = is_val[done : done + len(batch)]
-            writers["train"].write([ids for ids, v in zip(encoded, val_mask, strict=True) if not v])
-            writers["val"].write([ids for ids, v in zip(encoded, val_mask, strict=True) if v])
-            done += len(batch)
-            bar.update(len(batch))
+            for split, (split_tokens, lengths) in _split(batch, is_val[done : done + len(batch.lengths)]).items():
+                writers[split].write(split_tokens, lengths)
+            done += len(batch.lengths)
+            tokens += len(batch.tokens)
+            bar.update(batch.text_bytes)
+            bar.set_postfix_str(f"{tokens / max(bar.format_dict['elapsed'], 1e-9):,.0f} tokens/s", refresh=False)
     if done != len(languages):
         raise CorpusError("the corpus changed while its shards were being built")
 
@@ -364,7 +379,7 @@ def build_token_shards(
         root=out_dir,
         dtype=dtype.name,
         vocab_size=tokenizer.vocab_size,
-        eos_id=eos,
+        eos_id=tokenizer.special_tokens.eos,
         shard_tokens=shard_tokens,
         val_fraction=val_fraction,
         seed=seed,
@@ -396,12 +411,14 @@ def prepare_corpus(
     seed: int = 1234,
     shard_tokens: int = 2**24,
     text_field: str = "text",
+    workers: int = 1,
 ) -> Path:
     """Token shards for `paths` under `cache_dir/<key>`, reusing a valid earlier build.
 
     The key hashes the tokenizer, the source files' paths, sizes and mtimes, the text field and
     the split settings, so editing a file or changing the tokenizer makes a new build. A build is made in a
     temporary folder and renamed into place, so a crashed build is never mistaken for a cache hit.
+    `workers` (tokenizer processes) is not part of the key: every number of them writes the same shards.
     """
     cache_dir = Path(cache_dir)
     _remove_dead_builds(cache_dir)
@@ -418,7 +435,7 @@ def prepare_corpus(
     tmp.mkdir(parents=True)
     try:
         build_token_shards(
-            paths, tokenizer, tmp, val_fraction=val_fraction, seed=seed, shard_tokens=shard_tokens, text_field=text_field
+            paths, tokenizer, tmp, val_fraction, seed, shard_tokens=shard_tokens, text_field=text_field, workers=workers
         )
         os.replace(tmp, target)
         logger.info("token shards ready in %s", target)
