@@ -329,6 +329,13 @@ class TrainConfig:
         if self.grad_clip < 0 or self.warmup_steps < 0:
             raise ConfigError("TrainConfig.grad_clip and warmup_steps must not be negative")
 
+    def batch_size_at(self, step: int) -> int:
+        """Sequences in step `step`: a linear ramp from `batch_rampup_start` (GLM-130B: 192 -> 4224)."""
+        start = self.batch_rampup_start
+        if start is None or self.batch_rampup_steps <= 0 or step >= self.batch_rampup_steps:
+            return self.batch_size
+        return max(1, round(start + (self.batch_size - start) * step / self.batch_rampup_steps))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parent.parent / "openglm"
 MAX_LINES = 600
 # Oversized modules and the reason they are allowed for now.
@@ -118,6 +120,58 @@ def test_no_private_imports_across_modules() -> None:
             elif isinstance(node, ast.Import):
                 bad += [f"{name}: import {a.name}" for a in node.names if any(p.startswith("_") for p in a.name.split("."))]
     assert not bad, "\n".join(bad)
+
+
+# Package layers, lowest first, as design.md draws them: a module may import its own layer and the
+# layers below it, never one above. A name is a package or module; a module takes the layer of the
+# longest name that is a prefix of it. Where the code and design.md differ, and the code is right:
+# - io.atomic (the torch-free atomic writes) sits with config, under the data pipeline, the tokenizer
+#   and train's metrics that write through it; the rest of io/ sits above model and tokenizer,
+#   because loading, quantized loading and conversion build a GLM and write a tokenizer.
+# - the executors (native, decoding) sit under parallel/ rather than beside it, and generation/
+#   beside train/ (neither imports the other).
+# - eval.lm (NLL, perplexity, bits per byte over a model) sits with train/: the trainer's held-out
+#   loss is that metric, and eval/'s scorer uses the same one.
+# - the root package (`openglm.load`, generation re-exported) is an entry point like cli and serve.
+LAYERS: list[set[str]] = [
+    {"openglm.config", "openglm.counter_random", "openglm.kernels", "openglm.io.atomic"},
+    {"openglm.positions", "openglm.quant", "openglm.data", "openglm.tokenizer"},
+    {"openglm.model"},
+    {"openglm.io"},
+    {"openglm.native", "openglm.decoding"},
+    {"openglm.parallel"},
+    {"openglm.generation", "openglm.train", "openglm.eval.lm"},
+    {"openglm.eval"},
+    {"openglm", "openglm.__main__", "openglm.cli", "openglm.serve"},
+]
+
+
+def _layer(module: str) -> int:
+    """The layer of `module`: that of the longest LAYERS name equal to it or a package above it
+    (the root package's name stands for itself only, so every new module must be placed)."""
+    placed = {name: index for index, names in enumerate(LAYERS) for name in names}
+    owners = [name for name in placed if module == name or (name != "openglm" and module.startswith(name + "."))]
+    assert owners, f"{module} is in no layer: add it (or its package) to LAYERS"
+    return placed[max(owners, key=len)]
+
+
+def test_layer_of_a_module() -> None:
+    assert _layer("openglm.io.atomic") == 0 and _layer("openglm.io.convert.sat") == 3
+    assert _layer("openglm.eval.lm") == 6 and _layer("openglm.eval.runner") == 7
+    assert _layer("openglm") == 8 and _layer("openglm.train.trainer") == 6 > _layer("openglm.parallel.plan")
+    with pytest.raises(AssertionError, match="in no layer"):
+        _layer("openglm.unplaced")
+
+
+def test_no_package_imports_a_higher_layer() -> None:
+    modules = _modules()
+    upward = [
+        f"{name} (layer {_layer(name)}) imports {target} (layer {_layer(target)})"
+        for name, path in sorted(modules.items())
+        for target in sorted(_edges(name, path, modules))
+        if _layer(target) > _layer(name)
+    ]
+    assert not upward, "\n".join(upward)
 
 
 def test_module_size() -> None:

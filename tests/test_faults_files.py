@@ -323,8 +323,8 @@ def test_crafted_distributed_checkpoint_files_never_run(
 ) -> None:
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
-    from openglm.parallel.checkpoint import export_checkpoint
     from openglm.parallel.launch import spawn
+    from openglm.train.distributed_checkpoint import export_checkpoint
 
     monkeypatch.setenv("OPENGLM_CACHE", shard_cache)
     spawn(_save_then_resume, 1, tmp_path)

@@ -157,7 +157,7 @@ def test_spawn_raises_a_ranks_expected_error_as_itself(failing: int) -> None:
 
 def test_spawn_keeps_the_exit_code_of_a_stopped_run() -> None:
     with pytest.raises(TrainingStopped) as raised:
-        spawn(_fail_on_rank, 2, 1, "stopped")
+        spawn(_fail_on_rank, 2, 1, "stopped", errors=(TrainingStopped,))
     assert raised.value.exit_code == 143
     assert str(raised.value) == "stopped by SIGTERM at step 3; saved /x/dist-checkpoint-0000003: continue with --resume"
 

@@ -19,12 +19,12 @@ from openglm import counter_random
 from openglm.config import GLMConfig, model_preset
 from openglm.decoding import DecodeStep
 from openglm.model import GLM, fill_initial
-from openglm.parallel.checkpoint import gather_full_state
 from openglm.parallel.launch import spawn
 from openglm.parallel.parallelize import build_model, geglu_row_order, stages_of
 from openglm.parallel.plan import Layout
 from openglm.parallel.ranks import Ranks
 from openglm.positions import derive_positions
+from openglm.train.distributed_checkpoint import gather_full_state
 
 SEED = 1234
 

@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 from openglm.cli import app
 from openglm.config import ConfigError, GLMConfig, TrainConfig, model_preset
-from openglm.parallel.checkpoint import export_checkpoint, gather_full_state, resolve_distributed
 from openglm.parallel.launch import spawn
 from openglm.parallel.plan import Layout, check_training, pipeline_bubble, plan, stage_layers, validate_layout
+from openglm.train.distributed_checkpoint import export_checkpoint, gather_full_state, resolve_distributed
 from openglm.train.trainer import Trainer
 
 STEPS = 5

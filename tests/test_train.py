@@ -18,7 +18,7 @@ from openglm.io.checkpoint import CheckpointError
 from openglm.model import GLM
 from openglm.train.metrics import SpikeDetector, read_metrics
 from openglm.train.objective import compute_loss
-from openglm.train.optim import batch_size_at, learning_rate
+from openglm.train.optim import learning_rate
 from openglm.train.precision import DynamicLossScaler, MixedPrecision
 from openglm.train.samples import collate_range
 from openglm.train.trainer import Trainer
@@ -118,10 +118,10 @@ def test_learning_rate_warmup_then_cosine_to_ten_percent():
 
 def test_batch_size_ramp_up():
     config = TrainConfig(batch_size=4224, batch_rampup_start=192, batch_rampup_steps=100)
-    assert batch_size_at(0, config) == 192
-    assert batch_size_at(50, config) == 2208
-    assert batch_size_at(100, config) == 4224
-    assert batch_size_at(10, TrainConfig(batch_size=8)) == 8
+    assert config.batch_size_at(0) == 192
+    assert config.batch_size_at(50) == 2208
+    assert config.batch_size_at(100) == 4224
+    assert TrainConfig(batch_size=8).batch_size_at(10) == 8
 
 
 def test_spike_detector_flags_norm_far_above_median():

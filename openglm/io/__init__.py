@@ -12,5 +12,5 @@
                  `quantize_checkpoint`
 
 The quantization math and layers are `openglm.quant`'s, below this layer; the distributed (DCP)
-checkpoints of a sharded run are `openglm.parallel.checkpoint`'s.
+checkpoints of a sharded run are `openglm.train.distributed_checkpoint`'s.
 """

@@ -1,7 +1,8 @@
 """Pipeline schedules from `torch.distributed.pipelining`: a step's micro-batches stream through the
 stages (GPipe, 1F1B, or interleaved 1F1B with several stages per rank: stage i on rank i mod pp),
-each a GLM holding some of the layers; the schedule's loss function is the objective's head loss on
-the last stage's final hidden states, normalised by the step's target count and loss-scaled."""
+each a GLM holding some of the layers; the schedule's loss function is the caller's loss on the last
+stage's final hidden states (the trainer passes its objective's), normalised by the step's target
+count and loss-scaled."""
 
 from __future__ import annotations
 
@@ -15,18 +16,20 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from openglm.parallel.parallelize import stages_of
 from openglm.parallel.plan import INTERLEAVED, pipeline_stage_indices
 from openglm.parallel.ranks import Ranks
-from openglm.train.objective import LossFn, head_loss
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved-1f1b": ScheduleInterleaved1F1B}
 STAGE_INPUTS = ("position_ids", "block_position_ids", "prefix_len")
+# The last stage's loss of one micro-batch: (final hidden states, labels, output weight, normalizer).
+StageLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 class Pipeline:
     """Runs this rank's stages (`model`, or a StageGroup's stages) under the schedule `name`, one
-    schedule object per micro-batch count; `loss_fn` is the output layer's loss (`objective`)."""
+    schedule object per micro-batch count; `loss_fn` is the output layer and loss (see StageLoss),
+divided by the normalizer it is given."""
 
     def __init__(
-        self, model: nn.Module, ranks: Ranks, name: str, virtual_stages: int, loss_scale: Callable[[], float], loss_fn: LossFn
+        self, model: nn.Module, ranks: Ranks, name: str, virtual_stages: int, loss_scale: Callable[[], float], loss_fn: StageLoss
     ) -> None:
         assert ranks.mesh is not None
         self.stages = stages_of(model)
@@ -52,7 +55,7 @@ class Pipeline:
     def _stage_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The last stage's loss of one micro-batch, normalised by the step's targets and scaled."""
         weight = self.stages[-1].output_weight  # the last of a rank's stages is the model's last
-        return head_loss(hidden, labels, weight, self.normalizer, self.loss_fn)[0] * self.loss_scale()
+        return self.loss_fn(hidden, labels, weight, self.normalizer) * self.loss_scale()
 
     def run(self, batches: list[dict[str, torch.Tensor]], normalizer: int, train: bool) -> float:
         """Forward (and backward when `train`) over `batches`, each loss divided by `normalizer`;

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 from openglm.config import ConfigError, GLMConfig, TrainConfig
 from openglm.model import flops_per_token
-from openglm.train.optim import batch_size_at
 
 # Pipeline schedules that need at least as many micro-batches as stages (torch's 1F1B refuses fewer).
 FILLED_SCHEDULES = ("1f1b",)
@@ -118,7 +117,7 @@ def check_training(model_config: GLMConfig, config: TrainConfig, world_size: int
     validate_layout(layout, model_config, world_size)
     check_virtual_stages(model_config, config)
     micro = micro_batch_size(config)
-    sizes = {batch_size_at(step, config) for step in range(min(config.max_steps, config.batch_rampup_steps + 1))}
+    sizes = {config.batch_size_at(step) for step in range(min(config.max_steps, config.batch_rampup_steps + 1))}
     for size in sorted(sizes):
         if size % layout.dp:
             raise ConfigError(f"--batch-size {size} is not divisible by --dp {layout.dp}; choose a multiple of {layout.dp}")

@@ -10,11 +10,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from openglm.config import GLMConfig, TrainConfig
-from openglm.parallel.checkpoint import check_distributed, resolve_distributed
 from openglm.parallel.launch import spawn
 from openglm.parallel.plan import check_training
 from openglm.parallel.ranks import job_world_size
 from openglm.train import rundir
+from openglm.train.distributed_checkpoint import check_distributed, resolve_distributed
 from openglm.train.rundir import ResumeMode, TrainingStopped
 from openglm.train.trainer import Trainer
 
@@ -41,7 +41,7 @@ def train(
     if rundir.check_start(run_dir, resume, overwrite, checkpoint is not None) and checkpoint is not None:
         check_distributed(checkpoint)
     try:
-        spawn(fit, nproc, model_config, config, resume, overwrite)
+        spawn(fit, nproc, model_config, config, resume, overwrite, errors=(TrainingStopped,))
     except mp.ProcessExitedException as err:  # a rank died without saying why (killed: out of memory, SIGKILL)
         raise TrainingStopped(f"training process {err.error_index} exited with code {err.exit_code}", err.exit_code) from None
     return None

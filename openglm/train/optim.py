@@ -1,4 +1,5 @@
-"""Optimiser, learning-rate schedule and batch-size ramp-up with GLM-130B's settings."""
+"""Optimiser and learning-rate schedule with GLM-130B's settings (the batch-size ramp-up is
+`TrainConfig.batch_size_at`)."""
 
 from __future__ import annotations
 
@@ -28,14 +29,6 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     progress = min(1.0, (step - config.warmup_steps) / span)
     floor = config.lr * config.min_lr_ratio
     return floor + 0.5 * (config.lr - floor) * (1.0 + math.cos(math.pi * progress))
-
-
-def batch_size_at(step: int, config: TrainConfig) -> int:
-    """Sequences in step `step`: a linear ramp from `batch_rampup_start` (GLM-130B: 192 -> 4224)."""
-    start = config.batch_rampup_start
-    if start is None or config.batch_rampup_steps <= 0 or step >= config.batch_rampup_steps:
-        return config.batch_size
-    return max(1, round(start + (config.batch_size - start) * step / config.batch_rampup_steps))
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

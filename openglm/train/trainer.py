@@ -10,7 +10,7 @@ shard), the precision (norms across shards), the data slicing (data-parallel ran
 consecutive slices of a step's sequences) and the schedule (micro-batches one after another, or a
 pipeline schedule). The loss is normalised by the whole step's target count, so gradients are
 summed across ranks and the result equals single-process training up to floating-point summation
-order. Checkpoints are single files in one process and distributed (`openglm.parallel.checkpoint`,
+order. Checkpoints are single files in one process and distributed (`openglm.train.distributed_checkpoint`,
 resharded on load: a run resumes under another layout) in a process group."""
 
 from __future__ import annotations
@@ -35,17 +35,23 @@ from openglm.data.documents import document_language
 from openglm.eval.lm import LMScore, score_tokens
 from openglm.io import checkpoint as ckpt
 from openglm.model import flops_per_token
-from openglm.parallel.checkpoint import DIST_LATEST, export_checkpoint, load_distributed, resolve_distributed, save_distributed
 from openglm.parallel.parallelize import build_model, stages_of
 from openglm.parallel.pipeline import Pipeline
 from openglm.parallel.plan import Layout, check_training, evaluation_sequences, filling_micro_batch
-from openglm.parallel.precision import DistributedPrecision, local
 from openglm.parallel.ranks import Ranks, job_world_size
 from openglm.tokenizer import GLMTokenizer
 from openglm.train import rundir
+from openglm.train.distributed_checkpoint import (
+    DIST_LATEST,
+    export_checkpoint,
+    load_distributed,
+    resolve_distributed,
+    save_distributed,
+)
+from openglm.train.distributed_precision import DistributedPrecision, local
 from openglm.train.metrics import MetricsWriter, Progress, SpikeDetector, measure_matmul_flops
-from openglm.train.objective import compute_loss, count_targets, loss_function
-from openglm.train.optim import batch_size_at, build_optimizer, learning_rate, set_learning_rate
+from openglm.train.objective import compute_loss, count_targets, head_loss, loss_function
+from openglm.train.optim import build_optimizer, learning_rate, set_learning_rate
 from openglm.train.precision import DynamicLossScaler, MixedPrecision
 from openglm.train.rundir import ResumeMode, TrainingStopped
 from openglm.train.samples import SampleSource, build_samples, collate_range
@@ -164,14 +170,19 @@ class Trainer:
         self.pipeline = None
         if self.layout.pp > 1:
             self.pipeline = Pipeline(
-                self.model, ranks, config.schedule, config.virtual_stages, lambda: self.precision.loss_scale, self.loss_fn
+                self.model,
+                ranks,
+                config.schedule,
+                config.virtual_stages,
+                lambda: self.precision.loss_scale,
+                lambda hidden, labels, weight, normalizer: head_loss(hidden, labels, weight, normalizer, self.loss_fn)[0],
             )
 
     # ----------------------------------------------------------------------------- training
     def train_step(self) -> dict[str, Any]:
-        """One optimiser step over `batch_size_at(step)` sequences in micro-batches."""
+        """One optimiser step over `config.batch_size_at(step)` sequences in micro-batches."""
         config = self.config
-        sequences = batch_size_at(self.step, config)
+        sequences = config.batch_size_at(self.step)
         lr = learning_rate(self.step, config)
         set_learning_rate(self.optimizer, lr)
         self.model.train()
