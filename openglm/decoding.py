@@ -171,9 +171,8 @@ class DecodeStep:
         start = cache.length
         if start + 1 > cache.capacity:
             raise ValueError(f"KV cache holds {cache.capacity} positions; {start + 1} requested")
-        # The kernel is single-threaded: with more intra-op threads PyTorch's parallel matrix products
-        # win on memory-bound (large) models, so it runs only when PyTorch is set to one thread.
-        if rows == 1 and self.use_native and torch.get_num_threads() == 1 and self.native is not None:
+        # The kernel splits its rows and heads over PyTorch's intra-op thread count (`native.RowDecoder`).
+        if rows == 1 and self.use_native and self.native is not None:
             logits = self.native(int(ids), rope, cache, padding_mask)
             cache.length = start + 1
             return logits
