@@ -46,7 +46,7 @@ from openglm.quant import QuantizedEmbedding, QuantizedLinear
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "decode_row.c"
-FLAGS = ("-O3", "-std=c11", "-fopenmp-simd", "-fPIC", "-shared")
+FLAGS = ("-O3", "-std=c11", "-fopenmp-simd", "-fPIC", "-shared", "-pthread")
 DTYPES = (torch.float32, torch.bfloat16)
 
 # Every GLMConfig field and the values `csrc/decode_row.c` computes as `GLM.forward` does. A field
@@ -225,7 +225,7 @@ def _build(compiler: str, name: str, cache: Path | None) -> ctypes.CDLL:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-ABI_VERSION = 1  # `OPENGLM_ABI_VERSION` in csrc/decode_row.c
+ABI_VERSION = 2  # `OPENGLM_ABI_VERSION` in csrc/decode_row.c
 
 
 class AbiMismatch(RuntimeError):
@@ -248,10 +248,11 @@ def check_abi(lib: ctypes.CDLL) -> None:
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     check_abi(lib)
-    lib.openglm_scratch_floats.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64]
+    lib.openglm_scratch_floats.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_int64]
     lib.openglm_scratch_floats.restype = ctypes.c_int64
     lib.openglm_decode_row.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                                       ctypes.POINTER(_Cache), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                                       ctypes.POINTER(_Cache), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                       ctypes.c_int64]
     lib.openglm_decode_row.restype = None
     return lib
 
@@ -301,7 +302,7 @@ class RowDecoder:
         self._row = row
         self.dtype = model.dtype
         self.vocab = model.config.vocab_size
-        self._scratch, self._scratch_capacity = torch.empty(0), -1
+        self._scratch, self._scratch_size = torch.empty(0), (-1, -1)
 
     @classmethod
     def build(cls, model: GLM) -> RowDecoder | None:
@@ -401,12 +402,13 @@ class RowDecoder:
             if tuple(padding_mask.shape) != (1, start + 1):
                 raise ValueError(f"padding_mask has shape {tuple(padding_mask.shape)}, expected {(1, start + 1)}")
             mask = padding_mask.reshape(-1).to(torch.bool).contiguous()
-        if cache.capacity > self._scratch_capacity:  # once per cache size, not per token
-            self._scratch = torch.empty(self.lib.openglm_scratch_floats(ctypes.byref(self.struct), cache.capacity))
-            self._scratch_capacity = cache.capacity
+        threads = torch.get_num_threads()
+        if (cache.capacity, threads) != self._scratch_size:  # once per cache size and thread count, not per token
+            self._scratch = torch.empty(self.lib.openglm_scratch_floats(ctypes.byref(self.struct), cache.capacity, threads))
+            self._scratch_size = (cache.capacity, threads)
         strides = keys.stride()
         layout = _Cache(keys.data_ptr(), values.data_ptr(), strides[0], strides[2], strides[3])
         logits = torch.empty(1, self.vocab)
         self.lib.openglm_decode_row(ctypes.byref(self.struct), token, cos.data_ptr(), sin.data_ptr(), ctypes.byref(layout), start,
-                                    None if mask is None else mask.data_ptr(), logits.data_ptr(), self._scratch.data_ptr())
+                                    None if mask is None else mask.data_ptr(), logits.data_ptr(), self._scratch.data_ptr(), threads)
         return logits

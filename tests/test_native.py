@@ -5,6 +5,7 @@ it equals generation without it; and whatever it cannot run is refused or falls 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
@@ -34,7 +35,7 @@ pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None
 
 @pytest.fixture
 def one_thread() -> Iterator[None]:
-    """DecodeStep takes the (single-threaded) kernel only when PyTorch runs one intra-op thread."""
+    """One intra-op thread: the kernel runs on the calling thread alone."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -284,16 +285,69 @@ def test_generation_with_the_kernel_equals_generation_without(dtype: torch.dtype
     assert len(calls) == 23
 
 
-def test_more_threads_take_the_pytorch_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = make_model()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+@contextlib.contextmanager
+def threaded(threads: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        monkeypatch.setattr(native.RowDecoder, "__call__", lambda *args: pytest.fail("kernel called with 2 threads"))
-        logits, _ = decode_once(model, padded=False, use_native=True)
+        yield
     finally:
-        torch.set_num_threads(threads)
-    assert logits.shape == (1, model.config.vocab_size)
+        torch.set_num_threads(before)
+
+
+THREADED = {  # model variant: (dtype, quantization (bits, group size) or None, model overrides)
+    "fp32": (torch.float32, None, {}),
+    "fp32-odd-shapes": (torch.float32, None, VARIANTS["odd-shapes"]),
+    "bf16-untied": (torch.bfloat16, None, VARIANTS["gelu-tanh-untied"]),
+    **{case: (torch.bfloat16, (bits, group), overrides) for case, (bits, group, overrides, _) in QUANTIZED.items()},
+}
+
+
+@pytest.mark.parametrize("case", list(THREADED))
+def test_the_step_is_bit_equal_at_every_thread_count(case: str) -> None:
+    """Rows (in whole 8-row passes or INT4 tiles) and heads split over threads are each computed
+    as one thread computes them: the logits and the cache writes are equal bit for bit, also for
+    splits that do not divide evenly (3 threads over 4 heads, 5 over odd widths)."""
+    dtype, quantization, overrides = THREADED[case]
+    model = make_model(**overrides)
+    if quantization is not None:
+        model = quantize_model(model, *quantization)
+    model = model.to(dtype)
+    results = []
+    for threads in (1, 2, 3, 5):
+        with threaded(threads):
+            results.append(decode_once(model, padded=True, use_native=True))
+    (logits, cache), others = results[0], results[1:]
+    written = slice(0, PROMPT + 1)  # the prefill's positions and the kernel's; the rest of the cache is unwritten
+    for other_logits, other_cache in others:
+        assert torch.equal(other_logits, logits)
+        for got, want in ((other_cache.keys, cache.keys), (other_cache.values, cache.values)):
+            assert torch.equal(got[:, :, :, written], want[:, :, :, written])
+    reference, _ = float64_reference(dequantized_copy(model) if quantization else model, padded=True)
+    assert error(logits, reference) < (1e-5 if dtype == torch.float32 else 2**-6)
+
+
+def test_more_threads_take_the_kernel_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DecodeStep runs one row through the kernel at any thread count, and generation at two
+    threads gives the tokens of one."""
+    model = make_model()
+    config = model.config
+    context = torch.randint(10, config.vocab_size, (12,), generator=torch.Generator().manual_seed(3)).tolist()
+    context[-1] = config.special_tokens.gmask
+    generation = GenerationConfig(max_new_tokens=12, temperature=0, stop_token_ids=())
+    with threaded(1):
+        one = list(generate_tokens(model, context, generation))
+    calls: list[int] = []
+    original = native.RowDecoder.__call__
+
+    def counted(self: native.RowDecoder, *args: Any) -> torch.Tensor:
+        calls.append(torch.get_num_threads())
+        return original(self, *args)
+
+    monkeypatch.setattr(native.RowDecoder, "__call__", counted)
+    with threaded(2):
+        assert list(generate_tokens(model, context, generation)) == one
+    assert calls == [2] * 11
 
 
 def test_what_the_kernel_does_not_cover_is_refused() -> None:
@@ -358,12 +412,13 @@ def test_without_a_compiler_or_when_disabled_decoding_falls_back(tmp_path: Path)
 
 
 def test_a_library_with_another_abi_is_refused_with_one_warning(tmp_path: Path) -> None:
-    # The C source says version 1; this process expects 2, as after an edit of one side only.
-    code = "import logging; logging.basicConfig(); from openglm import native; native.ABI_VERSION = 2; " \
+    # The C source says ABI_VERSION; this process expects the next one, as after an edit of one side only.
+    version = native.ABI_VERSION
+    code = f"import logging; logging.basicConfig(); from openglm import native; native.ABI_VERSION = {version + 1}; " \
         "print(native.library() is not None)"
     refused = run_python(code, OPENGLM_CACHE=str(tmp_path))
     assert refused.stdout.strip() == "False", refused.stderr
-    assert refused.stderr.count("WARNING") == 1 and "ABI version 1, expected 2" in refused.stderr
+    assert refused.stderr.count("WARNING") == 1 and f"ABI version {version}, expected {version + 1}" in refused.stderr
 
 
 def test_a_struct_size_mismatch_is_refused(tmp_path: Path) -> None:

@@ -11,9 +11,16 @@
  * Arithmetic and activations are fp32 (bf16 values are widened exactly; new keys/values are rounded
  * to the cache's dtype, nearest-even).
  * openglm/native.py builds the structs below from a model and checks every shape and stride first;
- * this file trusts them. Compiled on first use with the system C compiler (-O3 -march=native).
+ * this file trusts them. Compiled on first use with the system C compiler (-O3 -march=native -pthread).
+ *
+ * Threads: a call may split each linear's output rows (in whole 8-row passes or INT4 tiles) and the
+ * attention heads over `threads` threads: the caller and a pool of POSIX threads that sleep between
+ * calls (no OpenMP runtime beside torch's). Every output row and head is computed by the same code
+ * in the same order whichever thread takes it, so the logits are bit-equal at every thread count.
  */
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
@@ -119,24 +126,21 @@ static inline void dot_rows(const void *w, int64_t n, const float *x, float *y, 
     for (int r = 0; r < rows; r++) y[r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-static void float_linear(const glm_linear *l, const float *x, float *y, int bf16) {
-    const int64_t n = l->in_features, out = l->out_features, size = bf16 ? 2 : 4;
+static void float_linear(const glm_linear *l, const float *x, float *y, int bf16, int64_t o, int64_t end) {
+    const int64_t n = l->in_features, size = bf16 ? 2 : 4;
     const char *w = l->weight;
-    int64_t o = 0;
     if (bf16) {
-        for (; o + 8 <= out; o += 8) dot_rows(w + o * n * size, n, x, y + o, 8, 1);
-        for (; o < out; o++) dot_rows(w + o * n * size, n, x, y + o, 1, 1);
+        for (; o + 8 <= end; o += 8) dot_rows(w + o * n * size, n, x, y + o, 8, 1);
+        for (; o < end; o++) dot_rows(w + o * n * size, n, x, y + o, 1, 1);
     } else {
-        for (; o + 8 <= out; o += 8) dot_rows(w + o * n * size, n, x, y + o, 8, 0);
-        for (; o < out; o++) dot_rows(w + o * n * size, n, x, y + o, 1, 0);
+        for (; o + 8 <= end; o += 8) dot_rows(w + o * n * size, n, x, y + o, 8, 0);
+        for (; o < end; o++) dot_rows(w + o * n * size, n, x, y + o, 1, 0);
     }
-    if (l->bias)
-        for (o = 0; o < out; o++) y[o] += load(l->bias, o, bf16);
 }
 #else
-static void float_linear(const glm_linear *l, const float *x, float *y, int bf16) {
-    const int64_t n = l->in_features, out = l->out_features;
-    for (int64_t o = 0; o < out; o++) {
+static void float_linear(const glm_linear *l, const float *x, float *y, int bf16, int64_t o, int64_t end) {
+    const int64_t n = l->in_features;
+    for (; o < end; o++) {
         float a = 0;
         if (bf16) {
             const bf16_t *w = (const bf16_t *)l->weight + o * n;
@@ -147,16 +151,16 @@ static void float_linear(const glm_linear *l, const float *x, float *y, int bf16
 #pragma omp simd reduction(+ : a)
             for (int64_t i = 0; i < n; i++) a += w[i] * x[i];
         }
-        y[o] = a + (l->bias ? load(l->bias, o, bf16) : 0.0f);
+        y[o] = a;
     }
 }
 #endif
 
 /* The quantized kinds: plain loops over the integers that the compiler vectorises; each group's
  * integer-weighted sum is scaled once. */
-static void int8_rows_linear(const glm_linear *l, const float *x, float *y) {
+static void int8_rows_linear(const glm_linear *l, const float *x, float *y, int64_t o, int64_t end) {
     const int64_t n = l->in_features, group = l->group, groups = n / group;
-    for (int64_t o = 0; o < l->out_features; o++) {
+    for (; o < end; o++) {
         const int8_t *w = (const int8_t *)l->weight + o * n;
         float total = 0;
         for (int64_t g = 0; g < groups; g++) {
@@ -169,9 +173,9 @@ static void int8_rows_linear(const glm_linear *l, const float *x, float *y) {
     }
 }
 
-static void int4_rows_linear(const glm_linear *l, const float *x, float *y) {
+static void int4_rows_linear(const glm_linear *l, const float *x, float *y, int64_t o, int64_t end) {
     const int64_t n = l->in_features, group = l->group, groups = n / group;
-    for (int64_t o = 0; o < l->out_features; o++) {
+    for (; o < end; o++) {
         const uint8_t *w = (const uint8_t *)l->weight + o * (n / 2);
         float total = 0;
         for (int64_t g = 0; g < groups; g++) {
@@ -242,10 +246,9 @@ static inline void int8_dot_rows(const glm_linear *l, int64_t first, const float
     for (int r = 0; r < rows; r++) y[first + r] = _mm512_reduce_add_ps(total[r]);
 }
 
-static void int8_rows_linear_avx512(const glm_linear *l, const float *x, float *y) {
-    int64_t o = 0;
-    for (; o + 8 <= l->out_features; o += 8) int8_dot_rows(l, o, x, y, 8);
-    for (; o < l->out_features; o++) int8_dot_rows(l, o, x, y, 1);
+static void int8_rows_linear_avx512(const glm_linear *l, const float *x, float *y, int64_t o, int64_t end) {
+    for (; o + 8 <= end; o += 8) int8_dot_rows(l, o, x, y, 8);
+    for (; o < end; o++) int8_dot_rows(l, o, x, y, 1);
 }
 
 /* One full 64-row INT4 tile: per input, 32 bytes hold rows 0..31 (low nibbles) and 32..63 (high). */
@@ -276,10 +279,16 @@ static void int4_tile64(const glm_linear *l, const uint8_t *tile, int64_t first,
 }
 #endif
 
-static void int4_tiled_linear(const glm_linear *l, const float *x, float *y) {
-    const int64_t block = l->block, out = l->out_features, full = out / block * block, bytes = l->in_features / 2;
+/* Tiles `tile`..`end - 1`; the tile after the last full one is the shorter last tile. */
+static void int4_tiled_linear(const glm_linear *l, const float *x, float *y, int64_t tile, int64_t end) {
+    const int64_t block = l->block, out = l->out_features, full = out / block, bytes = l->in_features / 2;
     const uint8_t *w = l->weight;
-    for (int64_t first = 0; first < full; first += block) {
+    for (; tile < end; tile++) {
+        const int64_t first = tile * block;
+        if (tile == full) {
+            int4_tile(l, w + first * bytes, first, out - first, 1, x, y);
+            continue;
+        }
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
         if (block == 64) {
             int4_tile64(l, w + first * bytes, first, x, y);
@@ -288,26 +297,142 @@ static void int4_tiled_linear(const glm_linear *l, const float *x, float *y) {
 #endif
         int4_tile(l, w + first * bytes, first, block, 0, x, y);
     }
-    if (full < out) int4_tile(l, w + full * bytes, full, out - full, 1, x, y);
 }
 
-static void linear(const glm_linear *l, const float *x, float *y, int bf16) {
+/* A linear is split across threads in units: INT4 tiles, else passes of 8 rows. */
+static int64_t units(const glm_linear *l) {
+    if (l->kind == INT4_TILED) return (l->out_features + l->block - 1) / l->block;
+    return (l->out_features + 7) / 8;
+}
+
+/* Units `begin`..`end - 1` of y = W x + b. */
+static void linear_units(const glm_linear *l, const float *x, float *y, int bf16, int64_t begin, int64_t end) {
+    int64_t o = begin * 8, stop = end * 8 < l->out_features ? end * 8 : l->out_features;
     switch (l->kind) {
     case INT8_ROWS:
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
         if (l->group % 16 == 0) {
-            int8_rows_linear_avx512(l, x, y);
+            int8_rows_linear_avx512(l, x, y, o, stop);
             break;
         }
 #endif
-        int8_rows_linear(l, x, y);
+        int8_rows_linear(l, x, y, o, stop);
         break;
-    case INT4_ROWS: int4_rows_linear(l, x, y); break;
-    case INT4_TILED: int4_tiled_linear(l, x, y); break;
-    default: float_linear(l, x, y, bf16); return; /* adds its own bias */
+    case INT4_ROWS: int4_rows_linear(l, x, y, o, stop); break;
+    case INT4_TILED:
+        int4_tiled_linear(l, x, y, begin, end);
+        o = begin * l->block, stop = end * l->block < l->out_features ? end * l->block : l->out_features;
+        break;
+    default: float_linear(l, x, y, bf16, o, stop);
     }
     if (l->bias)
-        for (int64_t o = 0; o < l->out_features; o++) y[o] += load(l->bias, o, bf16);
+        for (; o < stop; o++) y[o] += load(l->bias, o, bf16);
+}
+
+/* The thread pool. `parallel(task, arg, parts)` runs task(arg, k, parts) for k = 0..parts-1, part 0
+ * on the caller, and returns when all are done. Workers wait for a new generation spinning briefly
+ * (regions of one call follow each other within microseconds), then sleep on a condition variable
+ * (between calls). One region at a time: a second caller that finds the pool busy runs alone. */
+typedef void (*glm_task)(void *arg, int64_t part, int64_t parts);
+enum { MAX_THREADS = 256, SPINS = 20000 };
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER, pool_busy = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER, pool_done = PTHREAD_COND_INITIALIZER;
+static int pool_workers; /* started, ids 1..pool_workers */
+static atomic_ulong pool_generation;
+static atomic_int pool_pending;
+static glm_task pool_task;
+static void *pool_arg;
+static int64_t pool_parts;
+static unsigned long pool_born[MAX_THREADS]; /* the generation when worker i was started: it runs every later one */
+
+static inline void relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void *pool_worker(void *self) {
+    const int64_t id = (int64_t)(intptr_t)self;
+    unsigned long seen = pool_born[id];
+    for (;;) {
+        unsigned long now = seen;
+        for (int spin = 0; spin < SPINS && (now = atomic_load_explicit(&pool_generation, memory_order_acquire)) == seen; spin++) relax();
+        if (now == seen) {
+            pthread_mutex_lock(&pool_lock);
+            while ((now = atomic_load(&pool_generation)) == seen) pthread_cond_wait(&pool_wake, &pool_lock);
+            pthread_mutex_unlock(&pool_lock);
+        }
+        seen = now;
+        if (id < pool_parts) pool_task(pool_arg, id, pool_parts);
+        if (atomic_fetch_sub(&pool_pending, 1) == 1) {
+            pthread_mutex_lock(&pool_lock);
+            pthread_cond_broadcast(&pool_done);
+            pthread_mutex_unlock(&pool_lock);
+        }
+    }
+    return NULL;
+}
+
+/* A forked child has none of the parent's workers: it starts its own. */
+static void pool_after_fork(void) {
+    pthread_mutex_init(&pool_lock, NULL);
+    pthread_mutex_init(&pool_busy, NULL);
+    pthread_cond_init(&pool_wake, NULL);
+    pthread_cond_init(&pool_done, NULL);
+    pool_workers = 0;
+}
+
+static void parallel(glm_task task, void *arg, int64_t parts) {
+    if (parts > MAX_THREADS) parts = MAX_THREADS;
+    if (parts <= 1 || pthread_mutex_trylock(&pool_busy) != 0) {
+        task(arg, 0, 1);
+        return;
+    }
+    static int registered;
+    if (!registered) registered = pthread_atfork(NULL, NULL, pool_after_fork) == 0;
+    while (pool_workers < parts - 1) {
+        pthread_t thread;
+        pthread_attr_t attributes;
+        pthread_attr_init(&attributes);
+        pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
+        pool_born[pool_workers + 1] = atomic_load(&pool_generation);
+        const int failed = pthread_create(&thread, &attributes, pool_worker, (void *)(intptr_t)(pool_workers + 1));
+        pthread_attr_destroy(&attributes);
+        if (failed) break;
+        pool_workers++;
+    }
+    if (parts > pool_workers + 1) parts = pool_workers + 1;
+    pool_task = task, pool_arg = arg, pool_parts = parts;
+    atomic_store(&pool_pending, pool_workers);
+    pthread_mutex_lock(&pool_lock);
+    atomic_fetch_add_explicit(&pool_generation, 1, memory_order_release);
+    pthread_cond_broadcast(&pool_wake);
+    pthread_mutex_unlock(&pool_lock);
+    task(arg, 0, parts);
+    for (int spin = 0; spin < SPINS && atomic_load_explicit(&pool_pending, memory_order_acquire) > 0; spin++) relax();
+    pthread_mutex_lock(&pool_lock);
+    while (atomic_load(&pool_pending) > 0) pthread_cond_wait(&pool_done, &pool_lock);
+    pthread_mutex_unlock(&pool_lock);
+    pthread_mutex_unlock(&pool_busy);
+}
+
+typedef struct {
+    const glm_linear *l;
+    const float *x;
+    float *y;
+    int bf16;
+} linear_job;
+
+static void linear_part(void *arg, int64_t part, int64_t parts) {
+    const linear_job *job = arg;
+    const int64_t total = units(job->l);
+    linear_units(job->l, job->x, job->y, job->bf16, total * part / parts, total * (part + 1) / parts);
+}
+
+static void linear(const glm_linear *l, const float *x, float *y, int bf16, int64_t threads) {
+    linear_job job = {l, x, y, bf16};
+    const int64_t total = units(l);
+    parallel(linear_part, &job, threads < total ? threads : total);
 }
 
 static void layer_norm(const float *x, const void *weight, const void *bias, int64_t n, float eps, int bf16, float *y) {
@@ -372,61 +497,101 @@ static void attend(const float *q, const void *keys, const void *values, int64_t
     }
 }
 
-/* fp32 scratch floats that openglm_decode_row needs for a cache of `capacity` positions. */
-int64_t openglm_scratch_floats(const glm_model *m, int64_t capacity) {
+/* fp32 scratch floats that openglm_decode_row needs for a cache of `capacity` positions and
+ * `threads` threads (each a query, a key and the scores of one head). */
+int64_t openglm_scratch_floats(const glm_model *m, int64_t capacity, int64_t threads) {
     const glm_layer *l = &m->layers_array[0];
-    return 4 * m->hidden + l->qkv.out_features + l->up.out_features + 2 * m->head_dim + capacity;
+    return 4 * m->hidden + l->qkv.out_features + l->up.out_features + threads * (2 * m->head_dim + capacity);
+}
+
+/* Heads `part * heads / parts` up to the next part's: RoPE, the cache write and attention. */
+typedef struct {
+    const glm_model *m;
+    const glm_cache *cache;
+    const void *cos, *signed_sin;
+    const uint8_t *mask;
+    const float *qkv;
+    float *attention, *work; /* work: per part, query [head_dim], key [head_dim], scores [capacity] */
+    int64_t layer, start, work_floats;
+} attention_job;
+
+static void attention_part(void *arg, int64_t part, int64_t parts) {
+    const attention_job *job = arg;
+    const glm_model *m = job->m;
+    const glm_cache *cache = job->cache;
+    const int bf16 = m->bf16;
+    const int64_t head_dim = m->head_dim, start = job->start;
+    float *query = job->work + part * job->work_floats, *key = query + head_dim, *scores = key + head_dim;
+    for (int64_t j = m->heads * part / parts; j < m->heads * (part + 1) / parts; j++) {
+        const float *head = job->qkv + j * 3 * head_dim;
+        rotate(head, job->cos, job->signed_sin, head_dim, m->rotary_dim, bf16, query);
+        rotate(head + head_dim, job->cos, job->signed_sin, head_dim, m->rotary_dim, bf16, key);
+        const int64_t offset = job->layer * cache->layer_stride + j * cache->head_stride;
+        const int64_t at = offset + start * cache->position_stride;
+        for (int64_t i = 0; i < head_dim; i++) {
+            store(cache->keys, at + i, key[i], bf16);
+            store(cache->values, at + i, head[2 * head_dim + i], bf16);
+        }
+        const size_t bytes = bf16 ? sizeof(bf16_t) : sizeof(float);
+        attend(query, (const char *)cache->keys + offset * bytes, (const char *)cache->values + offset * bytes,
+               cache->position_stride, start, job->mask, head_dim, bf16, scores, job->attention + j * head_dim);
+    }
+}
+
+/* The FFN's activation in place: up[i] = up[i] * gelu(up[ffn + i]) (GeGLU) or gelu(up[i]). */
+typedef struct {
+    const glm_model *m;
+    float *up;
+} activation_job;
+
+static void activation_part(void *arg, int64_t part, int64_t parts) {
+    const activation_job *job = arg;
+    const glm_model *m = job->m;
+    const int64_t ffn = m->ffn_hidden;
+    float *up = job->up;
+    for (int64_t i = ffn * part / parts; i < ffn * (part + 1) / parts; i++)
+        up[i] = m->geglu ? up[i] * gelu(up[ffn + i], m->tanh_gelu) : gelu(up[i], m->tanh_gelu);
 }
 
 /* Logits [vocab] (fp32) of `token` fed at position `start` of one row, whose cache holds the
  * positions before it; writes the token's keys and values at `start`. `cos`/`signed_sin`: the
  * row's rotary tables at that position ([head_dim], the model's dtype); `mask`: the row's padding
- * mask over positions 0..start (nonzero: a real token), or NULL. */
+ * mask over positions 0..start (nonzero: a real token), or NULL; `scratch`: openglm_scratch_floats
+ * for the cache's capacity and `threads`, the threads to split the work over (1: this one only). */
 void openglm_decode_row(const glm_model *m, int64_t token, const void *cos, const void *signed_sin, const glm_cache *cache,
-                        int64_t start, const uint8_t *mask, float *logits, float *scratch) {
+                        int64_t start, const uint8_t *mask, float *logits, float *scratch, int64_t threads) {
     const int bf16 = m->bf16;
-    const int64_t hidden = m->hidden, head_dim = m->head_dim, heads = m->heads;
-    const int64_t ffn = m->ffn_hidden;
+    const int64_t hidden = m->hidden, heads = m->heads;
     const glm_layer *first = &m->layers_array[0];
     float *h = scratch, *y = h + hidden, *attention = y + hidden, *branch = attention + hidden;
-    float *qkv = branch + hidden, *up = qkv + first->qkv.out_features, *query = up + first->up.out_features;
-    float *key = query + head_dim, *scores = key + head_dim;
+    float *qkv = branch + hidden, *up = qkv + first->qkv.out_features, *work = up + first->up.out_features;
+    threads = threads < 1 ? 1 : threads;
+    attention_job attend_job = {m, cache, cos, signed_sin, mask, qkv, attention, work, 0, start, 2 * m->head_dim + start + 1};
+    activation_job activate_job = {m, up};
 
     for (int64_t i = 0; i < hidden; i++) h[i] = load(m->embedding, token * hidden + i, bf16);
     for (int64_t index = 0; index < m->layers; index++) {
         const glm_layer *l = &m->layers_array[index];
         layer_norm(h, l->norm1_weight, l->norm1_bias, hidden, m->eps, bf16, y);
-        linear(&l->qkv, y, qkv, bf16);
-        for (int64_t j = 0; j < heads; j++) {
-            const float *head = qkv + j * 3 * head_dim;
-            rotate(head, cos, signed_sin, head_dim, m->rotary_dim, bf16, query);
-            rotate(head + head_dim, cos, signed_sin, head_dim, m->rotary_dim, bf16, key);
-            const int64_t offset = index * cache->layer_stride + j * cache->head_stride;
-            const int64_t at = offset + start * cache->position_stride;
-            for (int64_t i = 0; i < head_dim; i++) {
-                store(cache->keys, at + i, key[i], bf16);
-                store(cache->values, at + i, head[2 * head_dim + i], bf16);
-            }
-            const size_t bytes = bf16 ? sizeof(bf16_t) : sizeof(float);
-            attend(query, (const char *)cache->keys + offset * bytes, (const char *)cache->values + offset * bytes,
-                   cache->position_stride, start, mask, head_dim, bf16, scores, attention + j * head_dim);
-        }
+        linear(&l->qkv, y, qkv, bf16, threads);
+        attend_job.layer = index;
+        parallel(attention_part, &attend_job, threads < heads ? threads : heads);
         /* DeepNorm: h = f(y) + alpha * y, y the normalised input of the sublayer. */
-        linear(&l->dense, attention, branch, bf16);
+        linear(&l->dense, attention, branch, bf16, threads);
         for (int64_t i = 0; i < hidden; i++) h[i] = branch[i] + m->alpha * y[i];
         layer_norm(h, l->norm2_weight, l->norm2_bias, hidden, m->eps, bf16, y);
-        linear(&l->up, y, up, bf16);
-        for (int64_t i = 0; i < ffn; i++) up[i] = m->geglu ? up[i] * gelu(up[ffn + i], m->tanh_gelu) : gelu(up[i], m->tanh_gelu);
-        linear(&l->down, up, branch, bf16);
+        linear(&l->up, y, up, bf16, threads);
+        parallel(activation_part, &activate_job, threads);
+        linear(&l->down, up, branch, bf16, threads);
         for (int64_t i = 0; i < hidden; i++) h[i] = branch[i] + m->alpha * y[i];
     }
     layer_norm(h, m->final_norm_weight, m->final_norm_bias, hidden, m->eps, bf16, y);
-    linear(&m->head, y, logits, bf16);
+    linear(&m->head, y, logits, bf16, threads);
 }
 
 /* What openglm/native.py checks on load: a library whose structs differ from its ctypes mirrors
  * would read every pointer at the wrong offset, so a mismatch is refused, not called. */
-#define OPENGLM_ABI_VERSION 1
+#define OPENGLM_ABI_VERSION 2
 int openglm_abi_version(void) { return OPENGLM_ABI_VERSION; }
 size_t openglm_sizeof_linear(void) { return sizeof(glm_linear); }
 size_t openglm_sizeof_layer(void) { return sizeof(glm_layer); }
